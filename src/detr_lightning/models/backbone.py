@@ -1,0 +1,138 @@
+"""ResNet backbone with frozen BatchNorm, optional DC5 dilation, and the padding mask.
+
+Parameter names follow torchvision's ResNet (``body.conv1``, ``body.layer1.0.bn1``, ...), which
+is also what the official DETR checkpoints hold under ``backbone.0.body``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+NormKind = Literal["frozen", "batch", "group"]
+
+RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+# Stem and layer1 stay frozen in the official recipe; only layer2-4 are trained.
+TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
+
+
+def _norm_layer(norm: NormKind):
+    if norm == "frozen":
+        return FrozenBatchNorm2d
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "group":
+        # 32 groups as in "Group Normalization" (Wu & He); used when training from scratch.
+        return lambda channels: nn.GroupNorm(32, channels)
+    raise ValueError(f"backbone norm must be one of 'frozen', 'batch', 'group'; got {norm!r}")
+
+
+class Backbone(nn.Module):
+    """torchvision ResNet trunk returning the last feature map and the resized padding mask.
+
+    Args:
+        name: resnet18, resnet34, resnet50 or resnet101.
+        dilation: DC5 variant: dilate the last stage instead of striding (output stride 16
+            instead of 32). Only for the bottleneck ResNets (50/101).
+        pretrained: load torchvision's ImageNet weights (downloads; off by default).
+        norm: "frozen" (FrozenBatchNorm2d, the official choice), "batch" or "group".
+        train_backbone: when False every backbone parameter is frozen.
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet50",
+        *,
+        dilation: bool = False,
+        pretrained: bool = False,
+        norm: NormKind = "frozen",
+        train_backbone: bool = True,
+    ) -> None:
+        super().__init__()
+        if name not in RESNET_CHANNELS:
+            raise ValueError(
+                f"unknown backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}"
+            )
+        if dilation and RESNET_CHANNELS[name] == 512:
+            raise ValueError(
+                f"DC5 dilation needs a bottleneck ResNet (resnet50/resnet101); {name} has basic "
+                "blocks that torchvision cannot dilate. Set backbone.dilation=false."
+            )
+        weights = "DEFAULT" if pretrained else None
+        body = getattr(torchvision.models, name)(
+            weights=weights,
+            replace_stride_with_dilation=[False, False, dilation],
+            norm_layer=_norm_layer(norm),
+        )
+        # Classification head is never used; dropping it keeps the state dict official-shaped.
+        del body.fc, body.avgpool
+        self.body = body
+        self.name = name
+        self.dilation = dilation
+        self.num_channels = RESNET_CHANNELS[name]
+        self.stride = 16 if dilation else 32
+        for param_name, param in self.body.named_parameters():
+            if not train_backbone or not param_name.startswith(TRAINABLE_STAGES):
+                param.requires_grad_(False)
+
+    def forward_stages(self, images: Tensor) -> dict[str, Tensor]:
+        """All four stage outputs (layer1..layer4) for heads that need multi-scale features."""
+        body = self.body
+        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
+        features = {}
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            x = getattr(body, stage)(x)
+            features[stage] = x
+        return features
+
+    def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Features of the last stage and the padding mask at their resolution.
+
+        Args:
+            images: [B, 3, H, W] normalized images (zero on padding).
+            padding_mask: [B, H, W] bool, True on padding.
+        Returns:
+            features: [B, num_channels, H/stride, W/stride].
+            mask: [B, H/stride, W/stride] bool, True on padding (nearest resize, as official).
+        """
+        body = self.body
+        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
+        x = body.layer4(body.layer3(body.layer2(body.layer1(x))))
+        return x, resize_mask(padding_mask, x.shape[-2:])
+
+
+def resize_mask(padding_mask: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Nearest-neighbour resize of a [B, H, W] bool mask to [B, h, w]."""
+    return F.interpolate(padding_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+@torch.no_grad()
+def fuse_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every FrozenBatchNorm2d that follows a bias-free conv into that conv (in place).
+
+    For inference only: the result computes the same function with fewer passes over memory,
+    but its state dict no longer matches checkpoints (convs gain a bias, the norms vanish).
+    """
+    for parent in list(module.modules()):
+        pairs: list[tuple[str, str]] = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        if isinstance(parent, nn.Sequential) and len(parent) == 2:
+            pairs.append(("0", "1"))
+        for conv_name, norm_name in pairs:
+            conv = getattr(parent, conv_name, None)
+            norm = getattr(parent, norm_name, None)
+            if not (isinstance(conv, nn.Conv2d) and isinstance(norm, FrozenBatchNorm2d)):
+                continue
+            scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+            shift = norm.bias - norm.running_mean * scale
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            if conv.bias is None:
+                conv.bias = nn.Parameter(shift.clone(), requires_grad=False)
+            else:
+                conv.bias.mul_(scale).add_(shift)
+            setattr(parent, norm_name, nn.Identity())
+    return module

@@ -1,0 +1,155 @@
+"""The DETR detector: backbone -> 1x1 projection -> transformer -> class and box heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.padding import pad_images
+from .backbone import Backbone, NormKind
+from .position_encoding import PositionEmbeddingSine, build_position_encoding
+from .transformer import Transformer
+
+
+class MLP(nn.Module):
+    """Plain multi-layer perceptron with ReLU between layers (the box head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(
+            nn.Linear(d_in, d_out) for d_in, d_out in zip(dims, dims[1:] + [output_dim])
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DETR(nn.Module):
+    """DEtection TRansformer. Always returns predictions, never losses.
+
+    Args:
+        backbone: feature extractor with ``num_channels`` and ``forward(images, mask)``.
+        transformer: encoder-decoder with ``d_model``.
+        num_classes: number of object classes; the classifier has one more output, the last
+            being "no object". For the official COCO checkpoints this is 91 (max id + 1).
+        num_queries: number of object queries (max detections per image).
+        aux_loss: also return predictions of every earlier decoder layer.
+        position_encoding: defaults to the normalized sine encoding.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        transformer: Transformer,
+        num_classes: int,
+        num_queries: int = 100,
+        aux_loss: bool = True,
+        position_encoding: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        hidden_dim = transformer.d_model
+        self.backbone = backbone
+        self.transformer = transformer
+        self.position_encoding = position_encoding or PositionEmbeddingSine(hidden_dim // 2)
+        self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.aux_loss = aux_loss
+
+    def forward(
+        self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None
+    ) -> dict[str, Tensor | list[dict[str, Tensor]]]:
+        """Detect objects.
+
+        Args:
+            images: a list of normalized [3, H_i, W_i] tensors (padded here, bottom/right), or
+                a padded batch [B, 3, H, W].
+            padding_mask: [B, H, W] bool, True on padding; only with a batch (default: none).
+        Returns:
+            ``pred_logits`` [B, Q, num_classes + 1] (unnormalized; last = no object),
+            ``pred_boxes`` [B, Q, 4] cxcywh in [0, 1] relative to each unpadded image, and
+            ``aux_outputs``: a list with the same two keys for decoder layers 1..L-1 when
+            ``aux_loss`` is on.
+        """
+        if not isinstance(images, Tensor):
+            if padding_mask is not None:
+                raise ValueError("padding_mask is computed for a list of images; pass None")
+            images, padding_mask = pad_images(images)
+        elif images.dim() != 4:
+            raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+        elif padding_mask is None:
+            padding_mask = images.new_zeros(images.shape[0], *images.shape[2:], dtype=torch.bool)
+        if self.input_proj.weight.is_contiguous(memory_format=torch.channels_last):
+            images = images.contiguous(memory_format=torch.channels_last)
+
+        features, mask = self.backbone(images, padding_mask)
+        pos = self.position_encoding(mask).to(features.dtype)
+        hidden, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
+        logits = self.class_embed(hidden)  # [L, B, Q, C+1]
+        boxes = self.bbox_embed(hidden).sigmoid()  # [L, B, Q, 4]
+        out: dict = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [
+                {"pred_logits": layer_logits, "pred_boxes": layer_boxes}
+                for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
+            ]
+        return out
+
+
+def build_detr(
+    *,
+    num_classes: int = 91,
+    backbone: str = "resnet50",
+    dilation: bool = False,
+    pretrained_backbone: bool = False,
+    norm: NormKind = "frozen",
+    train_backbone: bool = True,
+    position_embedding: str = "sine",
+    num_queries: int = 100,
+    hidden_dim: int = 256,
+    nheads: int = 8,
+    enc_layers: int = 6,
+    dec_layers: int = 6,
+    dim_feedforward: int = 2048,
+    dropout: float = 0.1,
+    pre_norm: bool = False,
+    aux_loss: bool = True,
+) -> DETR:
+    """Build DETR from plain settings; the defaults are DETR-R50 on COCO (91 = max id + 1).
+
+    ``pretrained_backbone`` downloads torchvision's ImageNet weights for the ResNet only.
+    These keyword names are the ones stored in exported configs and Hydra's ``model`` group.
+    """
+    return DETR(
+        Backbone(
+            backbone,
+            dilation=dilation,
+            pretrained=pretrained_backbone,
+            norm=norm,
+            train_backbone=train_backbone,
+        ),
+        Transformer(
+            d_model=hidden_dim,
+            nhead=nheads,
+            num_encoder_layers=enc_layers,
+            num_decoder_layers=dec_layers,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            normalize_before=pre_norm,
+        ),
+        num_classes=num_classes,
+        num_queries=num_queries,
+        aux_loss=aux_loss,
+        position_encoding=build_position_encoding(position_embedding, hidden_dim),
+    )

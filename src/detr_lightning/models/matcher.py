@@ -1,0 +1,98 @@
+"""Hungarian matching between predictions and ground-truth boxes.
+
+The cost of assigning query i to target j is
+``cost_class * -p_i(c_j) + cost_bbox * |b_i - b_j|_1 + cost_giou * -GIoU(b_i, b_j)``
+(boxes in normalized cxcywh for L1, xyxy for GIoU). Every image and decoder layer gets its own
+[Q, T] matrix; all of them are built in one batched pass on the model's device, always in fp32,
+moved to the host once, and solved with scipy's ``linear_sum_assignment``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from ..ops.boxes import batched_generalized_box_iou, box_cxcywh_to_xyxy
+
+Indices = list[tuple[Tensor, Tensor]]  # per image: (query indices, target indices), int64
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment minimizing the weighted class + L1 + GIoU cost."""
+
+    def __init__(
+        self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0
+    ) -> None:
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("all matching costs are 0; at least one must be non-zero")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]]) -> Indices:
+        """Match one set of predictions.
+
+        Args:
+            outputs: ``pred_logits`` [B, Q, C+1] and ``pred_boxes`` [B, Q, 4] (cxcywh, normalized).
+            targets: per image ``labels`` int64 [T_i] and ``boxes`` [T_i, 4] (cxcywh, normalized).
+        Returns:
+            per image (query_idx, target_idx), each int64 [min(Q, T_i)] on the CPU.
+        """
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(
+        self, layers: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
+    ) -> list[Indices]:
+        """Match several prediction sets (e.g. every decoder layer) against the same targets."""
+        logits = torch.stack([layer["pred_logits"] for layer in layers])  # [L, B, Q, C+1]
+        num_layers, batch, num_queries = logits.shape[:3]
+        if len(targets) != batch:
+            raise ValueError(f"got {len(targets)} targets for a batch of {batch} predictions")
+        sizes = [len(target["labels"]) for target in targets]
+        empty = (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+        max_targets = max(sizes, default=0)
+        if max_targets == 0:
+            return [[empty] * batch for _ in range(num_layers)]
+
+        device = logits.device
+        # Pad targets to [B, T_max]; the padded columns are cut off before solving.
+        labels = torch.zeros(batch, max_targets, dtype=torch.int64, device=device)
+        boxes = torch.full((batch, max_targets, 4), 0.5, device=device)
+        for i, target in enumerate(targets):
+            labels[i, : sizes[i]] = target["labels"]
+            boxes[i, : sizes[i]] = target["boxes"].float()
+
+        with torch.autocast(device_type=device.type, enabled=False):
+            prob = logits.float().softmax(-1)  # [L, B, Q, C+1]
+            pred_boxes = torch.stack([layer["pred_boxes"] for layer in layers]).float()
+            index = labels[None, :, None, :].expand(num_layers, batch, num_queries, max_targets)
+            cost = -self.cost_class * prob.gather(-1, index)
+            cost += self.cost_bbox * (pred_boxes.unsqueeze(-2) - boxes[None, :, None]).abs().sum(-1)
+            cost -= self.cost_giou * batched_generalized_box_iou(
+                box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(boxes)[None]
+            )
+        cost = cost.cpu()  # the one device-to-host transfer
+        if not torch.isfinite(cost).all():
+            raise ValueError(
+                "matching cost has NaN/Inf: the model produced non-finite predictions "
+                "(diverged training: lower the learning rate or check the input data)"
+            )
+        result = []
+        for layer_cost in cost.numpy():
+            layer_indices = []
+            for i, size in enumerate(sizes):
+                if size == 0:
+                    layer_indices.append(empty)
+                    continue
+                rows, cols = linear_sum_assignment(layer_cost[i, :, :size])
+                layer_indices.append(
+                    (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+                )
+            result.append(layer_indices)
+        return result

@@ -1,0 +1,1 @@
+"""Small tensor operations shared by the model, the data pipeline and the losses."""
