@@ -17,8 +17,9 @@ from torchvision.ops import FrozenBatchNorm2d
 NormKind = Literal["frozen", "batch", "group"]
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
-# Stem and layer1 stay frozen in the official recipe; only layer2-4 are trained.
-TRAINABLE_STAGES = ("layer2", "layer3", "layer4")
+# Trainable stages counted from the top, as torchvision's ``trainable_backbone_layers``:
+# 3 (the official recipe) trains layer2-4 and keeps the stem and layer1 frozen.
+STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1", "bn1")
 
 
 def _norm_layer(norm: NormKind):
@@ -42,6 +43,8 @@ class Backbone(nn.Module):
         pretrained: load torchvision's ImageNet weights (downloads; off by default).
         norm: "frozen" (FrozenBatchNorm2d, the official choice), "batch" or "group".
         train_backbone: when False every backbone parameter is frozen.
+        trainable_layers: how many stages, from the top, are trained (0-5; 3 = layer2-4 as
+            the official recipe; 5 = everything, for training from a random backbone).
     """
 
     def __init__(
@@ -52,8 +55,11 @@ class Backbone(nn.Module):
         pretrained: bool = False,
         norm: NormKind = "frozen",
         train_backbone: bool = True,
+        trainable_layers: int = 3,
     ) -> None:
         super().__init__()
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
         if name not in RESNET_CHANNELS:
             raise ValueError(
                 f"unknown backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}"
@@ -76,8 +82,9 @@ class Backbone(nn.Module):
         self.dilation = dilation
         self.num_channels = RESNET_CHANNELS[name]
         self.stride = 16 if dilation else 32
+        trainable = STAGES_TOP_DOWN[: trainable_layers + (trainable_layers == 5)]
         for param_name, param in self.body.named_parameters():
-            if not train_backbone or not param_name.startswith(TRAINABLE_STAGES):
+            if not train_backbone or not param_name.startswith(trainable):
                 param.requires_grad_(False)
 
     def forward_stages(self, images: Tensor) -> dict[str, Tensor]:

@@ -115,6 +115,7 @@ def build_detr(
     pretrained_backbone: bool = False,
     norm: NormKind = "frozen",
     train_backbone: bool = True,
+    trainable_layers: int = 3,
     position_embedding: str = "sine",
     num_queries: int = 100,
     hidden_dim: int = 256,
@@ -138,6 +139,7 @@ def build_detr(
             pretrained=pretrained_backbone,
             norm=norm,
             train_backbone=train_backbone,
+            trainable_layers=trainable_layers,
         ),
         Transformer(
             d_model=hidden_dim,

@@ -53,8 +53,8 @@ class PostProcess(nn.Module):
                     image_labels[keep],
                     image_boxes[keep],
                 )
-            if self.top_k is not None and image_scores.numel() > self.top_k:
-                order = image_scores.topk(self.top_k).indices
+            if self.top_k is not None:
+                order = image_scores.argsort(descending=True)[: self.top_k]
                 image_scores, image_labels, image_boxes = (
                     image_scores[order],
                     image_labels[order],
