@@ -1,0 +1,315 @@
+"""COCO-format detection dataset: an image directory plus an ``instances_*.json`` file.
+
+All checks that can fail for a whole run happen at construction, before any training step:
+missing files, unparsable JSON, unknown categories, images listed but absent on disk, and
+boxes outside their image (clamped, dropped when empty, reported in one warning). The only
+per-sample failure is an image that does not decode: it is logged and the sample is ``None``,
+which :func:`~detr_lightning.data.collate.collate_detection` drops, because one bad file out of
+118k should not stop a multi-day run, while the log keeps it visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as F
+
+from detr_lightning.data.labels import LabelMap
+from detr_lightning.data.transforms import boxes_to_normalized_cxcywh
+
+__all__ = ["CocoDetection", "load_coco_json", "make_coco"]
+
+log = logging.getLogger(__name__)
+
+# Boxes may overshoot their image by this many pixels (float rounding in real annotation files)
+# without being reported; they are clamped all the same.
+BOX_TOLERANCE = 1.0
+
+
+def load_coco_json(annotation_file: str | os.PathLike) -> dict[str, Any]:
+    """Parse a COCO instances file, with errors that name the file and the fix."""
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"annotation file {path} does not exist; point the annotation path at a COCO "
+            "instances JSON (e.g. annotations/instances_val2017.json under the dataset root)"
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"annotation file {path} is not valid JSON ({err}); re-download or regenerate it"
+        ) from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"annotation file {path} holds a {type(data).__name__}, not a COCO dict with "
+            "'images', 'annotations' and 'categories'; is it a results file?"
+        )
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(
+                f"annotation file {path} has no '{key}' list; a COCO instances file needs "
+                "'images', 'annotations' and 'categories'"
+            )
+    data.setdefault("annotations", [])
+    return data
+
+
+def make_coco(dataset: dict[str, Any]) -> COCO:
+    """A pycocotools ``COCO`` built from a parsed dict, without its progress prints."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+@dataclass
+class _ImageRecord:
+    image_id: int
+    path: Path
+    height: int
+    width: int
+    boxes: np.ndarray  # [n, 4] float32 xyxy, clamped to the image
+    labels: np.ndarray  # [n] int64
+
+
+def _read_rgb(path: Path) -> Tensor:
+    """Decode an image file to uint8 [3, H, W] RGB (grey and RGBA converted)."""
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        # formats torchvision cannot decode (BMP, TIFF, ...): let PIL try
+        with Image.open(path) as image:
+            return F.pil_to_tensor(image.convert("RGB"))
+
+
+class CocoDetection(Dataset):
+    """Detection samples from a COCO image directory and instances JSON.
+
+    Each item is ``(image, target)`` or ``None`` when the file does not decode:
+
+    - image: float32 [3, H, W], the output of ``transforms`` (uint8 to [0, 1] without them).
+    - target["boxes"]: float32 [n, 4] cxcywh normalized by the transformed (H, W).
+    - target["labels"]: int64 [n] class labels from ``label_map`` (contiguous by default).
+    - target["image_id"]: int, the COCO image id.
+    - target["orig_size"]: int64 [2] (h, w) of the file; target["size"]: int64 [2] (H, W).
+
+    ``transforms`` is called as ``transforms(image, {"boxes": ..., "labels": ...})`` with a uint8
+    ``tv_tensors.Image`` and XYXY ``tv_tensors.BoundingBoxes`` (see ``presets``). ``remove_crowd``
+    drops ``iscrowd=1`` annotations. Boxes overshooting their image are clamped and empty ones
+    dropped with one summary warning; ``strict=True`` makes that a ``ValueError`` instead.
+    ``keep_coco=False`` frees the pycocotools index (``self.coco``) once the samples are built.
+    """
+
+    def __init__(
+        self,
+        image_dir: str | os.PathLike,
+        annotation_file: str | os.PathLike,
+        *,
+        transforms: Callable[..., Any] | None = None,
+        label_map: LabelMap | None = None,
+        label_mapping: str = "contiguous",
+        remove_crowd: bool = True,
+        strict: bool = False,
+        keep_coco: bool = True,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.annotation_file = Path(annotation_file)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(
+                f"image directory {self.image_dir} does not exist; it should hold the images "
+                f"listed in {self.annotation_file} (e.g. train2017/ or val2017/ under the root)"
+            )
+        dataset = load_coco_json(self.annotation_file)
+        if not dataset["images"]:
+            raise ValueError(
+                f"annotation file {self.annotation_file} lists no images; a dataset needs at "
+                "least one entry in 'images'"
+            )
+        # The parsed file is large (COCO train: GBs of Python objects, copied into every worker
+        # as their reference counts change); samples only need the compact records below.
+        self.coco: COCO | None = make_coco(dataset) if keep_coco else None
+        self.categories: list[dict[str, Any]] = dataset["categories"]
+        self.label_map = label_map or LabelMap.from_coco(dataset, label_mapping)
+        self.transforms = transforms
+        self.remove_crowd = remove_crowd
+        self.strict = strict
+        self.num_skipped = 0
+        self._records = self._build_records(dataset)
+
+    def _build_records(self, dataset: dict[str, Any]) -> list[_ImageRecord]:
+        file = self.annotation_file
+        declared = {int(c["id"]) for c in dataset["categories"]}
+        images: dict[int, dict[str, Any]] = {}
+        for entry in dataset["images"]:
+            missing = [k for k in ("id", "file_name", "width", "height") if k not in entry]
+            if missing:
+                raise ValueError(
+                    f"image entry {entry.get('id', entry)} in {file} lacks {missing}; every "
+                    "image needs id, file_name, width and height"
+                )
+            images[int(entry["id"])] = entry
+        self._check_files_exist(list(images.values()))
+
+        per_image: dict[int, tuple[list, list]] = {image_id: ([], []) for image_id in images}
+        flagged: list[int] = []
+        num_dropped = 0
+        for ann in dataset["annotations"]:
+            ann_id = ann.get("id")
+            cat_id = ann.get("category_id")
+            if cat_id not in declared:
+                raise ValueError(
+                    f"annotation {ann_id} in {file} has category_id {cat_id}, which is not among "
+                    f"the file's categories {sorted(declared)}; add the category to "
+                    "'categories' or fix the annotation"
+                )
+            image_id = ann.get("image_id")
+            if image_id not in images:
+                raise ValueError(
+                    f"annotation {ann_id} in {file} refers to image_id {image_id}, which is "
+                    "not in 'images'; remove the annotation or add the image"
+                )
+            if self.remove_crowd and ann.get("iscrowd", 0):
+                continue
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                raise ValueError(
+                    f"annotation {ann_id} in {file} has bbox {bbox!r}; expected "
+                    "[x, y, width, height] in pixels"
+                )
+            height, width = images[image_id]["height"], images[image_id]["width"]
+            x0, y0, w, h = (float(v) for v in bbox)
+            x1, y1 = x0 + w, y0 + h
+            outside = (
+                x0 < -BOX_TOLERANCE
+                or y0 < -BOX_TOLERANCE
+                or x1 > width + BOX_TOLERANCE
+                or y1 > height + BOX_TOLERANCE
+            )
+            x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+            y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+            degenerate = x1 <= x0 or y1 <= y0
+            if outside or degenerate:
+                flagged.append(ann_id)
+            if degenerate:
+                num_dropped += 1
+                continue
+            boxes, labels = per_image[image_id]
+            boxes.append((x0, y0, x1, y1))
+            try:
+                labels.append(self.label_map.category_to_label(cat_id))
+            except ValueError as err:
+                raise ValueError(f"annotation {ann_id} in {file}: {err}") from None
+        if flagged:
+            self._report_bad_boxes(flagged, num_dropped)
+
+        records = []
+        for image_id, entry in images.items():
+            boxes, labels = per_image[image_id]
+            records.append(
+                _ImageRecord(
+                    image_id=image_id,
+                    path=self.image_dir / entry["file_name"],
+                    height=int(entry["height"]),
+                    width=int(entry["width"]),
+                    boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                    labels=np.asarray(labels, dtype=np.int64),
+                )
+            )
+        return records
+
+    def _check_files_exist(self, entries: list[dict[str, Any]]) -> None:
+        # One directory listing instead of one stat per image (118k for COCO train).
+        with os.scandir(self.image_dir) as it:
+            present = {e.name for e in it}
+        missing = [
+            e["file_name"]
+            for e in entries
+            if not (e["file_name"] in present or (self.image_dir / e["file_name"]).is_file())
+        ]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image(s) listed in {self.annotation_file} are missing from "
+                f"{self.image_dir}, e.g. {missing[:3]}; check that the image directory matches "
+                "the annotation file (train2017 with instances_train2017.json, ...), or remove "
+                "those images from the JSON"
+            )
+
+    def _report_bad_boxes(self, flagged: list[Any], num_dropped: int) -> None:
+        message = (
+            f"{len(flagged)} annotation(s) in {self.annotation_file} have boxes outside their "
+            f"image or with width/height <= 0 (annotation ids {flagged[:5]}"
+            f"{', ...' if len(flagged) > 5 else ''}): {len(flagged) - num_dropped} clamped to "
+            f"the image, {num_dropped} left empty and dropped."
+        )
+        if self.strict:
+            raise ValueError(message + " Fix these annotations, or pass strict=False to clamp.")
+        log.warning(
+            "%s Fix the annotation file, or pass strict=True to make this an error.", message
+        )
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def image_ids(self) -> list[int]:
+        """COCO image ids in dataset order."""
+        return [record.image_id for record in self._records]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]] | None:
+        record = self._records[index]
+        try:
+            image = _read_rgb(record.path)
+        except (OSError, RuntimeError, ValueError, SyntaxError) as err:
+            self.num_skipped += 1
+            log.warning(
+                "skipping image %s (image_id %s): it does not decode (%s); %d image(s) skipped "
+                "so far by this process. Replace the file or remove it from %s.",
+                record.path,
+                record.image_id,
+                err,
+                self.num_skipped,
+                self.annotation_file,
+            )
+            return None
+        orig_h, orig_w = int(image.shape[-2]), int(image.shape[-1])
+        boxes = torch.from_numpy(record.boxes.copy())
+        if (orig_h, orig_w) != (record.height, record.width):
+            # the JSON's size was wrong: keep the boxes inside the real image
+            boxes[:, 0::2].clamp_(0, orig_w)
+            boxes[:, 1::2].clamp_(0, orig_h)
+        target: dict[str, Any] = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(orig_h, orig_w)),
+            "labels": torch.from_numpy(record.labels.copy()),
+        }
+        image = tv_tensors.Image(image)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        else:
+            image = F.to_dtype(image, torch.float32, scale=True)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        return image.as_subclass(Tensor), {
+            "boxes": boxes_to_normalized_cxcywh(target["boxes"], size),
+            "labels": target["labels"].as_subclass(Tensor).to(torch.int64),
+            "image_id": record.image_id,
+            "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
+            "size": torch.tensor(size, dtype=torch.int64),
+        }

@@ -1,0 +1,33 @@
+"""Batching detection samples of different image sizes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from detr_lightning.ops.padding import pad_images
+
+__all__ = ["collate_detection"]
+
+
+def collate_detection(
+    samples: Sequence[tuple[Tensor, dict[str, Any]] | None],
+) -> tuple[Tensor, Tensor, list[dict[str, Any]]] | None:
+    """Pad a list of ``(image, target)`` samples into one batch.
+
+    ``None`` samples (images that failed to decode; ``CocoDetection`` logs each one) are dropped,
+    so one unreadable file among many does not stop a long run. If every sample is ``None`` the
+    result is ``None``; the LightningModule's steps must skip such a batch (return ``None``).
+
+    Returns:
+        images: [B, 3, H, W] float, zero-padded at the bottom/right to the largest H and W.
+        padding_mask: [B, H, W] bool, True on padding pixels.
+        targets: list of B dicts, unchanged (boxes stay normalized by each unpadded size).
+    """
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
+        return None
+    images, padding_mask = pad_images([image for image, _ in kept])
+    return images, padding_mask, [target for _, target in kept]

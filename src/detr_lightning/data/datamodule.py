@@ -1,0 +1,226 @@
+"""LightningDataModule for COCO-format detection data (real COCO, custom, or synthetic).
+
+Batch sizes are global: ``batch_size`` (and ``val_batch_size``) count images per optimizer step
+across all devices and nodes, as in the DETR paper (64 = 16 GPUs x 4). ``setup()`` divides them
+by ``trainer.world_size`` to get the per-device batch, and raises ``ValueError`` when the
+division is not exact, so changing the number of GPUs never silently changes the recipe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader
+
+from detr_lightning.data.coco import CocoDetection, load_coco_json
+from detr_lightning.data.collate import collate_detection
+from detr_lightning.data.labels import LabelMap
+from detr_lightning.data.presets import DEFAULT_SCALES, make_train_transforms, make_val_transforms
+from detr_lightning.data.synthetic import ensure_synthetic_coco
+
+__all__ = ["CocoDataModule"]
+
+
+def _per_device(global_size: int, world_size: int, name: str) -> int:
+    if global_size <= 0:
+        raise ValueError(f"{name} must be a positive global batch size, got {global_size}")
+    if global_size % world_size:
+        raise ValueError(
+            f"{name}={global_size} is the global batch size and must be divisible by the "
+            f"world size {world_size} (devices x nodes); choose a multiple of {world_size}"
+        )
+    return global_size // world_size
+
+
+def _categories_by_id(categories: list[dict[str, Any]]) -> dict[int, str]:
+    return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+
+
+class CocoDataModule(pl.LightningDataModule):
+    """COCO-layout train/val splits with the DETR augmentations.
+
+    ``root=None`` uses the synthetic shapes dataset (generated once into the cache; ``synthetic``
+    holds its parameters, see ``detr_lightning.data.synthetic``). Image directories and
+    annotation files are relative to ``root`` unless absolute. ``label_map`` and ``num_classes``
+    come from the validation annotations' categories and are available right after
+    construction. Batches are ``(images [B,3,H,W], padding_mask [B,H,W] bool, targets)`` from
+    :func:`~detr_lightning.data.collate.collate_detection`.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | os.PathLike | None = None,
+        train_images: str = "train2017",
+        val_images: str = "val2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_annotations: str = "annotations/instances_val2017.json",
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        scales: Sequence[int] = DEFAULT_SCALES,
+        max_size: int = 1333,
+        crop: bool = True,
+        crop_resize: Sequence[int] = (400, 500, 600),
+        crop_min: int = 384,
+        crop_max: int = 600,
+        val_size: int = 800,
+        label_mapping: str = "contiguous",
+        strict: bool = False,
+        synthetic: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if root is None:
+            self.root = ensure_synthetic_coco(**dict(synthetic or {}))
+        else:
+            self.root = Path(root)
+        self.train_image_dir = self._resolve(train_images)
+        self.val_image_dir = self._resolve(val_images)
+        self.train_annotation_file = self._resolve(train_annotations)
+        self.val_annotation_file = self._resolve(val_annotations)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size if val_batch_size is not None else batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.label_mapping = label_mapping
+        self.strict = strict
+        self.train_transforms = make_train_transforms(
+            scales=list(scales),
+            max_size=max_size,
+            crop=crop,
+            crop_resize=list(crop_resize),
+            crop_min=crop_min,
+            crop_max=crop_max,
+        )
+        self.val_transforms = make_val_transforms(val_size=val_size, max_size=max_size)
+        # Only the categories are needed now; setup() builds the datasets.
+        val_json = load_coco_json(self.val_annotation_file)
+        self._val_categories = _categories_by_id(val_json["categories"])
+        self.label_map = LabelMap.from_coco(val_json, label_mapping)
+        del val_json
+        self.per_device_batch_size = self.batch_size
+        self.per_device_val_batch_size = self.val_batch_size
+        self.train_dataset: CocoDetection | None = None
+        self.val_dataset: CocoDetection | None = None
+
+    def _resolve(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        return path if path.is_absolute() else self.root / path
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class labels (without "no object"); the model's ``num_classes``."""
+        return self.label_map.num_classes
+
+    @property
+    def val_coco(self) -> COCO:
+        """pycocotools ``COCO`` of the validation split (ground truth for COCO evaluation)."""
+        coco = self._get_val_dataset().coco
+        assert coco is not None  # the validation dataset keeps its index
+        return coco
+
+    def use_label_map(self, label_map: LabelMap | Mapping[str, Any]) -> None:
+        """Label the data with ``label_map`` (e.g. a checkpoint's) instead of the file's own.
+
+        Accepts a ``LabelMap`` or its ``to_dict()`` form. Every category of the validation file
+        must be in the map; datasets already built are rebuilt on next use.
+        """
+        if not isinstance(label_map, LabelMap):
+            label_map = LabelMap.from_dict(label_map)
+        unknown = sorted(set(self._val_categories) - set(label_map.category_ids))
+        if unknown:
+            raise ValueError(
+                f"{self.val_annotation_file} has category ids {unknown} that the given label map "
+                f"does not know (it maps {label_map.num_classes} labels to ids "
+                f"{[c for c in label_map.category_ids if c >= 0]}); evaluate on annotations with "
+                "the categories the model was trained on"
+            )
+        self.label_map = label_map
+        self.train_dataset = None
+        self.val_dataset = None
+
+    def prepare_data(self) -> None:
+        """Nothing to download; the synthetic dataset was generated at construction."""
+
+    def setup(self, stage: str | None = None) -> None:
+        """Derive per-device batch sizes and build the datasets ``stage`` needs."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        self.per_device_batch_size = _per_device(self.batch_size, world_size, "batch_size")
+        self.per_device_val_batch_size = _per_device(
+            self.val_batch_size, world_size, "val_batch_size"
+        )
+        if stage in (None, "fit"):
+            self._get_train_dataset()
+        self._get_val_dataset()
+
+    def _get_train_dataset(self) -> CocoDetection:
+        if self.train_dataset is None:
+            dataset = CocoDetection(
+                self.train_image_dir,
+                self.train_annotation_file,
+                transforms=self.train_transforms,
+                label_map=self.label_map,
+                remove_crowd=True,
+                strict=self.strict,
+                keep_coco=False,
+            )
+            train_categories = _categories_by_id(dataset.categories)
+            if train_categories != self._val_categories:
+                raise ValueError(
+                    f"the categories of {self.train_annotation_file} differ from those of "
+                    f"{self.val_annotation_file} ({train_categories} vs "
+                    f"{self._val_categories}); both splits must declare the same 'categories'"
+                )
+            self.train_dataset = dataset
+        return self.train_dataset
+
+    def _get_val_dataset(self) -> CocoDetection:
+        if self.val_dataset is None:
+            # Crowd boxes are left out of the validation loss, as in training; COCO evaluation
+            # reads them from val_coco, which keeps every annotation.
+            self.val_dataset = CocoDetection(
+                self.val_image_dir,
+                self.val_annotation_file,
+                transforms=self.val_transforms,
+                label_map=self.label_map,
+                remove_crowd=True,
+                strict=self.strict,
+            )
+        return self.val_dataset
+
+    def _loader(self, dataset: CocoDetection, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_detection,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches of ``per_device_batch_size`` images."""
+        return self._loader(self._get_train_dataset(), self.per_device_batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches of ``per_device_val_batch_size`` images, in file order."""
+        return self._loader(self._get_val_dataset(), self.per_device_val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation split (COCO test-dev has no public annotations)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The validation split, for writing predictions."""
+        return self.val_dataloader()

@@ -1,0 +1,89 @@
+"""The DETR augmentation recipes for training and validation, as ``torchvision.transforms.v2``.
+
+Both take and return ``(image, target)``: ``image`` a uint8 ``tv_tensors.Image`` [3, H, W] in,
+a float32 [3, H', W'] normalized with the ImageNet mean/std out; ``target["boxes"]`` a
+``tv_tensors.BoundingBoxes`` (XYXY, absolute pixels of the current image) and
+``target["labels"]`` int64 [N], kept aligned when boxes are dropped.
+
+Training (Carion et al. 2020, section A.4): horizontal flip with probability 0.5; then, with
+probability 1 - ``crop_probability``, a multi-scale resize, otherwise a resize of the short
+side to one of ``crop_resize``, a random crop of ``crop_min .. crop_max`` pixels per side and
+the multi-scale resize. Multi-scale resize: short side a random choice of ``scales``, long side
+at most ``max_size``. Boxes cut by the crop are clamped; boxes under 1 pixel wide or high are
+dropped with their labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from detr_lightning.data.transforms import RandomShortSideResize, RandomSizeCrop
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "make_train_transforms",
+    "make_val_transforms",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SCALES = tuple(range(480, 801, 32))
+
+
+def _normalize() -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def make_train_transforms(
+    *,
+    scales: Sequence[int] = DEFAULT_SCALES,
+    max_size: int = 1333,
+    crop: bool = True,
+    crop_resize: Sequence[int] = (400, 500, 600),
+    crop_min: int = 384,
+    crop_max: int = 600,
+    crop_probability: float = 0.5,
+    flip_probability: float = 0.5,
+) -> v2.Compose:
+    """The DETR training augmentation (see the module docstring).
+
+    ``crop=False`` (or ``crop_probability=0``) always takes the plain multi-scale branch;
+    ``crop_probability=1`` always crops.
+    """
+    if not 0.0 <= crop_probability <= 1.0 or not 0.0 <= flip_probability <= 1.0:
+        raise ValueError(
+            f"crop_probability={crop_probability} and flip_probability={flip_probability} "
+            "must both lie in [0, 1]"
+        )
+    multi_scale = RandomShortSideResize(scales, max_size=max_size)
+    steps: list[v2.Transform] = [v2.RandomHorizontalFlip(p=flip_probability)]
+    if crop and crop_probability > 0.0:
+        crop_branch = v2.Compose(
+            [
+                RandomShortSideResize(crop_resize),
+                RandomSizeCrop(crop_min, crop_max),
+                RandomShortSideResize(scales, max_size=max_size),
+            ]
+        )
+        if crop_probability >= 1.0:
+            steps.append(crop_branch)
+        else:
+            steps.append(
+                v2.RandomChoice(
+                    [multi_scale, crop_branch], p=[1 - crop_probability, crop_probability]
+                )
+            )
+    else:
+        steps.append(multi_scale)
+    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(), *_normalize()]
+    return v2.Compose(steps)
+
+
+def make_val_transforms(*, val_size: int = 800, max_size: int = 1333) -> v2.Compose:
+    """Deterministic evaluation transform: short side ``val_size``, long side <= ``max_size``."""
+    return v2.Compose([RandomShortSideResize([val_size], max_size=max_size), *_normalize()])

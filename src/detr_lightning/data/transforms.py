@@ -1,0 +1,120 @@
+"""Detection transforms missing from ``torchvision.transforms.v2``, and the target conversion.
+
+Transforms act on ``(image, target)`` with ``image`` a ``tv_tensors.Image`` [3, H, W] and
+``target["boxes"]`` a ``tv_tensors.BoundingBoxes`` in absolute XYXY pixels; torchvision moves the
+boxes along with the image. The model wants normalized cxcywh instead, which
+:func:`boxes_to_normalized_cxcywh` produces once all transforms ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+__all__ = ["RandomShortSideResize", "RandomSizeCrop", "boxes_to_normalized_cxcywh", "spatial_size"]
+
+
+def spatial_size(flat_inputs: list[Any]) -> tuple[int, int]:
+    """(height, width) of the first image (or, without one, boxes) of a flattened sample."""
+    for inpt in flat_inputs:
+        if isinstance(inpt, (tv_tensors.Image, tv_tensors.BoundingBoxes)):
+            height, width = F.get_size(inpt)
+            return int(height), int(width)
+    raise ValueError(
+        "found no tv_tensors.Image or tv_tensors.BoundingBoxes in the sample; wrap the image "
+        "with tv_tensors.Image before applying detection transforms"
+    )
+
+
+def _randint(low: int, high: int) -> int:
+    """Uniform integer in [low, high], from torch's generator (seeded per DataLoader worker)."""
+    return int(torch.randint(low, high + 1, ()))
+
+
+class RandomSizeCrop(v2.Transform):
+    """Crop a random window whose height and width are each uniform in [min_size, max_size].
+
+    Both bounds are clipped to the image, so an image smaller than ``min_size`` is kept whole on
+    that side. The window's position is uniform over the image. Boxes are shifted by the window
+    offset and clamped to it; boxes left empty are dropped later by ``SanitizeBoundingBoxes``.
+    """
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        super().__init__()
+        if not 0 < min_size <= max_size:
+            raise ValueError(
+                f"RandomSizeCrop needs 0 < min_size <= max_size, got {min_size} and {max_size}"
+            )
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Pick the window: dict with ``top``, ``left``, ``height``, ``width`` in pixels."""
+        image_h, image_w = spatial_size(flat_inputs)
+        height = int(
+            torch.randint(min(self.min_size, image_h), min(self.max_size, image_h) + 1, ())
+        )
+        width = int(torch.randint(min(self.min_size, image_w), min(self.max_size, image_w) + 1, ()))
+        top = _randint(0, image_h - height)
+        left = _randint(0, image_w - width)
+        return {"top": top, "left": left, "height": height, "width": width}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Crop one input (image, boxes, mask) with the window from :meth:`make_params`."""
+        return self._call_kernel(F.crop, inpt, **params)
+
+    # torchvision < 0.21 calls the private names.
+    _get_params = make_params
+    _transform = transform
+
+
+def boxes_to_normalized_cxcywh(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Absolute XYXY pixels [N, 4] -> float32 [N, 4] cxcywh divided by the image (w, h, w, h).
+
+    ``size`` is the (height, width) of the image the boxes live in.
+    """
+    height, width = size
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    cxcywh = box_convert(boxes.as_subclass(Tensor).to(torch.float32), "xyxy", "cxcywh")
+    return cxcywh / scale
+
+
+class RandomShortSideResize(v2.Transform):
+    """Resize so the short side is a random choice of ``sizes``, the long side <= ``max_size``.
+
+    The short side is exactly the chosen size unless the long side would exceed ``max_size``;
+    then the long side is ``max_size`` and the short side scales with it (aspect ratio kept).
+    Boxes scale with the image.
+    """
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
+        super().__init__()
+        self.sizes = [int(s) for s in sizes]
+        if not self.sizes or min(self.sizes) <= 0:
+            raise ValueError(f"sizes must be a non-empty list of positive ints, got {sizes}")
+        if max_size is not None and max_size <= max(self.sizes):
+            raise ValueError(
+                f"max_size={max_size} must exceed the largest short-side size {max(self.sizes)}; "
+                "raise max_size or drop the large sizes"
+            )
+        self.max_size = max_size
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Pick the short-side size: dict with ``size``."""
+        return {"size": self.sizes[int(torch.randint(len(self.sizes), ()))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Resize one input (image, boxes, mask)."""
+        return self._call_kernel(
+            F.resize, inpt, size=[params["size"]], max_size=self.max_size, antialias=True
+        )
+
+    _get_params = make_params
+    _transform = transform

@@ -1,0 +1,216 @@
+"""Batching (collate) and the CocoDataModule: batch sizes, loaders, label map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from data_fixtures import TINY_SYNTHETIC, make_tiny_synthetic
+from detr_lightning.data import CocoDataModule, collate_detection
+
+SMALL_AUGMENT = {
+    "scales": [48, 64],
+    "max_size": 100,
+    "crop_resize": [48, 64],
+    "crop_min": 32,
+    "crop_max": 56,
+    "val_size": 64,
+    "num_workers": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_synthetic(tmp_path_factory.mktemp("coco"))
+
+
+def sample(height: int, width: int, num_boxes: int = 1) -> tuple[Tensor, dict]:
+    return torch.rand(3, height, width), {
+        "boxes": torch.rand(num_boxes, 4),
+        "labels": torch.zeros(num_boxes, dtype=torch.int64),
+    }
+
+
+# ------------------------------------------------------------------------------------ collate
+
+
+def test_collate_pads_to_largest_and_masks_padding() -> None:
+    samples = [sample(5, 7), sample(6, 3, num_boxes=0), sample(2, 2, num_boxes=3)]
+    images, padding_mask, targets = collate_detection(samples)
+    assert images.shape == (3, 3, 6, 7) and padding_mask.shape == (3, 6, 7)
+    assert padding_mask.dtype == torch.bool
+    for i, (image, target) in enumerate(samples):
+        h, w = image.shape[1:]
+        assert torch.equal(images[i, :, :h, :w], image)
+        expected = torch.ones(6, 7, dtype=torch.bool)
+        expected[:h, :w] = False
+        assert torch.equal(padding_mask[i], expected)
+        assert images[i][:, padding_mask[i]].abs().sum() == 0
+        assert targets[i] is target
+
+
+def test_collate_drops_none_samples() -> None:
+    kept = sample(4, 4)
+    images, padding_mask, targets = collate_detection([None, kept, None])
+    assert images.shape == (1, 3, 4, 4) and not padding_mask.any()
+    assert targets == [kept[1]]
+    assert collate_detection([None, None]) is None
+
+
+# --------------------------------------------------------------------------------- datamodule
+
+
+def test_label_map_available_after_construction(root: Path) -> None:
+    dm = CocoDataModule(root=str(root), **SMALL_AUGMENT)
+    assert dm.label_map.category_ids == [1, 2, 5, 6, 9]
+    assert dm.num_classes == 5
+    assert dm.train_dataset is None  # nothing heavy yet
+    dm = CocoDataModule(root=str(root), label_mapping="category_id", **SMALL_AUGMENT)
+    assert dm.num_classes == 10  # max category id 9, plus one
+
+
+@pytest.mark.parametrize(
+    ("world_size", "batch_size", "val_batch_size", "expected"),
+    [(1, 4, None, (4, 4)), (2, 4, None, (2, 2)), (4, 8, 4, (2, 1))],
+)
+def test_global_batch_is_split_across_devices(
+    root: Path, world_size: int, batch_size: int, val_batch_size: int | None, expected: tuple
+) -> None:
+    dm = CocoDataModule(
+        root=root, batch_size=batch_size, val_batch_size=val_batch_size, **SMALL_AUGMENT
+    )
+    dm.trainer = SimpleNamespace(world_size=world_size)
+    dm.setup("validate")
+    assert (dm.per_device_batch_size, dm.per_device_val_batch_size) == expected
+    assert dm.val_dataloader().batch_size == expected[1]
+
+
+def test_indivisible_global_batch_is_an_error(root: Path) -> None:
+    dm = CocoDataModule(root=root, batch_size=6, **SMALL_AUGMENT)
+    dm.trainer = SimpleNamespace(world_size=4)
+    with pytest.raises(ValueError, match=r"batch_size=6 .* divisible by the world size 4"):
+        dm.setup("fit")
+    dm = CocoDataModule(root=root, batch_size=4, val_batch_size=2, **SMALL_AUGMENT)
+    dm.trainer = SimpleNamespace(world_size=4)
+    with pytest.raises(ValueError, match=r"val_batch_size=2"):
+        dm.setup("fit")
+
+
+def test_dataloaders_yield_images_mask_targets(root: Path) -> None:
+    dm = CocoDataModule(root=root, batch_size=4, val_batch_size=3, **SMALL_AUGMENT)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(loader.dataset) == TINY_SYNTHETIC["num_train"]
+    num_images = 0
+    for images, padding_mask, targets in loader:
+        batch = images.shape[0]
+        assert images.dtype == torch.float32 and images.shape[1] == 3
+        assert padding_mask.shape == (batch, *images.shape[2:]) and padding_mask.dtype == torch.bool
+        assert len(targets) == batch
+        for i, target in enumerate(targets):
+            h, w = target["size"].tolist()
+            assert not padding_mask[i, :h, :w].any() and padding_mask[i].sum() == (
+                padding_mask.shape[1] * padding_mask.shape[2] - h * w
+            )
+            assert set(target) == {"boxes", "labels", "image_id", "orig_size", "size"}
+        num_images += batch
+    assert num_images == TINY_SYNTHETIC["num_train"]  # drop_last=False
+
+    images, _, targets = next(iter(dm.val_dataloader()))
+    assert images.shape[0] == 3
+    assert all(min(t["size"].tolist()) == 64 or max(t["size"].tolist()) == 100 for t in targets)
+    for name in ("test_dataloader", "predict_dataloader"):
+        assert getattr(dm, name)().dataset is dm.val_dataset
+    assert sorted(dm.val_coco.getImgIds()) == sorted(dm.val_dataset.image_ids)
+    assert dm.val_annotation_file == root / "annotations" / "instances_val2017.json"
+
+
+def test_synthetic_default_root_and_absolute_paths(tmp_path: Path) -> None:
+    params = {**TINY_SYNTHETIC, "num_train": 3, "num_val": 2, "cache_dir": str(tmp_path)}
+    dm = CocoDataModule(root=None, synthetic=params, **SMALL_AUGMENT)
+    assert dm.root.parent == tmp_path and dm.num_classes == TINY_SYNTHETIC["num_categories"]
+    again = CocoDataModule(
+        root="/nonexistent",
+        train_images=str(dm.root / "train2017"),
+        val_images=str(dm.root / "val2017"),
+        train_annotations=str(dm.root / "annotations/instances_train2017.json"),
+        val_annotations=str(dm.root / "annotations/instances_val2017.json"),
+        **SMALL_AUGMENT,
+    )
+    again.setup("fit")
+    assert len(again.train_dataset) == 3 and len(again.val_dataset) == 2
+
+
+def test_missing_val_annotations_fail_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"instances_val2017.json does not exist"):
+        CocoDataModule(root=tmp_path, **SMALL_AUGMENT)
+
+
+def test_train_and_val_categories_must_match(tmp_path: Path) -> None:
+    root = make_tiny_synthetic(tmp_path, num_train=2, num_val=2)
+    train_file = root / "annotations" / "instances_train2017.json"
+    data = json.loads(train_file.read_text())
+    data["categories"] = [*data["categories"][:-1], {"id": 99, "name": "other"}]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 9]
+    train_file.write_text(json.dumps(data))
+    dm = CocoDataModule(root=root, **SMALL_AUGMENT)
+    with pytest.raises(ValueError, match=r"instances_train2017.json differ from those of"):
+        dm.setup("fit")
+
+
+class _CountingModule(pl.LightningModule):
+    """Consumes (images, padding_mask, targets) batches; records what it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[int] = []
+
+    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
+        images, padding_mask, targets = batch
+        assert padding_mask.shape[0] == len(targets) == images.shape[0]
+        self.seen.append(images.shape[0])
+        return self.weight * images.mean() + self.weight**2
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        assert len(batch[2]) == batch[0].shape[0]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_runs_under_a_trainer(root: Path) -> None:
+    dm = CocoDataModule(root=root, batch_size=4, **SMALL_AUGMENT)
+    module = _CountingModule()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert module.seen == [4, 4, 4]
+
+
+def test_use_label_map_from_a_checkpoint(root: Path) -> None:
+    dm = CocoDataModule(root=root, **SMALL_AUGMENT)
+    stored = {
+        "category_ids": [-1, 1, 2, -1, -1, 5, 6, -1, -1, 9],
+        "names": ["N/A", "a", "b", "N/A", "N/A", "c", "d", "N/A", "N/A", "e"],
+    }
+    dm.use_label_map(stored)
+    assert dm.num_classes == 10
+    dm.setup("validate")
+    labels = torch.cat([dm.val_dataset[i][1]["labels"] for i in range(len(dm.val_dataset))])
+    assert set(labels.tolist()) <= {1, 2, 5, 6, 9}
+    with pytest.raises(ValueError, match=r"category ids \[6, 9\] that the given label map"):
+        dm.use_label_map({"category_ids": [1, 2, 5], "names": ["a", "b", "c"]})
