@@ -33,7 +33,11 @@ def build_hf_detr(backbone: str = "resnet50", dilation: bool = False, num_labels
             elif "backbone" in name and name.endswith(("weight", "bias")):
                 # frozen batch norm keeps its affine parameters as buffers
                 scale = 0.2 if name.endswith("bias") else 1.0
-                buffer.copy_(1.0 - name.endswith("bias") + torch.randn(buffer.shape, generator=generator) * scale * 0.2)
+                buffer.copy_(
+                    1.0
+                    - name.endswith("bias")
+                    + torch.randn(buffer.shape, generator=generator) * scale * 0.2
+                )
         # heads start near zero in HF's init; spread them so that the outputs vary
         model.class_labels_classifier.weight.normal_(0, 0.5, generator=generator)
         for layer in model.bbox_predictor.layers:

@@ -105,7 +105,7 @@ def test_num_classes_reinitializes_class_head_only(tmp_path, caplog):
 
 # ------------------------------------------------------------------------------ bad inputs
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         dl.load_pretrained(tmp_path / "nope.pth")
 
 
@@ -115,14 +115,14 @@ def test_truncated_file(tmp_path):
     torch.save({"model": _official_state(module)}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated.pth"):
+    with pytest.raises(CheckpointError, match=r"truncated\.pth"):
         dl.load_pretrained(path)
 
 
 def test_random_bytes(tmp_path):
     path = tmp_path / "random.pth"
     path.write_bytes(os.urandom(4096))
-    with pytest.raises(CheckpointError, match="random.pth"):
+    with pytest.raises(CheckpointError, match=r"random\.pth"):
         dl.load_pretrained(path)
 
 
@@ -130,7 +130,7 @@ def test_corrupt_safetensors(tmp_path):
     directory = dl.export(_tiny_module(), tmp_path / "export")
     weights = directory / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
         dl.load_pretrained(directory)
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import build_hf_detr, official_state_from_hf_file, reference_keys
 from safetensors.torch import load_file
 
 import detr_lightning as dl
+from hf_reference import build_hf_detr, official_state_from_hf_file, reference_keys
 
 CASES = [
     pytest.param(("resnet50", False, "detr-r50"), id="r50"),
@@ -24,7 +24,10 @@ CASES = [
 def _inputs() -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Two images of different sizes, as a list and as HF's padded batch + pixel_mask."""
     generator = torch.Generator().manual_seed(7)
-    images = [torch.randn(3, 128, 160, generator=generator), torch.randn(3, 96, 192, generator=generator)]
+    images = [
+        torch.randn(3, 128, 160, generator=generator),
+        torch.randn(3, 96, 192, generator=generator),
+    ]
     pixel_values = torch.zeros(2, 3, 128, 192)
     pixel_mask = torch.zeros(2, 128, 192, dtype=torch.long)  # HF: 1 on valid pixels
     for i, image in enumerate(images):
@@ -86,7 +89,9 @@ def test_huggingface_pytorch_bin(hf_checkpoint, tmp_path):
 
 
 def test_official_checkpoint(hf_checkpoint, tmp_path):
-    official = official_state_from_hf_file(load_file(hf_checkpoint["directory"] / "model.safetensors"))
+    official = official_state_from_hf_file(
+        load_file(hf_checkpoint["directory"] / "model.safetensors")
+    )
     expected_keys = reference_keys(hf_checkpoint["reference"])
     assert set(official) == set(expected_keys)
     assert all(tuple(official[k].shape) == expected_keys[k] for k in official)

@@ -21,6 +21,7 @@ from .models.detr import build_detr
 from .models.matcher import HungarianMatcher
 from .models.postprocess import PostProcess
 from .ops.boxes import box_cxcywh_to_xyxy
+from .ops.distributed import all_gather_list
 
 LOSS_DEFAULTS = {
     "set_cost_class": 1.0,
@@ -211,7 +212,7 @@ class DETRModule(pl.LightningModule):
     def _eval_step(self, batch, metric: MeanAveragePrecision, prefix: str) -> None:
         if batch is None:
             return
-        images, padding_mask, targets = batch
+        images, _, targets = batch
         total, losses, outputs = self._losses(batch)
         batch_size = len(targets)
         self.log(f"{prefix}/loss", total, on_epoch=True, sync_dist=True, batch_size=batch_size)
@@ -222,7 +223,33 @@ class DETRModule(pl.LightningModule):
             batch_size=batch_size,
         )
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(images.device)
-        metric.update(self.postprocess(outputs, orig_sizes), _metric_targets(targets, orig_sizes))
+        detections = self.postprocess(outputs, orig_sizes)
+        metric.update(detections, _metric_targets(targets, orig_sizes))
+        if prefix == "test":
+            self.test_predictions.extend(self.coco_results(targets, detections))
+
+    def coco_results(
+        self, targets: Sequence[dict[str, Any]], detections: Sequence[dict[str, Tensor]]
+    ) -> list[dict[str, Any]]:
+        """Detections in COCO's results format: dataset category ids, absolute xywh boxes."""
+        label_map = self.label_map
+        category_ids = label_map["category_ids"] if label_map is not None else None
+        results = []
+        for target, det in zip(targets, detections):
+            boxes = det["boxes"].cpu().clone()
+            boxes[:, 2:] -= boxes[:, :2]
+            for box, score, label in zip(
+                boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()
+            ):
+                results.append(
+                    {
+                        "image_id": int(target["image_id"]),
+                        "category_id": int(category_ids[label] if category_ids else label),
+                        "bbox": box,
+                        "score": float(score),
+                    }
+                )
+        return results
 
     def _eval_epoch_end(self, metric: MeanAveragePrecision, prefix: str) -> dict[str, float]:
         results = metric.compute()
@@ -238,11 +265,16 @@ class DETRModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.last_val_metrics = self._eval_epoch_end(self.val_map, "val")
 
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions: list[dict[str, Any]] = []
+
     def test_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.test_map, "test")
 
     def on_test_epoch_end(self) -> None:
         self.last_test_metrics = self._eval_epoch_end(self.test_map, "test")
+        # every rank evaluated a shard; the predictions file needs all of them
+        self.test_predictions = all_gather_list(self.test_predictions)
 
     def predict_step(self, batch, batch_idx: int) -> list[dict[str, Any]]:
         """Detections in original image pixels with dataset category ids.

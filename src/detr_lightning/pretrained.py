@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 
 from .data.coco_names import COCO_CATEGORY_NAMES
-from .models.detr import build_detr
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,9 @@ def _infer_model_config(state: Mapping[str, Tensor], path: Path) -> dict[str, An
         "dec_layers": _count_indexed(state, "transformer.decoder.layers."),
         "dim_feedforward": state["transformer.decoder.layers.0.linear1.weight"].shape[0],
         "pre_norm": "transformer.encoder.norm.weight" in state,
-        "position_embedding": "learned" if "position_encoding.row_embed.weight" in state else "sine",
+        "position_embedding": "learned"
+        if "position_encoding.row_embed.weight" in state
+        else "sine",
     }
 
 
@@ -186,7 +187,9 @@ def _from_huggingface(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]
             continue
         if key.startswith("model.backbone.position_embedding."):
             sub = key[len("model.backbone.position_embedding.") :]
-            sub = sub.replace("row_embeddings", "row_embed").replace("column_embeddings", "col_embed")
+            sub = sub.replace("row_embeddings", "row_embed").replace(
+                "column_embeddings", "col_embed"
+            )
             converted["position_encoding." + sub] = value
             continue
         simple = {
@@ -323,7 +326,10 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
     converted = _from_huggingface(state, weights)
     model = _infer_model_config(converted, weights) | _hf_model_config(config)
     id2label = config.get("id2label") or {}
-    names = [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(model["num_classes"])]
+    names = [
+        str(id2label.get(str(i), id2label.get(i, f"class_{i}")))
+        for i in range(model["num_classes"])
+    ]
     label_map = {"category_ids": list(range(model["num_classes"])), "names": names}
     return {
         "state_dict": converted,
@@ -419,7 +425,9 @@ def load_state_into(
             ("shape mismatch", mismatched),
         ):
             if items:
-                shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+                shown = ", ".join(items[:8]) + (
+                    f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+                )
                 lines.append(f"  {title} ({len(items)}): {shown}")
         lines.append(
             "  Check the backbone/dilation/layer settings; only the class head may differ "

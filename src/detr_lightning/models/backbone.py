@@ -61,9 +61,7 @@ class Backbone(nn.Module):
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
         if name not in RESNET_CHANNELS:
-            raise ValueError(
-                f"unknown backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}"
-            )
+            raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}")
         if dilation and RESNET_CHANNELS[name] == 512:
             raise ValueError(
                 f"DC5 dilation needs a bottleneck ResNet (resnet50/resnet101); {name} has basic "

@@ -58,9 +58,7 @@ class SetCriterion(nn.Module):
         """Sum of ``weight * term`` over the terms that have a weight."""
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
 
-    def forward(
-        self, outputs: dict, targets: Sequence[dict[str, Tensor]]
-    ) -> dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Compute every loss term.
 
         Args:
@@ -82,16 +80,16 @@ class SetCriterion(nn.Module):
         all_indices = self.matcher.match_layers(layers, targets)
 
         device = outputs["pred_logits"].device
-        num_boxes = torch.tensor(
-            float(sum(len(t["labels"]) for t in targets)), device=device
-        )
+        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
         num_boxes = all_reduce_mean(num_boxes).clamp(min=1)
 
         losses = {}
         for layer_index, (layer, indices) in enumerate(zip(layers, all_indices)):
             suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
             terms = self._layer_losses(layer, targets, indices, num_boxes, logged=layer_index == 0)
-            losses.update({k + (suffix if k.startswith("loss") else ""): v for k, v in terms.items()})
+            losses.update(
+                {k + (suffix if k.startswith("loss") else ""): v for k, v in terms.items()}
+            )
         return losses
 
     def _layer_losses(
@@ -104,9 +102,9 @@ class SetCriterion(nn.Module):
     ) -> dict[str, Tensor]:
         logits = outputs["pred_logits"].float()
         device = logits.device
-        batch_idx = torch.cat(
-            [torch.full_like(src, i) for i, (src, _) in enumerate(indices)]
-        ).to(device)
+        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(
+            device
+        )
         query_idx = torch.cat([src for src, _ in indices]).to(device)
         matched_labels = torch.cat(
             [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)]

@@ -92,7 +92,10 @@ class HungarianMatcher(nn.Module):
                     continue
                 rows, cols = linear_sum_assignment(layer_cost[i, :, :size])
                 layer_indices.append(
-                    (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+                    (
+                        torch.as_tensor(rows, dtype=torch.int64),
+                        torch.as_tensor(cols, dtype=torch.int64),
+                    )
                 )
             result.append(layer_indices)
         return result

@@ -144,7 +144,9 @@ class TransformerDecoderLayer(nn.Module):
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         qk = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)))
-        cross = self.multihead_attn(tgt + query_pos, memory_with_pos, memory, memory_key_padding_mask)
+        cross = self.multihead_attn(
+            tgt + query_pos, memory_with_pos, memory, memory_key_padding_mask
+        )
         tgt = self.norm2(tgt + self.dropout2(cross))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
 

@@ -33,6 +33,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather_list(items: list) -> list:
+    """Concatenate a picklable list from every rank, in rank order (identity outside DDP)."""
+    if not is_distributed():
+        return items
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Send a picklable object from ``src`` to every rank (identity outside DDP)."""
     if not is_distributed():
@@ -42,4 +51,11 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return holder[0]
 
 
-__all__ = ["all_reduce_mean", "barrier", "broadcast_object", "is_distributed", "rank"]
+__all__ = [
+    "all_gather_list",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "is_distributed",
+    "rank",
+]

@@ -1,0 +1,15 @@
+"""Evaluate DETR: `python eval.py ckpt_path=... [data=coco data.root=...]` (see conf/eval.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from detr_lightning.eval import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from .module import COCO_METRIC_KEYS
+
+log = logging.getLogger(__name__)
+
+COCO_TABLE_ROWS = (
+    ("Average Precision", "AP", "0.50:0.95", "all", 100),
+    ("Average Precision", "AP", "0.50", "all", 100),
+    ("Average Precision", "AP", "0.75", "all", 100),
+    ("Average Precision", "AP", "0.50:0.95", "small", 100),
+    ("Average Precision", "AP", "0.50:0.95", "medium", 100),
+    ("Average Precision", "AP", "0.50:0.95", "large", 100),
+    ("Average Recall", "AR", "0.50:0.95", "all", 1),
+    ("Average Recall", "AR", "0.50:0.95", "all", 10),
+    ("Average Recall", "AR", "0.50:0.95", "all", 100),
+    ("Average Recall", "AR", "0.50:0.95", "small", 100),
+    ("Average Recall", "AR", "0.50:0.95", "medium", 100),
+    ("Average Recall", "AR", "0.50:0.95", "large", 100),
+)
+
+
+def format_coco_table(metrics: dict[str, float]) -> str:
+    """The 12-line summary in pycocotools' layout, from torchmetrics-named statistics."""
+    lines = []
+    for key, (title, short, iou, area, max_dets) in zip(COCO_METRIC_KEYS, COCO_TABLE_ROWS):
+        lines.append(
+            f" {title:<18} ({short}) @[ IoU={iou:<9} | area={area:>6} | maxDets={max_dets:>3} ]"
+            f" = {metrics.get(key, float('nan')):0.3f}"
+        )
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, allow_nan=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak accelerator memory allocated by torch, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class MetricsHistory(pl.Callback):
+    """Keeps one entry per epoch and writes ``metrics.json`` (and a PNG of the curves).
+
+    Each entry holds ``epoch``, ``train_loss`` (epoch mean of the weighted total loss over all
+    ranks), ``train_seconds`` (training batches only, validation excluded),
+    ``train_images_per_s`` (all ranks together), ``peak_memory_mb`` (CUDA: peak allocated on
+    rank 0 during the epoch; CPU: the process's peak RSS so far) and the epoch's validation
+    metrics. The file is rewritten after every epoch, so a crashed run keeps its history.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, plot: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.plot = plot
+        self.history: list[dict[str, Any]] = []
+        self.final_metrics: dict[str, float] = {}
+        self._epoch_start = 0.0
+        self._train_stop: float | None = None
+        self._images = 0
+        self._val_metrics: dict[str, float] = {}
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._train_stop = None
+        self._images = 0
+        self._val_metrics = {}
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch is not None:
+            self._images += len(batch[2])
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and self._train_stop is None and trainer.training:
+            self._train_stop = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the module's on_validation_epoch_end, which computes the metrics
+        if trainer.sanity_checking:
+            return
+        metrics = getattr(pl_module, "last_val_metrics", None)
+        if metrics:
+            self._val_metrics = dict(metrics)
+            self.final_metrics = dict(metrics)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stop = self._train_stop or time.perf_counter()
+        seconds = max(stop - self._epoch_start, 1e-9)
+        images = trainer.strategy.reduce(
+            torch.tensor(float(self._images), device=pl_module.device), reduce_op="sum"
+        )
+        loss = trainer.callback_metrics.get("train/loss")
+        entry = {
+            "epoch": trainer.current_epoch,
+            "train_loss": float(loss) if loss is not None else math.nan,
+            "train_seconds": seconds,
+            "train_images_per_s": float(images) / seconds,
+            "peak_memory_mb": _peak_memory_mb(pl_module.device),
+            **self._val_metrics,
+        }
+        self.history.append(entry)
+        if trainer.is_global_zero:
+            self._write()
+            log.info(_summary_line(entry, trainer.max_epochs))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._write()
+            if self.plot and self.history:
+                plot_history(self.history, self.output_dir / "curves.png")
+
+    def _write(self) -> None:
+        payload = {key: self.final_metrics.get(key, math.nan) for key in COCO_METRIC_KEYS}
+        payload["history"] = self.history
+        write_json_atomic(self.output_dir / "metrics.json", payload)
+
+
+def _summary_line(entry: dict[str, Any], max_epochs: int | None) -> str:
+    total = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
+    line = (
+        f"epoch {entry['epoch'] + 1}{total} | train loss {entry['train_loss']:.4f} | "
+        f"{entry['train_images_per_s']:.1f} img/s | {entry['train_seconds']:.1f} s | "
+        f"peak {entry['peak_memory_mb']:.0f} MB"
+    )
+    if "map" in entry:
+        line += f" | val map {entry['map']:.4f} map_50 {entry['map_50']:.4f}"
+    return line
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Training loss and validation mAP per epoch, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [entry["epoch"] + 1 for entry in history]
+    figure, (loss_axis, map_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot(epochs, [entry["train_loss"] for entry in history], marker="o", ms=3)
+    loss_axis.set(title="training loss (weighted total)", xlabel="epoch", ylabel="loss")
+    loss_axis.grid(alpha=0.3)
+    val = [entry for entry in history if "map" in entry]
+    if val:
+        for key in ("map", "map_50", "map_75"):
+            map_axis.plot([e["epoch"] + 1 for e in val], [e[key] for e in val], marker="o", ms=3,
+                          label=key)  # fmt: skip
+        map_axis.legend()
+    map_axis.set(title="validation COCO mAP", xlabel="epoch", ylabel="AP", ylim=(0, 1))
+    map_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
