@@ -30,7 +30,8 @@ def test_quick_benchmark_against_official_formulation(tmp_path: Path, fuse_bn: b
     ]
     if fuse_bn:
         command.append("--fuse-bn")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])}
+    python_path = [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, python_path))}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "speedup" in result.stdout
