@@ -9,9 +9,18 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread per test process: with pytest-xdist the workers share the cores, and
+# OpenMP threads that wait on a descheduled peer make every op ~10x slower.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# Synthetic datasets of the tests go to a throw-away cache, never to the user's.
+if "DETR_LIGHTNING_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["DETR_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="detr-lightning-test-cache-")

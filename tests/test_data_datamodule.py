@@ -118,12 +118,16 @@ def test_dataloaders_yield_images_mask_targets(root: Path) -> None:
             assert not padding_mask[i, :h, :w].any() and padding_mask[i].sum() == (
                 padding_mask.shape[1] * padding_mask.shape[2] - h * w
             )
-            assert set(target) == {"boxes", "labels", "image_id", "orig_size", "size"}
+            required = {"boxes", "labels", "image_id", "orig_size", "size"}
+            # area and iscrowd come along whenever the augmentation dropped no box
+            assert required <= set(target) <= required | {"area", "iscrowd"}
         num_images += batch
     assert num_images == TINY_SYNTHETIC["num_train"]  # drop_last=False
 
     images, _, targets = next(iter(dm.val_dataloader()))
     assert images.shape[0] == 3
+    for target in targets:  # evaluation needs COCO's areas and crowd flags
+        assert len(target["area"]) == len(target["iscrowd"]) == len(target["labels"])
     assert all(min(t["size"].tolist()) == 64 or max(t["size"].tolist()) == 100 for t in targets)
     for name in ("test_dataloader", "predict_dataloader"):
         assert getattr(dm, name)().dataset is dm.val_dataset

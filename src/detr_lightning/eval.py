@@ -44,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module.test_map = MeanAveragePrecision(iou_type="bbox", backend=cfg.eval_backend)
 
     data_cfg = cfg.data
-    datamodule = instantiate(data_cfg)
+    datamodule = instantiate(data_cfg, _convert_="all")
     if module.label_map is not None:
         # the model decides what its labels mean; the dataset must use the same mapping
         datamodule.use_label_map(LabelMap.from_dict(module.label_map))

@@ -187,7 +187,7 @@ class DETRModule(pl.LightningModule):
     def _losses(self, batch) -> tuple[Tensor, dict[str, Tensor], dict]:
         images, padding_mask, targets = batch
         outputs = self.model(images, padding_mask)
-        losses = self.criterion(outputs, targets)
+        losses = self.criterion(outputs, [_without_crowd(t) for t in targets])
         return self.criterion.weighted_total(losses), losses, outputs
 
     def training_step(self, batch, batch_idx: int) -> Tensor | None:
@@ -309,6 +309,15 @@ class DETRModule(pl.LightningModule):
             )
         return results
 
+    # --------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Random state too, so that dropout after a resume repeats the uninterrupted run.
+        checkpoint["rng_states"] = capture_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+
     # ---------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         from hydra.utils import instantiate
@@ -350,6 +359,15 @@ class DETRModule(pl.LightningModule):
         raise ValueError(f"schedule.name must be 'step' or 'cosine', got {name!r}")
 
 
+def _without_crowd(target: dict[str, Any]) -> dict[str, Any]:
+    """Targets for the loss: crowd regions are not objects to match (official DETR drops them)."""
+    crowd = target.get("iscrowd")
+    if crowd is None or not bool(crowd.any()):
+        return target
+    keep = crowd == 0
+    return {**target, "boxes": target["boxes"][keep], "labels": target["labels"][keep]}
+
+
 def _metric_targets(targets: Sequence[dict[str, Tensor]], orig_sizes: Tensor) -> list[dict]:
     """Ground truth in original pixels (xyxy) for torchmetrics, with crowd flags and areas."""
     result = []
@@ -364,3 +382,32 @@ def _metric_targets(targets: Sequence[dict[str, Tensor]], orig_sizes: Tensor) ->
             entry["area"] = target["area"].float().cpu()
         result.append({k: v.to(orig_sizes.device) for k, v in entry.items()})
     return result
+
+
+def capture_rng_states() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python RNG states as tensors and plain containers."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_states(states: Mapping[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

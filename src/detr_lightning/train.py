@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -92,13 +93,18 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -
     )
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit DETR as configured; returns the final validation metrics (+ paths)."""
+def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
+    """Fit DETR as configured; returns the final validation metrics (+ ``run_dir``).
+
+    ``callbacks`` are added to the configured ones (for scripts and tests).
+    """
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
     run_dir = Path(cfg.run_dir)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, _convert_="all")
     module = build_module(cfg, datamodule)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, callbacks)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -89,6 +89,8 @@ class _ImageRecord:
     width: int
     boxes: np.ndarray  # [n, 4] float32 xyxy, clamped to the image
     labels: np.ndarray  # [n] int64
+    areas: np.ndarray  # [n] float32, the annotation's "area" (COCO's size ranges use it)
+    iscrowd: np.ndarray  # [n] int64
 
 
 def _read_rgb(path: Path) -> Tensor:
@@ -169,7 +171,9 @@ class CocoDetection(Dataset):
             images[int(entry["id"])] = entry
         self._check_files_exist(list(images.values()))
 
-        per_image: dict[int, tuple[list, list]] = {image_id: ([], []) for image_id in images}
+        per_image: dict[int, tuple[list, list, list, list]] = {
+            image_id: ([], [], [], []) for image_id in images
+        }
         flagged: list[int] = []
         num_dropped = 0
         for ann in dataset["annotations"]:
@@ -212,8 +216,10 @@ class CocoDetection(Dataset):
             if degenerate:
                 num_dropped += 1
                 continue
-            boxes, labels = per_image[image_id]
+            boxes, labels, areas, crowd = per_image[image_id]
             boxes.append((x0, y0, x1, y1))
+            areas.append(float(ann.get("area", (x1 - x0) * (y1 - y0))))
+            crowd.append(int(bool(ann.get("iscrowd", 0))))
             try:
                 labels.append(self.label_map.category_to_label(cat_id))
             except ValueError as err:
@@ -223,7 +229,7 @@ class CocoDetection(Dataset):
 
         records = []
         for image_id, entry in images.items():
-            boxes, labels = per_image[image_id]
+            boxes, labels, areas, crowd = per_image[image_id]
             records.append(
                 _ImageRecord(
                     image_id=image_id,
@@ -232,6 +238,8 @@ class CocoDetection(Dataset):
                     width=int(entry["width"]),
                     boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                     labels=np.asarray(labels, dtype=np.int64),
+                    areas=np.asarray(areas, dtype=np.float32),
+                    iscrowd=np.asarray(crowd, dtype=np.int64),
                 )
             )
         return records
@@ -274,7 +282,20 @@ class CocoDetection(Dataset):
         """COCO image ids in dataset order."""
         return [record.image_id for record in self._records]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Any]] | None:
+        """Sample ``key``; a ``(index, seed)`` key runs the random transforms under ``seed``.
+
+        Seeded keys come from :class:`~detr_lightning.data.sampler.EpochSeededSampler` and make
+        augmentations independent of workers, ranks and restarts.
+        """
+        if isinstance(key, tuple):
+            index, seed = key
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._load(index)
+        return self._load(key)
+
+    def _load(self, index: int) -> tuple[Tensor, dict[str, Any]] | None:
         record = self._records[index]
         try:
             image = _read_rgb(record.path)
@@ -306,10 +327,16 @@ class CocoDetection(Dataset):
         else:
             image = F.to_dtype(image, torch.float32, scale=True)
         size = (int(image.shape[-2]), int(image.shape[-1]))
-        return image.as_subclass(Tensor), {
+        result = {
             "boxes": boxes_to_normalized_cxcywh(target["boxes"], size),
             "labels": target["labels"].as_subclass(Tensor).to(torch.int64),
             "image_id": record.image_id,
             "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
             "size": torch.tensor(size, dtype=torch.int64),
         }
+        if len(result["labels"]) == len(record.labels):
+            # No box was dropped (always so for evaluation transforms): the annotation areas
+            # and crowd flags still line up, and COCO evaluation needs both.
+            result["area"] = torch.from_numpy(record.areas.copy())
+            result["iscrowd"] = torch.from_numpy(record.iscrowd.copy())
+        return image.as_subclass(Tensor), result

@@ -21,6 +21,7 @@ from detr_lightning.data.coco import CocoDetection, load_coco_json
 from detr_lightning.data.collate import collate_detection
 from detr_lightning.data.labels import LabelMap
 from detr_lightning.data.presets import DEFAULT_SCALES, make_train_transforms, make_val_transforms
+from detr_lightning.data.sampler import EpochSeededSampler
 from detr_lightning.data.synthetic import ensure_synthetic_coco
 
 __all__ = ["CocoDataModule"]
@@ -75,6 +76,7 @@ class CocoDataModule(pl.LightningDataModule):
         label_mapping: str = "contiguous",
         strict: bool = False,
         synthetic: Mapping[str, Any] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -93,6 +95,7 @@ class CocoDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and self.num_workers > 0
         self.label_mapping = label_mapping
         self.strict = strict
+        self.seed = int(seed)
         self.train_transforms = make_train_transforms(
             scales=list(scales),
             max_size=max_size,
@@ -185,14 +188,14 @@ class CocoDataModule(pl.LightningDataModule):
 
     def _get_val_dataset(self) -> CocoDetection:
         if self.val_dataset is None:
-            # Crowd boxes are left out of the validation loss, as in training; COCO evaluation
-            # reads them from val_coco, which keeps every annotation.
+            # Crowd boxes stay in validation targets, flagged by "iscrowd": COCO evaluation
+            # ignores detections on them; DETRModule leaves them out of the loss.
             self.val_dataset = CocoDetection(
                 self.val_image_dir,
                 self.val_annotation_file,
                 transforms=self.val_transforms,
                 label_map=self.label_map,
-                remove_crowd=True,
+                remove_crowd=False,
                 strict=self.strict,
             )
         return self.val_dataset
@@ -210,8 +213,29 @@ class CocoDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches of ``per_device_batch_size`` images."""
-        return self._loader(self._get_train_dataset(), self.per_device_batch_size, shuffle=True)
+        """Shuffled training batches of ``per_device_batch_size`` images.
+
+        Order and augmentations are a function of (``seed``, epoch, image) only, on every rank
+        (see :mod:`detr_lightning.data.sampler`), so resumed runs repeat them exactly.
+        """
+        trainer = self.trainer
+        sampler = EpochSeededSampler(
+            self._get_train_dataset(),
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=self.seed,
+            epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None,
+        )
+        return DataLoader(
+            self._get_train_dataset(),
+            batch_size=self.per_device_batch_size,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_detection,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches of ``per_device_val_batch_size`` images, in file order."""

@@ -1,0 +1,67 @@
+"""Tiny Hydra configs for the training-pipeline tests (CPU, seconds per epoch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A DETR small enough for a CPU test: ResNet-18, 32-wide transformer, 8 queries.
+TINY_MODEL = [
+    "backbone=resnet18",
+    "backbone.norm=group",
+    "backbone.trainable_layers=5",
+    "backbone.lr=1e-4",
+    "model=detr_small",
+    "model.hidden_dim=32",
+    "model.nheads=2",
+    "model.enc_layers=1",
+    "model.dec_layers=2",
+    "model.dim_feedforward=64",
+    "model.num_queries=8",
+    "model.dropout=0.1",
+]
+
+TINY_DATA = [
+    "data=synthetic",
+    "data.num_workers=0",
+    "data.batch_size=4",
+    "data.scales=[64,80]",
+    "data.max_size=128",
+    "data.crop_resize=[64,80]",
+    "data.crop_min=48",
+    "data.crop_max=64",
+    "data.val_size=80",
+    "data.synthetic.num_train=8",
+    "data.synthetic.num_val=4",
+    "data.synthetic.min_size=64",
+    "data.synthetic.max_size=96",
+    "data.synthetic.num_categories=3",
+]
+
+TINY_TRAINER = [
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+    "callbacks=none",
+    "~experiment",
+]
+
+
+def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
+    return [*TINY_MODEL, *TINY_DATA, *TINY_TRAINER, f"run_dir={run_dir}", *extra]
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``conf/<name>.yaml`` as the entry points do (``run_dir`` must be overridden)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
