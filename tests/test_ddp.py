@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from pipeline_fixtures import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
