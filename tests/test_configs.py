@@ -16,7 +16,45 @@ from pipeline_fixtures import compose_config
 EXPERIMENTS = sorted(
     p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")
 )
-PUBLIC_KEYS = ["model.num_classes", "model.num_queries", "model.hidden_dim", "model.nheads", "model.enc_layers", "model.dec_layers", "model.dim_feedforward", "model.dropout", "model.pre_norm", "model.aux_loss", "backbone.name", "backbone.dilation", "backbone.lr", "backbone.pretrained", "backbone.norm", "loss.set_cost_class", "loss.set_cost_bbox", "loss.set_cost_giou", "loss.bbox_loss_coef", "loss.giou_loss_coef", "loss.eos_coef", "optimizer.lr", "optimizer.weight_decay", "schedule.lr_drop", "data.root", "data.batch_size", "data.num_workers", "data.scales", "data.max_size", "data.crop", "data.crop_resize", "data.crop_min", "data.crop_max", "data.val_size", "pretrained", "ckpt_path", "seed"]
+PUBLIC_KEYS = [
+    "model.num_classes",
+    "model.num_queries",
+    "model.hidden_dim",
+    "model.nheads",
+    "model.enc_layers",
+    "model.dec_layers",
+    "model.dim_feedforward",
+    "model.dropout",
+    "model.pre_norm",
+    "model.aux_loss",
+    "backbone.name",
+    "backbone.dilation",
+    "backbone.lr",
+    "backbone.pretrained",
+    "backbone.norm",
+    "loss.set_cost_class",
+    "loss.set_cost_bbox",
+    "loss.set_cost_giou",
+    "loss.bbox_loss_coef",
+    "loss.giou_loss_coef",
+    "loss.eos_coef",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "schedule.lr_drop",
+    "data.root",
+    "data.batch_size",
+    "data.num_workers",
+    "data.scales",
+    "data.max_size",
+    "data.crop",
+    "data.crop_resize",
+    "data.crop_min",
+    "data.crop_max",
+    "data.val_size",
+    "pretrained",
+    "ckpt_path",
+    "seed",
+]
 
 
 @pytest.fixture(scope="module")
