@@ -39,9 +39,9 @@ import torch
 import torchvision
 from official_reference import official_reference_for
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from detr_lightning.models import build_detr, fuse_frozen_batchnorm
+from detr_lightning.models.backbone import FrozenBatchNorm2d
 
 MODELS: dict[str, dict[str, Any]] = {
     "R50": {"backbone": "resnet50"},

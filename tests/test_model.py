@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from detr_lightning.models import (
     DETR,
@@ -20,6 +19,7 @@ from detr_lightning.models import (
     build_detr,
     fuse_frozen_batchnorm,
 )
+from detr_lightning.models.backbone import FrozenBatchNorm2d
 
 NUM_CLASSES, NUM_QUERIES = 5, 7
 

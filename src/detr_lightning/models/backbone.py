@@ -12,9 +12,43 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import FrozenBatchNorm2d
 
 NormKind = Literal["frozen", "batch", "group"]
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (all buffers, none trained).
+
+    Same buffers and epsilon as ``torchvision.ops.FrozenBatchNorm2d`` (and the official DETR
+    checkpoints), computed as one fused multiply-add over the activations instead of two passes.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints of a trainable BatchNorm2d carry a counter that frozen BN has no use for
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def scale_and_shift(self) -> tuple[Tensor, Tensor]:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, C, H, W]."""
+        scale, shift = self.scale_and_shift()
+        shape = (1, -1, 1, 1)
+        return torch.addcmul(shift.view(shape).to(x.dtype), x, scale.view(shape).to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 # Trainable stages counted from the top, as torchvision's ``trainable_backbone_layers``:
@@ -132,8 +166,7 @@ def fuse_frozen_batchnorm(module: nn.Module) -> nn.Module:
             norm = getattr(parent, norm_name, None)
             if not (isinstance(conv, nn.Conv2d) and isinstance(norm, FrozenBatchNorm2d)):
                 continue
-            scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-            shift = norm.bias - norm.running_mean * scale
+            scale, shift = norm.scale_and_shift()
             conv.weight.mul_(scale.view(-1, 1, 1, 1))
             if conv.bias is None:
                 conv.bias = nn.Parameter(shift.clone(), requires_grad=False)
