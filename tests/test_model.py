@@ -386,3 +386,15 @@ def test_parameter_count_matches_paper(backbone: str, low: float, high: float) -
     with torch.device("meta"):
         detr = build_detr(num_classes=91, backbone=backbone)
     assert low <= sum(p.numel() for p in detr.parameters()) <= high
+
+
+def test_three_stage_backbone_has_stride_16():
+    backbone = Backbone("resnet18", num_stages=3)
+    assert not hasattr(backbone.body, "layer4")
+    assert (backbone.num_channels, backbone.stride) == (256, 16)
+    features, mask = backbone(torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool))
+    assert features.shape == (1, 256, 6, 8) and mask.shape == (1, 6, 8)
+    with pytest.raises(ValueError, match="num_stages"):
+        Backbone("resnet50", num_stages=2)
+    with pytest.raises(ValueError, match="DC5"):
+        Backbone("resnet50", num_stages=3, dilation=True)

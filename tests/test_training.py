@@ -187,3 +187,30 @@ def test_train_writes_run_artifacts_and_eval_matches_pycocotools(tmp_path):
     # a comparison of zeros would prove nothing
     assert sum(value > 0 for value in reference) >= 3, reference
     assert evaluated["map"] == written["map"]
+
+
+def test_dataset_classes_unknown_to_the_model(tmp_path):
+    cfg = compose_config("train", tiny_overrides(tmp_path, "model.num_classes=2"))
+    with pytest.raises(ValueError, match=r"3 classes(.|\n)*model.num_classes=3"):
+        train(cfg)
+
+
+def test_missing_dataset_names_the_file(tmp_path):
+    cfg = compose_config("train", tiny_overrides(tmp_path, f"data.root={tmp_path / 'nowhere'}"))
+    with pytest.raises(FileNotFoundError, match=r"instances_val2017\.json"):
+        train(cfg)
+
+
+def test_pretrained_with_other_classes_reinitializes_head(tmp_path):
+    """pretrained=... with a different class count: all but the class head is loaded."""
+    source = compose_config("train", tiny_overrides(tmp_path / "a", "model.num_classes=7"))
+    from detr_lightning.train import build_module
+
+    datamodule = CocoDataModule(root=None, synthetic=dict(source.data.synthetic), num_workers=0)
+    original = build_module(source, datamodule)
+    exported = dl.export(original, tmp_path / "export")
+    cfg = compose_config("train", tiny_overrides(tmp_path / "b", f"pretrained={exported}"))
+    module = build_module(cfg, datamodule)
+    assert module.model.num_classes == datamodule.num_classes == 3
+    ours, theirs = module.model.state_dict(), original.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("class_embed"))

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import format_coco_table, write_json_atomic
 from .data.labels import LabelMap
 from .module import COCO_METRIC_KEYS
 from .pretrained import load_pretrained
-from .train import build_trainer
+from .train import build_trainer, instantiate_data
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module.test_map = MeanAveragePrecision(iou_type="bbox", backend=cfg.eval_backend)
 
     data_cfg = cfg.data
-    datamodule = instantiate(data_cfg, _convert_="all")
+    datamodule = instantiate_data(data_cfg)
     if module.label_map is not None:
         # the model decides what its labels mean; the dataset must use the same mapping
         datamodule.use_label_map(LabelMap.from_dict(module.label_map))

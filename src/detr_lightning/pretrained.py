@@ -124,7 +124,8 @@ def _infer_model_config(state: Mapping[str, Tensor], path: Path) -> dict[str, An
     for key in ("query_embed.weight", "class_embed.weight", "transformer.decoder.norm.weight"):
         if key not in state:
             raise CheckpointError(f"{path}: no {key!r}; this is not a DETR detection checkpoint")
-    return {
+    settings = {"num_stages": 3} if "backbone.body.layer4.0.conv1.weight" not in state else {}
+    return settings | {
         "backbone": _infer_backbone(state, path),
         "num_classes": state["class_embed.weight"].shape[0] - 1,
         "num_queries": state["query_embed.weight"].shape[0],

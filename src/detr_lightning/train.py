@@ -22,6 +22,19 @@ from .pretrained import load_state_into, read_checkpoint
 log = logging.getLogger(__name__)
 
 
+def instantiate_data(node: DictConfig) -> Any:
+    """Instantiate the data module; its own errors (missing files, bad annotations) surface as
+    they are instead of wrapped in Hydra's InstantiationException."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (OSError, ValueError)):
+            raise err.__cause__ from None
+        raise
+
+
 def model_settings(cfg: DictConfig, num_classes: int | None) -> dict[str, Any]:
     """``build_detr`` keyword arguments from the ``model`` and ``backbone`` config groups."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -37,6 +50,7 @@ def model_settings(cfg: DictConfig, num_classes: int | None) -> dict[str, Any]:
         norm=backbone.norm,
         train_backbone=float(backbone.lr) > 0,
         trainable_layers=int(backbone.get("trainable_layers", 3)),
+        num_stages=int(backbone.get("num_stages", 4)),
     )
     return model
 
@@ -46,6 +60,14 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
     label_map = datamodule.label_map
     label_map = label_map.to_dict() if hasattr(label_map, "to_dict") else label_map
     model = model_settings(cfg, datamodule.num_classes)
+    if model["num_classes"] < datamodule.num_classes:
+        unknown = datamodule.label_map.category_ids[model["num_classes"] :]
+        raise ValueError(
+            f"{datamodule.val_annotation_file} has {datamodule.num_classes} classes but "
+            f"model.num_classes={model['num_classes']}: category ids {unknown} would be unknown "
+            f"to the model. Set model.num_classes={datamodule.num_classes} or null (= from the "
+            "dataset); with pretrained=... the class head is re-initialized."
+        )
     if cfg.get("pretrained") and model.get("pretrained_backbone"):
         log.info("pretrained=%s given: not downloading ImageNet backbone weights", cfg.pretrained)
         model["pretrained_backbone"] = False
@@ -102,7 +124,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     run_dir = Path(cfg.run_dir)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg, callbacks)
     if trainer.is_global_zero:

@@ -51,6 +51,7 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
 # Trainable stages counted from the top, as torchvision's ``trainable_backbone_layers``:
 # 3 (the official recipe) trains layer2-4 and keeps the stem and layer1 frozen.
 STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1", "bn1")
@@ -79,6 +80,8 @@ class Backbone(nn.Module):
         train_backbone: when False every backbone parameter is frozen.
         trainable_layers: how many stages, from the top, are trained (0-5; 3 = layer2-4 as
             the official recipe; 5 = everything, for training from a random backbone).
+        num_stages: residual stages used: 4 (the paper, stride 32) or 3 (stops after layer3:
+            stride 16 and a quarter of the channels, for small images and small machines).
     """
 
     def __init__(
@@ -90,8 +93,13 @@ class Backbone(nn.Module):
         norm: NormKind = "frozen",
         train_backbone: bool = True,
         trainable_layers: int = 3,
+        num_stages: int = 4,
     ) -> None:
         super().__init__()
+        if num_stages not in (3, 4):
+            raise ValueError(f"num_stages must be 3 or 4, got {num_stages}")
+        if dilation and num_stages != 4:
+            raise ValueError("DC5 dilates layer4; it needs num_stages=4")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
         if name not in RESNET_CHANNELS:
@@ -109,11 +117,14 @@ class Backbone(nn.Module):
         )
         # Classification head is never used; dropping it keeps the state dict official-shaped.
         del body.fc, body.avgpool
+        if num_stages == 3:
+            del body.layer4
         self.body = body
         self.name = name
         self.dilation = dilation
-        self.num_channels = RESNET_CHANNELS[name]
-        self.stride = 16 if dilation else 32
+        self.num_stages = num_stages
+        self.num_channels = RESNET_CHANNELS[name] // (2 if num_stages == 3 else 1)
+        self.stride = 16 if dilation or num_stages == 3 else 32
         trainable = STAGES_TOP_DOWN[: trainable_layers + (trainable_layers == 5)]
         for param_name, param in self.body.named_parameters():
             if not train_backbone or not param_name.startswith(trainable):
@@ -124,7 +135,7 @@ class Backbone(nn.Module):
         body = self.body
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
         features = {}
-        for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for stage in STAGES[: self.num_stages]:
             x = getattr(body, stage)(x)
             features[stage] = x
         return features
@@ -141,7 +152,8 @@ class Backbone(nn.Module):
         """
         body = self.body
         x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
-        x = body.layer4(body.layer3(body.layer2(body.layer1(x))))
+        for stage in STAGES[: self.num_stages]:
+            x = getattr(body, stage)(x)
         return x, resize_mask(padding_mask, x.shape[-2:])
 
 

@@ -116,6 +116,7 @@ def build_detr(
     norm: NormKind = "frozen",
     train_backbone: bool = True,
     trainable_layers: int = 3,
+    num_stages: int = 4,
     position_embedding: str = "sine",
     num_queries: int = 100,
     hidden_dim: int = 256,
@@ -140,6 +141,7 @@ def build_detr(
             norm=norm,
             train_backbone=train_backbone,
             trainable_layers=trainable_layers,
+            num_stages=num_stages,
         ),
         Transformer(
             d_model=hidden_dim,
