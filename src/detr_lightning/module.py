@@ -119,7 +119,9 @@ class DETRModule(pl.LightningModule):
         label_map = _plain(label_map)
         self.save_hyperparameters(
             {
-                "model": model,
+                # A rebuilt module gets every backbone weight from its checkpoint: it must not
+                # download ImageNet weights again.
+                "model": {**model, "pretrained_backbone": False},
                 "loss": loss,
                 "optimizer": optimizer,
                 "backbone_lr": backbone_lr,

@@ -81,7 +81,7 @@ class Backbone(nn.Module):
         trainable_layers: how many stages, from the top, are trained (0-5; 3 = layer2-4 as
             the official recipe; 5 = everything, for training from a random backbone).
         num_stages: residual stages used: 4 (the paper, stride 32) or 3 (stops after layer3:
-            stride 16 and a quarter of the channels, for small images and small machines).
+            stride 16 and half the channels, for small images and small machines).
     """
 
     def __init__(
