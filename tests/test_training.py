@@ -214,3 +214,28 @@ def test_pretrained_with_other_classes_reinitializes_head(tmp_path):
     assert module.model.num_classes == datamodule.num_classes == 3
     ours, theirs = module.model.state_dict(), original.model.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("class_embed"))
+
+
+def test_predict_returns_original_coordinates_and_category_ids(tmp_path):
+    cfg = compose_config("train", tiny_overrides(tmp_path))
+    from detr_lightning.train import build_module, instantiate_data
+
+    datamodule = instantiate_data(cfg.data)
+    module = build_module(cfg, datamodule).eval()
+    module.postprocess.top_k = 3
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    batches = trainer.predict(module, datamodule=datamodule)
+    results = [item for batch in batches for item in batch]
+    assert [r["image_id"] for r in results] == datamodule.val_dataset.image_ids
+    coco = datamodule.val_coco
+    category_ids = set(coco.getCatIds())
+    for result in results:
+        info = coco.loadImgs(result["image_id"])[0]
+        boxes = result["boxes"]
+        assert len(boxes) == 3
+        # xyxy in the original image's pixels (sigmoid boxes stay inside it)
+        assert (boxes[:, 0::2] >= -1e-3).all() and (boxes[:, 0::2] <= info["width"] + 1e-3).all()
+        assert (boxes[:, 1::2] >= -1e-3).all() and (boxes[:, 1::2] <= info["height"] + 1e-3).all()
+        assert set(result["category_ids"].tolist()) <= category_ids
+        names = {c["id"]: c["name"] for c in coco.loadCats(list(category_ids))}
+        assert result["names"] == [names[c] for c in result["category_ids"].tolist()]
