@@ -30,7 +30,7 @@ def test_ddp_on_cpu_through_train_py(tmp_path):
         "trainer.max_epochs=2",
         "callbacks=default",
         "callbacks.progress_bar=null",
-        "+cpu_threads=1",
+        "cpu_threads=1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     # the default run dir (outputs/train/<time>) relative to the working directory

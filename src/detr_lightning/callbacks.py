@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from .io import write_json_atomic
 from .module import COCO_METRIC_KEYS
 
 log = logging.getLogger(__name__)
@@ -45,19 +44,6 @@ def format_coco_table(metrics: dict[str, float]) -> str:
             f" = {metrics.get(key, float('nan')):0.3f}"
         )
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, allow_nan=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _peak_memory_mb(device: torch.device) -> float:

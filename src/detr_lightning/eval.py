@@ -10,8 +10,9 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import format_coco_table, write_json_atomic
+from .callbacks import format_coco_table
 from .data.labels import LabelMap
+from .io import write_json_atomic
 from .module import COCO_METRIC_KEYS
 from .pretrained import load_pretrained
 from .train import build_trainer, instantiate_data

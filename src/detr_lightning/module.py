@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
+from .io import to_plain
 from .models.criterion import SetCriterion
 from .models.detr import build_detr
 from .models.matcher import HungarianMatcher
@@ -64,20 +65,8 @@ COCO_METRIC_KEYS = (
 LOSS_LOG_KEYS = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
 
 
-def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None, what: str) -> dict:
-    given = _plain(given) or {}
+    given = to_plain(given) or {}
     unknown = sorted(set(given) - set(defaults)) if not what.startswith("optimizer") else []
     if unknown:
         raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(defaults)}")
@@ -111,12 +100,12 @@ class DETRModule(pl.LightningModule):
         eval_backend: str = "pycocotools",
     ) -> None:
         super().__init__()
-        model = _plain(model)
+        model = to_plain(model)
         loss = _merged(LOSS_DEFAULTS, loss, "loss")
         optimizer = _merged(OPTIMIZER_DEFAULTS, optimizer, "optimizer")
         schedule = _merged(SCHEDULE_DEFAULTS, schedule, "schedule")
         postprocess = _merged(POSTPROCESS_DEFAULTS, postprocess, "postprocess")
-        label_map = _plain(label_map)
+        label_map = to_plain(label_map)
         self.save_hyperparameters(
             {
                 # A rebuilt module gets every backbone weight from its checkpoint: it must not
@@ -183,7 +172,7 @@ class DETRModule(pl.LightningModule):
         if self.label_map is None and datamodule is not None and hasattr(datamodule, "label_map"):
             label_map = datamodule.label_map
             self.hparams["label_map"] = (
-                label_map.to_dict() if hasattr(label_map, "to_dict") else _plain(label_map)
+                label_map.to_dict() if hasattr(label_map, "to_dict") else to_plain(label_map)
             )
 
     def _losses(self, batch) -> tuple[Tensor, dict[str, Tensor], dict]:

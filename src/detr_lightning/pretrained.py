@@ -24,7 +24,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .data.coco_names import COCO_CATEGORY_NAMES
+from .io import atomic_write, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -481,18 +481,6 @@ def load_pretrained(
 
 
 # ---------------------------------------------------------------------------------- export
-def _atomic_write(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export(module, path: str | os.PathLike) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into directory ``path`` (atomically).
 
@@ -507,27 +495,11 @@ def export(module, path: str | os.PathLike) -> Path:
     config = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
-        "hparams": _plain(dict(module.hparams)),
+        "hparams": to_plain(dict(module.hparams)),
     }
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
-    _atomic_write(
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+    atomic_write(
         directory / CONFIG_FILE,
         lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)),
     )
     return directory
-
-
-def _plain(value: Any) -> Any:
-    """Convert OmegaConf containers / tuples to JSON-able builtins."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import MetricsHistory, format_coco_table, write_json_atomic
+from .callbacks import MetricsHistory, format_coco_table
 from .module import COCO_METRIC_KEYS, DETRModule
 from .pretrained import load_state_into, read_checkpoint
 
@@ -160,4 +160,4 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     return {key: metrics.get(key) for key in COCO_METRIC_KEYS} | {"run_dir": str(run_dir)}
 
 
-__all__ = ["build_module", "build_trainer", "model_settings", "train", "write_json_atomic"]
+__all__ = ["build_module", "build_trainer", "instantiate_data", "model_settings", "train"]
