@@ -200,11 +200,15 @@ class CocoDataModule(pl.LightningDataModule):
             )
         return self.val_dataset
 
-    def _loader(self, dataset: CocoDetection, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: CocoDetection, batch_size: int, sampler: EpochSeededSampler | None = None
+    ) -> DataLoader:
+        """Batches in ``sampler`` order, or in file order without one."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
+            shuffle=False,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -226,20 +230,11 @@ class CocoDataModule(pl.LightningDataModule):
             seed=self.seed,
             epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None,
         )
-        return DataLoader(
-            self._get_train_dataset(),
-            batch_size=self.per_device_batch_size,
-            sampler=sampler,
-            drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            collate_fn=collate_detection,
-        )
+        return self._loader(self._get_train_dataset(), self.per_device_batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches of ``per_device_val_batch_size`` images, in file order."""
-        return self._loader(self._get_val_dataset(), self.per_device_val_batch_size, shuffle=False)
+        return self._loader(self._get_val_dataset(), self.per_device_val_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """The validation split (COCO test-dev has no public annotations)."""
