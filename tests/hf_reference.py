@@ -88,13 +88,13 @@ def official_state_from_hf_file(hf_state: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def reference_keys(name: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of an official checkpoint, from ../shared/reference/<name>.keys.tsv."""
+    """Key -> shape of an official checkpoint, from tests/reference/<name>.keys.tsv (the key
+    names, shapes and dtypes of the released checkpoints, kept as data)."""
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / f"{name}.keys.tsv"
-    rows = path.read_text().splitlines()[1:]
+    path = Path(__file__).resolve().parent / "reference" / f"{name}.keys.tsv"
     keys = {}
-    for row in rows:
+    for row in path.read_text().splitlines()[1:]:
         key, shape, _ = row.split("\t")
         keys[key] = tuple(int(x) for x in shape.strip("[]").split(",") if x.strip())
     return keys
