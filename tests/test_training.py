@@ -183,7 +183,8 @@ def test_train_writes_run_artifacts_and_eval_matches_pycocotools(tmp_path):
     assert {p["category_id"] for p in predictions} <= {c["id"] for c in annotations["categories"]}
     reference = coco_eval_file(written["annotations"], eval_dir / "predictions.json")
     ours = [written[key] for key in COCO_METRIC_KEYS]
-    assert max(abs(a - b) for a, b in zip(ours, reference)) <= 1e-4, (ours, reference)
+    # the issue asks for 1e-4; with COCOeval's thresholds the only difference is float32 rounding
+    assert max(abs(a - b) for a, b in zip(ours, reference)) <= 1e-6, (ours, reference)
     # a comparison of zeros would prove nothing
     assert sum(value > 0 for value in reference) >= 3, reference
     assert evaluated["map"] == written["map"]

@@ -123,16 +123,17 @@ class MetricsHistory(pl.Callback):
         }
         self.history.append(entry)
         if trainer.is_global_zero:
-            self._write()
+            self.write()
             log.info(_summary_line(entry, trainer.max_epochs))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self._write()
+            self.write()
             if self.plot and self.history:
                 plot_history(self.history, self.output_dir / "curves.png")
 
-    def _write(self) -> None:
+    def write(self) -> None:
+        """Write metrics.json now (rank 0 calls this after every epoch)."""
         payload = {key: self.final_metrics.get(key, math.nan) for key in COCO_METRIC_KEYS}
         payload["history"] = self.history
         write_json_atomic(self.output_dir / "metrics.json", payload)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks import format_coco_table
 from .data.labels import LabelMap
 from .io import write_json_atomic
-from .module import COCO_METRIC_KEYS
+from .module import COCO_METRIC_KEYS, coco_metric
 from .pretrained import load_pretrained
 from .train import build_trainer, instantiate_data
 
@@ -39,9 +39,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
         module.postprocess = PostProcess(**OmegaConf.to_container(cfg.postprocess, resolve=True))
     if cfg.get("eval_backend") and cfg.eval_backend != module.hparams.eval_backend:
-        from torchmetrics.detection import MeanAveragePrecision
-
-        module.test_map = MeanAveragePrecision(iou_type="bbox", backend=cfg.eval_backend)
+        module.test_map = coco_metric(cfg.eval_backend)
 
     data_cfg = cfg.data
     datamodule = instantiate_data(data_cfg)

@@ -138,8 +138,8 @@ class DETRModule(pl.LightningModule):
             aux_loss=self.model.aux_loss,
         )
         self.postprocess = PostProcess(**postprocess)
-        self.val_map = MeanAveragePrecision(iou_type="bbox", backend=eval_backend)
-        self.test_map = MeanAveragePrecision(iou_type="bbox", backend=eval_backend)
+        self.val_map = coco_metric(eval_backend)
+        self.test_map = coco_metric(eval_backend)
 
     # ------------------------------------------------------------------------------ inference
     def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None):
@@ -348,6 +348,24 @@ class DETRModule(pl.LightningModule):
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             return {"scheduler": scheduler, "interval": "step", "name": "lr"}
         raise ValueError(f"schedule.name must be 'step' or 'cosine', got {name!r}")
+
+
+def coco_metric(backend: str = "pycocotools") -> MeanAveragePrecision:
+    """torchmetrics' COCO mAP with COCOeval's exact thresholds.
+
+    torchmetrics builds its default IoU and recall thresholds with float32 ``torch.linspace``;
+    recall thresholds such as 0.07 then sit one float32 step above COCOeval's float64 ones, and
+    ``searchsorted`` picks other points of the precision curve: AP moves by ~1e-4. Passing
+    COCOeval's float64 values makes the numbers identical to pycocotools on a results file.
+    """
+    import numpy as np
+
+    return MeanAveragePrecision(
+        iou_type="bbox",
+        backend=backend,
+        iou_thresholds=np.linspace(0.5, 0.95, 10).tolist(),
+        rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
+    )
 
 
 def _without_crowd(target: dict[str, Any]) -> dict[str, Any]:

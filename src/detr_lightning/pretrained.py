@@ -230,7 +230,7 @@ def _from_huggingface(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]
     return converted
 
 
-def _hf_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def _hf_model_config(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """Settings from a Hugging Face DetrConfig that the weights do not reveal."""
     backbone_config = config.get("backbone_config") or {}
     dilation = bool(config.get("dilation", False)) or backbone_config.get("output_stride") == 16
@@ -241,7 +241,9 @@ def _hf_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "aux_loss": True,
     }
     if config.get("encoder_attention_heads") != config.get("decoder_attention_heads"):
-        raise CheckpointError("encoder and decoder head counts differ; DETR uses one count")
+        raise CheckpointError(
+            f"{path}: encoder and decoder attention head counts differ; DETR uses one count"
+        )
     return settings
 
 
@@ -325,7 +327,7 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
     if config.get("model_type") != "detr" and not _looks_huggingface(state):
         raise _unknown_layout(weights, state)
     converted = _from_huggingface(state, weights)
-    model = _infer_model_config(converted, weights) | _hf_model_config(config)
+    model = _infer_model_config(converted, weights) | _hf_model_config(config, config_path)
     id2label = config.get("id2label") or {}
     names = [
         str(id2label.get(str(i), id2label.get(i, f"class_{i}")))

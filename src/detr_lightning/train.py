@@ -150,7 +150,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
         metrics = dict(module.last_test_metrics)
         if trainer.is_global_zero and history:
             history.final_metrics = metrics
-            history._write()
+            history.write()
     if trainer.is_global_zero and metrics:
         log.info(
             "final validation metrics (COCO, %s):\n%s",
