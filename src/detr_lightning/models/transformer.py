@@ -58,8 +58,8 @@ class MultiheadAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, len_q, embed))
 
 
-class TransformerEncoderLayer(nn.Module):
-    """Self-attention + FFN, post-norm (the checkpoints') or pre-norm."""
+class _AttentionFFNLayer(nn.Module):
+    """What encoder and decoder layers share: self-attention, FFN, two norms, dropouts."""
 
     def __init__(
         self,
@@ -82,6 +82,10 @@ class TransformerEncoderLayer(nn.Module):
 
     def _ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class TransformerEncoderLayer(_AttentionFFNLayer):
+    """Self-attention + FFN, post-norm (the checkpoints') or pre-norm."""
 
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """src, pos [B, HW, E]; key_padding_mask [B, HW]."""
@@ -95,7 +99,7 @@ class TransformerEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout2(self._ffn(src)))
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_AttentionFFNLayer):
     """Query self-attention, cross-attention to the encoder memory, FFN."""
 
     def __init__(
@@ -106,22 +110,10 @@ class TransformerDecoderLayer(nn.Module):
         dropout: float = 0.1,
         normalize_before: bool = False,
     ) -> None:
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        super().__init__(d_model, nhead, dim_feedforward, dropout, normalize_before)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-
-    def _ffn(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
     def forward(
         self,
