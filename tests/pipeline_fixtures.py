@@ -12,6 +12,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # A DETR small enough for a CPU test: ResNet-18, 32-wide transformer, 8 queries.
 TINY_MODEL = [
     "backbone=resnet18",
+    "backbone.pretrained=false",
     "backbone.norm=group",
     "backbone.trainable_layers=5",
     "backbone.lr=1e-4",
@@ -50,7 +51,6 @@ TINY_TRAINER = [
     "trainer.enable_model_summary=false",
     "logger=csv",
     "callbacks=none",
-    "~experiment",
 ]
 
 

@@ -83,13 +83,13 @@ def test_targets_of_hand_made_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert empty["orig_size"].tolist() == [80, 40]
 
 
-def test_crowd_removal(tmp_path: Path) -> None:
+def test_crowd_regions_are_not_targets(tmp_path: Path) -> None:
+    """iscrowd=1 annotations are left out of the targets (COCO evaluation reads them from the
+    annotation file)."""
     image_dir, annotation_file = tiny_coco(tmp_path)
-    _, target = CocoDetection(image_dir, annotation_file, remove_crowd=False)[0]
-    torch.testing.assert_close(
-        target["boxes"], torch.tensor([[0.2, 0.2, 0.2, 0.2], [0.75, 0.5, 0.5, 1.0]])
-    )
-    assert target["labels"].tolist() == [1, 0]
+    _, target = CocoDetection(image_dir, annotation_file)[0]
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.2, 0.2, 0.2, 0.2]]))
+    assert target["labels"].tolist() == [1]  # category 7 of (3, 7)
 
 
 def test_category_id_mode_labels(tmp_path: Path) -> None:
@@ -162,20 +162,33 @@ def test_image_missing_on_disk(tmp_path: Path) -> None:
         CocoDetection(image_dir, annotation_file)
 
 
-def test_corrupt_image_is_skipped_and_logged(
+def test_corrupt_image_is_replaced_and_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """An undecodable image is replaced by the next readable one, which says whom it stands
+    in for; the warning names the file once per process."""
     image_dir, annotation_file = tiny_coco(tmp_path)
     (image_dir / "2.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     dataset = CocoDetection(image_dir, annotation_file)
     with caplog.at_level(logging.WARNING):
-        assert dataset[1] is None
-        assert dataset[1] is None
+        image, target = dataset[1]
+        again, _ = dataset[1]
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2
-    assert "2.jpg" in messages[0] and "1 image(s) skipped" in messages[0]
-    assert "2 image(s) skipped" in messages[1]
-    assert dataset[0] is not None and dataset.num_skipped == 2
+    assert len(messages) == 1 and "2.jpg" in messages[0] and "image_id 2" in messages[0]
+    first_image, first_target = dataset[0]
+    # image 2 (index 1) is the last one, so image 1 (index 0) stands in for it
+    assert target["image_id"] == first_target["image_id"] == 1
+    assert target["stand_in_for"] == 2 and first_target["stand_in_for"] == -1
+    assert torch.equal(image, first_image) and torch.equal(again, image)
+    assert dataset.unreadable == {1}
+
+
+def test_no_readable_image_is_an_error(tmp_path: Path) -> None:
+    image_dir, annotation_file = tiny_coco(tmp_path)
+    for path in image_dir.iterdir():
+        path.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match=r"no image of .*instances_val2017\.json"):
+        CocoDetection(image_dir, annotation_file)[0]
 
 
 def test_unknown_category(tmp_path: Path) -> None:

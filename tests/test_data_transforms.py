@@ -209,6 +209,17 @@ def test_val_transforms_sizes() -> None:
         )
 
 
+@pytest.mark.parametrize(("height", "width"), [(100, 200), (200, 100), (150, 150)])
+def test_max_size_at_or_below_the_short_side_size(height: int, width: int) -> None:
+    """A long-side cap at or below the short-side size is valid (evaluation at small sizes
+    used to be rejected): the long side is exactly the cap."""
+    image = torch.zeros(3, height, width, dtype=torch.uint8)
+    for max_size in (160, 800):
+        out = make_val_transforms(val_size=800, max_size=max_size)(tv_tensors.Image(image))
+        expected = (max_size * height // max(height, width), max_size * width // max(height, width))
+        assert tuple(out.shape[-2:]) == expected
+
+
 def test_normalized_cxcywh_by_hand() -> None:
     boxes = torch.tensor([[10.0, 5.0, 30.0, 15.0], [0.0, 0.0, 100.0, 50.0]])
     expected = torch.tensor([[0.2, 0.2, 0.2, 0.2], [0.5, 0.5, 1.0, 1.0]])
@@ -216,8 +227,8 @@ def test_normalized_cxcywh_by_hand() -> None:
 
 
 def test_invalid_arguments() -> None:
-    with pytest.raises(ValueError, match="max_size=600 must exceed"):
-        RandomShortSideResize([480, 800], max_size=600)
+    with pytest.raises(ValueError, match="max_size must be positive"):
+        RandomShortSideResize([480, 800], max_size=0)
     with pytest.raises(ValueError, match="min_size <= max_size"):
         RandomSizeCrop(50, 10)
     with pytest.raises(ValueError, match="crop_probability"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -12,8 +11,6 @@ from torchvision.ops import box_iou
 
 import detr_lightning as dl
 from detr_lightning.data import CocoDataModule
-from detr_lightning.eval import coco_eval_file, evaluate
-from detr_lightning.module import COCO_METRIC_KEYS
 from detr_lightning.ops.boxes import box_cxcywh_to_xyxy
 from detr_lightning.train import train
 from pipeline_fixtures import compose_config, tiny_overrides
@@ -128,76 +125,15 @@ def test_resume_gives_identical_next_steps(tmp_path):
     assert state["epoch"] == 1 and state["global_step"] == 2 * steps_per_epoch
 
 
-@pytest.mark.slow
-def test_train_writes_run_artifacts_and_eval_matches_pycocotools(tmp_path):
-    run_dir = tmp_path / "train"
-    cfg = compose_config(
-        "train",
-        tiny_overrides(
-            run_dir,
-            "trainer.max_epochs=20",
-            "trainer.check_val_every_n_epoch=10",
-            "callbacks=default",
-            "callbacks.progress_bar=null",
-            "optimizer.lr=1e-3",
-            "backbone.lr=1e-3",
-            "model.dropout=0.0",
-            "data.crop=false",
-        ),
-    )
-    result = train(cfg)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(COCO_METRIC_KEYS) <= set(metrics)
-    assert [entry["epoch"] for entry in metrics["history"]] == list(range(20))
-    for entry in metrics["history"]:
-        assert entry["train_loss"] > 0 and entry["train_seconds"] > 0
-        assert entry["train_images_per_s"] > 0 and entry["peak_memory_mb"] > 0
-        # validation ran after epochs 10 and 20 only
-        assert (set(COCO_METRIC_KEYS) <= set(entry)) == (entry["epoch"] in (9, 19))
-    assert metrics["map"] == metrics["history"][-1]["map"] == result["map"]
-    assert (run_dir / "curves.png").stat().st_size > 10_000
-    assert (run_dir / "config.yaml").is_file()
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert any(p.name.startswith("best-") for p in (run_dir / "checkpoints").iterdir())
-
-    # Evaluated on the images it was trained on, so that the metrics are far from zero and
-    # the comparison with pycocotools is meaningful.
-    eval_dir = tmp_path / "eval"
-    eval_cfg = compose_config(
-        "eval",
-        [
-            *(o for o in tiny_overrides(eval_dir) if o.startswith("data")),
-            "trainer=cpu",
-            "data.val_images=train2017",
-            "data.val_annotations=annotations/instances_train2017.json",
-            "trainer.enable_progress_bar=false",
-            f"run_dir={eval_dir}",
-            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-        ],
-    )
-    evaluated = evaluate(eval_cfg)
-    written = json.loads((eval_dir / "metrics.json").read_text())
-    predictions = json.loads((eval_dir / "predictions.json").read_text())
-    assert predictions and {"image_id", "category_id", "bbox", "score"} == set(predictions[0])
-    annotations = json.loads(Path(written["annotations"]).read_text())
-    assert {p["category_id"] for p in predictions} <= {c["id"] for c in annotations["categories"]}
-    reference = coco_eval_file(written["annotations"], eval_dir / "predictions.json")
-    ours = [written[key] for key in COCO_METRIC_KEYS]
-    # the issue asks for 1e-4; with COCOeval's thresholds the only difference is float32 rounding
-    assert max(abs(a - b) for a, b in zip(ours, reference)) <= 1e-6, (ours, reference)
-    # a comparison of zeros would prove nothing
-    assert sum(value > 0 for value in reference) >= 3, reference
-    assert evaluated["map"] == written["map"]
-
-
 def test_dataset_classes_unknown_to_the_model(tmp_path):
     cfg = compose_config("train", tiny_overrides(tmp_path, "model.num_classes=2"))
     with pytest.raises(ValueError, match=r"3 classes(.|\n)*model.num_classes=3"):
         train(cfg)
 
 
-def test_missing_dataset_names_the_file(tmp_path):
-    cfg = compose_config("train", tiny_overrides(tmp_path, f"data.root={tmp_path / 'nowhere'}"))
+def test_missing_annotation_file_names_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg = compose_config("train", tiny_overrides(tmp_path, f"data.root={tmp_path / 'empty'}"))
     with pytest.raises(FileNotFoundError, match=r"instances_val2017\.json"):
         train(cfg)
 
@@ -217,6 +153,43 @@ def test_pretrained_with_other_classes_reinitializes_head(tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("class_embed"))
 
 
+def test_pretrained_with_other_labels_of_the_same_count_reinitializes_head(tmp_path, caplog):
+    """Same class count, other categories (ids or names): the head is re-initialized too."""
+    from detr_lightning.train import build_module
+
+    cfg = compose_config("train", tiny_overrides(tmp_path / "a"))
+    datamodule = CocoDataModule(root=None, synthetic=dict(cfg.data.synthetic), num_workers=0)
+    original = build_module(cfg, datamodule)
+    renamed = dict(original.label_map, names=["x", "y", "z"])
+    original.hparams["label_map"] = renamed
+    exported = dl.export(original, tmp_path / "export")
+    cfg = compose_config("train", tiny_overrides(tmp_path / "b", f"pretrained={exported}"))
+    with caplog.at_level("INFO"):
+        module = build_module(cfg, datamodule)
+    assert "re-initializing the class head" in caplog.text
+    ours, theirs = module.model.state_dict(), original.model.state_dict()
+    assert not torch.equal(ours["class_embed.weight"], theirs["class_embed.weight"])
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("class_embed"))
+    # the same labels: the head is kept
+    original.hparams["label_map"] = module.label_map
+    exported = dl.export(original, tmp_path / "export-same")
+    cfg = compose_config("train", tiny_overrides(tmp_path / "c", f"pretrained={exported}"))
+    kept = build_module(cfg, datamodule)
+    assert torch.equal(kept.model.class_embed.weight, original.model.class_embed.weight)
+
+
+def test_resume_with_another_model_names_the_keys(tmp_path):
+    first = tiny_overrides(tmp_path / "first", "trainer.max_epochs=1", "callbacks=default",
+                           "callbacks.progress_bar=null")  # fmt: skip
+    train(compose_config("train", first))
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    other_model = ["model.num_queries=9", "model.hidden_dim=48", f"ckpt_path={checkpoint}"]
+    cfg = compose_config("train", tiny_overrides(tmp_path / "second", *other_model))
+    with pytest.raises(ValueError, match=r"cannot resume .*hidden_dim: checkpoint 32, config 48.*"
+                                         r"num_queries: checkpoint 8, config 9"):  # fmt: skip
+        train(cfg)
+
+
 def test_predict_returns_original_coordinates_and_category_ids(tmp_path):
     cfg = compose_config("train", tiny_overrides(tmp_path))
     from detr_lightning.train import build_module, instantiate_data
@@ -228,15 +201,15 @@ def test_predict_returns_original_coordinates_and_category_ids(tmp_path):
     batches = trainer.predict(module, datamodule=datamodule)
     results = [item for batch in batches for item in batch]
     assert [r["image_id"] for r in results] == datamodule.val_dataset.image_ids
-    coco = datamodule.val_coco
-    category_ids = set(coco.getCatIds())
+    coco = json.loads(datamodule.val_annotation_file.read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    images = {entry["id"]: entry for entry in coco["images"]}
     for result in results:
-        info = coco.loadImgs(result["image_id"])[0]
+        info = images[result["image_id"]]
         boxes = result["boxes"]
         assert len(boxes) == 3
         # xyxy in the original image's pixels (sigmoid boxes stay inside it)
         assert (boxes[:, 0::2] >= -1e-3).all() and (boxes[:, 0::2] <= info["width"] + 1e-3).all()
         assert (boxes[:, 1::2] >= -1e-3).all() and (boxes[:, 1::2] <= info["height"] + 1e-3).all()
-        assert set(result["category_ids"].tolist()) <= category_ids
-        names = {c["id"]: c["name"] for c in coco.loadCats(list(category_ids))}
+        assert set(result["category_ids"].tolist()) <= set(names)
         assert result["names"] == [names[c] for c in result["category_ids"].tolist()]

@@ -1,4 +1,8 @@
-"""Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries."""
+"""Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries.
+
+They read validation results from Lightning's logged metrics (``val/map``, ...), the same values
+every logger and ``ModelCheckpoint`` sees.
+"""
 
 from __future__ import annotations
 
@@ -14,36 +18,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from .evaluation import metric_keys, metrics_payload, result_from_metrics
 from .io import write_json_atomic
-from .module import COCO_METRIC_KEYS
 
 log = logging.getLogger(__name__)
-
-COCO_TABLE_ROWS = (
-    ("Average Precision", "AP", "0.50:0.95", "all", 100),
-    ("Average Precision", "AP", "0.50", "all", 100),
-    ("Average Precision", "AP", "0.75", "all", 100),
-    ("Average Precision", "AP", "0.50:0.95", "small", 100),
-    ("Average Precision", "AP", "0.50:0.95", "medium", 100),
-    ("Average Precision", "AP", "0.50:0.95", "large", 100),
-    ("Average Recall", "AR", "0.50:0.95", "all", 1),
-    ("Average Recall", "AR", "0.50:0.95", "all", 10),
-    ("Average Recall", "AR", "0.50:0.95", "all", 100),
-    ("Average Recall", "AR", "0.50:0.95", "small", 100),
-    ("Average Recall", "AR", "0.50:0.95", "medium", 100),
-    ("Average Recall", "AR", "0.50:0.95", "large", 100),
-)
-
-
-def format_coco_table(metrics: dict[str, float]) -> str:
-    """The 12-line summary in pycocotools' layout, from torchmetrics-named statistics."""
-    lines = []
-    for key, (title, short, iou, area, max_dets) in zip(COCO_METRIC_KEYS, COCO_TABLE_ROWS):
-        lines.append(
-            f" {title:<18} ({short}) @[ IoU={iou:<9} | area={area:>6} | maxDets={max_dets:>3} ]"
-            f" = {metrics.get(key, float('nan')):0.3f}"
-        )
-    return "\n".join(lines)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -98,13 +76,14 @@ class MetricsHistory(pl.Callback):
             self._train_stop = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # after the module's on_validation_epoch_end, which computes the metrics
         if trainer.sanity_checking:
             return
-        metrics = getattr(pl_module, "last_val_metrics", None)
-        if metrics:
-            self._val_metrics = dict(metrics)
-            self.final_metrics = dict(metrics)
+        metrics = result_from_metrics(trainer.callback_metrics, "val")
+        if "map" in metrics:
+            self.final_metrics = metrics
+            # the history keeps the 12 statistics and counts; per-class AP only for the last
+            keep = (*metric_keys(_max_dets(pl_module)), "num_images", "skipped_images")
+            self._val_metrics = {k: metrics[k] for k in keep if k in metrics}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stop = self._train_stop or time.perf_counter()
@@ -123,20 +102,26 @@ class MetricsHistory(pl.Callback):
         }
         self.history.append(entry)
         if trainer.is_global_zero:
-            self.write()
+            self.write(getattr(pl_module, "label_map", None))
             log.info(_summary_line(entry, trainer.max_epochs))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            self.write()
+            self.write(getattr(pl_module, "label_map", None))
             if self.plot and self.history:
                 plot_history(self.history, self.output_dir / "curves.png")
 
-    def write(self) -> None:
-        """Write metrics.json now (rank 0 calls this after every epoch)."""
-        payload = {key: self.final_metrics.get(key, math.nan) for key in COCO_METRIC_KEYS}
+    def write(self, label_map: dict[str, Any] | None = None) -> None:
+        """Write metrics.json now (rank 0 calls this after every epoch): the last evaluation
+        (see :func:`~detr_lightning.evaluation.metrics_payload`) and the history."""
+        payload = metrics_payload(self.final_metrics, label_map) if self.final_metrics else {}
         payload["history"] = self.history
         write_json_atomic(self.output_dir / "metrics.json", payload)
+
+
+def _max_dets(pl_module: pl.LightningModule) -> int:
+    model = getattr(pl_module, "model", None)
+    return max(100, int(getattr(model, "num_queries", 100)))
 
 
 def _summary_line(entry: dict[str, Any], max_epochs: int | None) -> str:

@@ -1,34 +1,65 @@
-"""``evaluate(cfg)``: COCO evaluation of a checkpoint on any data config."""
+"""``evaluate(cfg)``: COCO evaluation of a checkpoint or export.
+
+Only what evaluation needs is built: the model from the checkpoint, the validation split and a
+trainer. The split, its preprocessing (``val_size``, ``max_size``), batch size and label map
+default to what the checkpoint stores from its training run, so ``eval.py ckpt_path=...``
+repeats the run's validation with no other argument; each non-null ``data.*`` key of the
+config overrides the stored value. Official and Hugging Face checkpoints store no data
+settings: they need ``data.root`` and take the paper's preprocessing (800 / 1333).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import format_coco_table
-from .data.labels import LabelMap
+from .data.datamodule import CocoDataModule
+from .errors import SetupError
+from .evaluation import coco_eval_file, metrics_payload, report, result_from_metrics
 from .io import write_json_atomic
-from .module import COCO_METRIC_KEYS, coco_metric
 from .pretrained import load_pretrained
-from .train import build_trainer, instantiate_data
+from .train import build_trainer
 
 log = logging.getLogger(__name__)
 
+# CocoDataModule arguments that evaluation uses; the eval config's data node has these keys.
+EVAL_DATA_KEYS = ("root", "synthetic", "val_images", "val_annotations", "val_size", "max_size",
+                  "val_batch_size", "label_mapping", "num_workers", "strict")  # fmt: skip
+
+
+def evaluation_data(stored: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> dict:
+    """CocoDataModule arguments: the checkpoint's stored settings, then non-null overrides."""
+    settings = {k: v for k, v in (stored or {}).items() if k in EVAL_DATA_KEYS}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(settings) - set(EVAL_DATA_KEYS))
+    if unknown:
+        raise SetupError(f"data.{unknown[0]} is not an evaluation setting; use {EVAL_DATA_KEYS}")
+    if settings.get("root") is None and settings.get("synthetic") is None:
+        raise SetupError(
+            "the checkpoint stores no dataset to evaluate on (official and Hugging Face weights "
+            "do not): set data.root=/path/to/coco, and data.val_images=... / "
+            "data.val_annotations=... for other layouts"
+        )
+    if settings.get("root") is not None:
+        settings["synthetic"] = None
+    return settings
+
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path`` (or ``cfg.pretrained``) on the validation split of ``cfg.data``.
+    """Evaluate ``cfg.ckpt_path`` (or ``cfg.pretrained``) on a COCO-format validation split.
 
-    Writes ``metrics.json`` (torchmetrics' names of the 12 COCO statistics) and
-    ``predictions.json`` (COCO results: original category ids, absolute xywh) into the run dir.
+    Writes into the run dir ``metrics.json`` (the 12 COCO statistics under torchmetrics'
+    names, per-class AP, image counts, the data settings used) and ``predictions.json`` (COCO
+    results: dataset category ids, absolute xywh), and prints the tables.
     """
     source = cfg.get("ckpt_path") or cfg.get("pretrained")
     if not source:
-        raise ValueError(
+        raise SetupError(
             "nothing to evaluate: pass ckpt_path=PATH (a training checkpoint) or pretrained=PATH "
             "(official .pth, Hugging Face directory, or export directory)"
         )
@@ -38,54 +69,36 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from .models.postprocess import PostProcess
 
         module.postprocess = PostProcess(**OmegaConf.to_container(cfg.postprocess, resolve=True))
-    if cfg.get("eval_backend") and cfg.eval_backend != module.hparams.eval_backend:
-        module.test_map = coco_metric(cfg.eval_backend)
+    if cfg.get("eval_backend"):
+        module.hparams.eval_backend = cfg.eval_backend
 
-    data_cfg = cfg.data
-    datamodule = instantiate_data(data_cfg)
-    if module.label_map is not None:
-        # the model decides what its labels mean; the dataset must use the same mapping
-        datamodule.use_label_map(LabelMap.from_dict(module.label_map))
-    elif datamodule.num_classes > module.model.num_classes:
-        raise ValueError(
+    overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    data = evaluation_data(module.hparams.get("data"), overrides)
+    datamodule = CocoDataModule(**data, seed=cfg.seed)
+    if module.label_map is None and datamodule.num_classes > module.model.num_classes:
+        raise SetupError(
             f"{source} predicts {module.model.num_classes} classes but "
             f"{datamodule.val_annotation_file} has {datamodule.num_classes}"
         )
 
-    trainer = build_trainer(cfg)
-    trainer.test(module, datamodule=datamodule)
-    metrics = dict(module.last_test_metrics)
     run_dir = Path(cfg.run_dir)
+    predictions_path = run_dir / cfg.predictions_file
+    module.results_file = str(predictions_path)
+    trainer = build_trainer(cfg)
+    (logged,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = result_from_metrics(logged, "test")
     if trainer.is_global_zero:
-        predictions_path = run_dir / cfg.get("predictions_file", "predictions.json")
-        write_json_atomic(predictions_path, module.test_predictions)
-        payload = {key: metrics[key] for key in COCO_METRIC_KEYS}
+        payload = metrics_payload(metrics, module.label_map)
         payload.update(
             checkpoint=str(source),
             annotations=str(datamodule.val_annotation_file),
-            num_images=len(datamodule.val_dataset),
             predictions=str(predictions_path),
+            data=data,
         )
         write_json_atomic(run_dir / "metrics.json", payload)
-        print(format_coco_table(metrics), flush=True)
+        print(report(metrics, module.label_map), flush=True)
         log.info("wrote %s and %s", run_dir / "metrics.json", predictions_path)
-    return {key: metrics[key] for key in COCO_METRIC_KEYS} | {"run_dir": str(run_dir)}
+    return metrics | {"run_dir": str(run_dir)}
 
 
-def coco_eval_file(annotation_file: str | Path, predictions_file: str | Path) -> list[float]:
-    """pycocotools' 12 statistics for a results file (used to cross-check ``evaluate``)."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground_truth = COCO(str(annotation_file))
-        results = json.loads(Path(predictions_file).read_text())
-        detections = ground_truth.loadRes(results) if results else COCO()
-        evaluator = COCOeval(ground_truth, detections, iouType="bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return [float(v) for v in evaluator.stats]
+__all__ = ["coco_eval_file", "evaluate", "evaluation_data"]

@@ -1,91 +1,66 @@
 """DETRModule: the LightningModule that trains, validates and runs DETR.
 
-All settings are plain dicts saved as hyper-parameters, so a checkpoint rebuilds its module
-with ``DETRModule.load_from_checkpoint(path)`` and no config. The label map saved with them
-maps the model's contiguous labels back to the dataset's category ids and names.
+Every setting is a plain dict saved as a hyper-parameter, so a checkpoint rebuilds its module
+with ``DETRModule.load_from_checkpoint(path)`` and no config. Two of them come from the data
+and flow one way: in training the data module provides the label map (contiguous labels ->
+dataset category ids and names) and the evaluation settings (validation split, sizes); in
+evaluation and prediction they come from the checkpoint.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torchmetrics.detection import MeanAveragePrecision
 
+from .data.labels import LabelMap
+from .evaluation import CocoEvaluator
 from .io import to_plain
 from .models.criterion import SetCriterion
 from .models.detr import build_detr
 from .models.matcher import HungarianMatcher
 from .models.postprocess import PostProcess
-from .ops.boxes import box_cxcywh_to_xyxy
-from .ops.distributed import all_gather_list
 
-LOSS_DEFAULTS = {
-    "set_cost_class": 1.0,
-    "set_cost_bbox": 5.0,
-    "set_cost_giou": 2.0,
-    "ce_loss_coef": 1.0,
-    "bbox_loss_coef": 5.0,
-    "giou_loss_coef": 2.0,
-    "eos_coef": 0.1,
-}
-OPTIMIZER_DEFAULTS = {
-    "_target_": "torch.optim.AdamW",
-    "_partial_": True,
-    "lr": 1e-4,
-    "weight_decay": 1e-4,
-}
-SCHEDULE_DEFAULTS = {
-    "name": "step",  # "step": x gamma every lr_drop epochs (official); "cosine": per step
-    "lr_drop": 200,
-    "gamma": 0.1,
-    "warmup_steps": 0,
-    "min_lr_ratio": 0.0,
-}
-POSTPROCESS_DEFAULTS = {"score_threshold": 0.0, "top_k": None}
-# torchmetrics' names of the 12 COCO statistics, in COCOeval's order.
-COCO_METRIC_KEYS = (
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-)
 LOSS_LOG_KEYS = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
+# loss.* keys of the matcher, and the HungarianMatcher argument each one sets
+MATCHER_KEYS = {"set_cost_class": "cost_class", "set_cost_bbox": "cost_bbox",
+                "set_cost_giou": "cost_giou"}  # fmt: skip
 
 
-def _merged(defaults: Mapping[str, Any], given: Mapping[str, Any] | None, what: str) -> dict:
-    given = to_plain(given) or {}
-    unknown = sorted(set(given) - set(defaults)) if not what.startswith("optimizer") else []
+def _check_keys(given: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
+    unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **given}
+        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(allowed)}")
+
+
+def _arguments(function: Callable, exclude: Sequence[str] = ()) -> list[str]:
+    return [name for name in inspect.signature(function).parameters if name not in exclude]
 
 
 class DETRModule(pl.LightningModule):
-    """DETR with its matcher, set criterion, post-processing, optimizer and COCO metrics.
+    """DETR with its matcher, set criterion, post-processing, optimizer and COCO evaluation.
 
     Args:
         model: keyword arguments of :func:`detr_lightning.models.build_detr`.
-        loss: matching costs and loss weights (keys of ``LOSS_DEFAULTS``).
-        optimizer: a Hydra ``_partial_`` spec of the optimizer (default AdamW lr 1e-4, wd 1e-4);
-            completed in :meth:`configure_optimizers` with the parameter groups.
-        backbone_lr: learning rate of the (trainable part of the) backbone.
-        schedule: learning-rate schedule (keys of ``SCHEDULE_DEFAULTS``).
-        postprocess: ``score_threshold`` and ``top_k`` of :class:`PostProcess`.
-        label_map: ``{"category_ids": [...], "names": [...]}``, one entry per contiguous label.
-        eval_backend: torchmetrics' COCO backend, "pycocotools" or "faster_coco_eval".
+        loss: matching costs (``set_cost_class``/``bbox``/``giou``, see :class:`HungarianMatcher`)
+            and loss weights (``eos_coef``, ``*_loss_coef``, see :class:`SetCriterion`); keys
+            left out take those constructors' defaults (the paper's values).
+        optimizer: a Hydra ``_partial_`` spec of the optimizer, completed in
+            :meth:`configure_optimizers` with the parameter groups (None: AdamW, lr 1e-4,
+            weight decay 1e-4, as the paper).
+        backbone_lr: learning rate of the trainable backbone stages; 0 freezes the backbone.
+        schedule: a Hydra ``_partial_`` spec of a :mod:`detr_lightning.schedules` function
+            (None: constant learning rate).
+        postprocess: keyword arguments of :class:`PostProcess`.
+        label_map: ``{"category_ids": [...], "names": [...]}``, one entry per label; labels
+            beyond it (a model with more classes than the data) stand for no category.
+        data: the data module's ``evaluation_settings()`` (stored so evaluation can repeat the
+            validation without the training config).
+        eval_backend: COCO evaluation backend, "pycocotools" or "faster_coco_eval".
     """
 
     def __init__(
@@ -97,49 +72,49 @@ class DETRModule(pl.LightningModule):
         schedule: Mapping[str, Any] | None = None,
         postprocess: Mapping[str, Any] | None = None,
         label_map: Mapping[str, Any] | None = None,
+        data: Mapping[str, Any] | None = None,
         eval_backend: str = "pycocotools",
     ) -> None:
         super().__init__()
         model = to_plain(model)
-        loss = _merged(LOSS_DEFAULTS, loss, "loss")
-        optimizer = _merged(OPTIMIZER_DEFAULTS, optimizer, "optimizer")
-        schedule = _merged(SCHEDULE_DEFAULTS, schedule, "schedule")
-        postprocess = _merged(POSTPROCESS_DEFAULTS, postprocess, "postprocess")
-        label_map = to_plain(label_map)
+        loss = to_plain(loss) or {}
+        postprocess = to_plain(postprocess) or {}
+        criterion_keys = _arguments(SetCriterion, ("num_classes", "matcher",
+                                                   "num_decoder_layers", "aux_loss"))  # fmt: skip
+        _check_keys(loss, [*MATCHER_KEYS, *criterion_keys], "loss")
+        _check_keys(postprocess, _arguments(PostProcess), "postprocess")
+        self.model = build_detr(**model)
+        num_classes = self.model.num_classes
+        if label_map is not None:
+            label_map = padded_label_map(label_map, num_classes).to_dict()
         self.save_hyperparameters(
             {
-                # A rebuilt module gets every backbone weight from its checkpoint: it must not
-                # download ImageNet weights again.
-                "model": {**model, "pretrained_backbone": False},
+                # A rebuilt module gets every backbone weight from its checkpoint: it must
+                # neither download ImageNet weights again nor need the original local file.
+                "model": {**model, "pretrained_backbone": False, "backbone_weights": None},
                 "loss": loss,
-                "optimizer": optimizer,
+                "optimizer": to_plain(optimizer),
                 "backbone_lr": backbone_lr,
-                "schedule": schedule,
+                "schedule": to_plain(schedule),
                 "postprocess": postprocess,
                 "label_map": label_map,
+                "data": to_plain(data),
                 "eval_backend": eval_backend,
             }
         )
-        self.model = build_detr(**model)
-        num_classes = self.model.num_classes
-        if label_map is not None and len(label_map["category_ids"]) > num_classes:
-            raise ValueError(
-                f"label map has {len(label_map['category_ids'])} classes but the model only "
-                f"{num_classes}; set model.num_classes >= {len(label_map['category_ids'])}"
-            )
+        if float(backbone_lr) == 0.0:
+            self.model.backbone.requires_grad_(False)
         self.criterion = SetCriterion(
             num_classes,
-            HungarianMatcher(loss["set_cost_class"], loss["set_cost_bbox"], loss["set_cost_giou"]),
-            eos_coef=loss["eos_coef"],
-            ce_loss_coef=loss["ce_loss_coef"],
-            bbox_loss_coef=loss["bbox_loss_coef"],
-            giou_loss_coef=loss["giou_loss_coef"],
+            HungarianMatcher(**{MATCHER_KEYS[k]: v for k, v in loss.items() if k in MATCHER_KEYS}),
             num_decoder_layers=len(self.model.transformer.decoder.layers),
             aux_loss=self.model.aux_loss,
+            **{k: v for k, v in loss.items() if k not in MATCHER_KEYS},
         )
         self.postprocess = PostProcess(**postprocess)
-        self.val_map = coco_metric(eval_backend)
-        self.test_map = coco_metric(eval_backend)
+        self.evaluator: CocoEvaluator | None = None
+        # Where test epochs write their COCO results file (set by the evaluation entry point).
+        self.results_file: str | None = None
 
     # ------------------------------------------------------------------------------ inference
     def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None):
@@ -157,35 +132,61 @@ class DETRModule(pl.LightningModule):
             return [f"class_{i}" for i in range(self.model.num_classes)]
         return list(label_map["names"])
 
-    # ------------------------------------------------------------------------------ training
+    # ----------------------------------------------------------------------- set-up with data
     def setup(self, stage: str) -> None:
+        """Check the data's labels against the model's and prepare COCO evaluation.
+
+        In training the label map came from the data module (``build_module``); here they must
+        agree. In evaluation the checkpoint's map relabels the data.
+        """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        data_classes = getattr(datamodule, "num_classes", None)
-        if data_classes is not None and data_classes > self.model.num_classes:
-            raise ValueError(
-                f"the dataset has {data_classes} classes (label map of "
-                f"{getattr(datamodule, 'val_annotation_file', 'the data module')}) but the model "
-                f"predicts {self.model.num_classes}: category ids beyond the model are unknown to "
-                f"it. Set model.num_classes={data_classes} (with pretrained=... the class head "
-                "is re-initialized)."
-            )
-        if self.label_map is None and datamodule is not None and hasattr(datamodule, "label_map"):
-            label_map = datamodule.label_map
-            self.hparams["label_map"] = (
-                label_map.to_dict() if hasattr(label_map, "to_dict") else to_plain(label_map)
+        data_map = getattr(datamodule, "label_map", None)
+        if data_map is not None:
+            num_classes = self.model.num_classes
+            if data_map.num_classes > num_classes:
+                raise ValueError(
+                    f"the dataset has {data_map.num_classes} classes (label map of "
+                    f"{getattr(datamodule, 'val_annotation_file', 'the data module')}) but the "
+                    f"model predicts {num_classes}: category ids beyond the model are unknown "
+                    f"to it. Set model.num_classes={data_map.num_classes} (with pretrained=... "
+                    "the class head is re-initialized)."
+                )
+            if self.label_map is None:
+                self.hparams["label_map"] = padded_label_map(data_map, num_classes).to_dict()
+            elif stage != "fit":
+                datamodule.use_label_map(LabelMap.from_dict(self.label_map))
+            elif padded_label_map(data_map, num_classes).to_dict() != self.label_map:
+                raise ValueError(
+                    "the data's label map differs from the model's (category ids or names); "
+                    "train with the data's labels (build_module / pretrained=... re-initializes "
+                    "the class head) or relabel the data with datamodule.use_label_map(...)"
+                )
+        annotation_file = getattr(datamodule, "val_annotation_file", None)
+        if stage in ("fit", "validate", "test") and annotation_file is not None:
+            self.evaluator = CocoEvaluator(
+                annotation_file,
+                self.category_ids(),
+                max_dets=self.model.num_queries,
+                backend=self.hparams.eval_backend,
             )
 
+    def category_ids(self) -> list[int]:
+        """Dataset category id of each label (-1: no category); identity without a label map."""
+        if self.label_map is None:
+            return list(range(self.model.num_classes))
+        return list(self.label_map["category_ids"])
+
+    # ------------------------------------------------------------------------------ training
     def _losses(self, batch) -> tuple[Tensor, dict[str, Tensor], dict]:
         images, padding_mask, targets = batch
         outputs = self.model(images, padding_mask)
-        losses = self.criterion(outputs, [_without_crowd(t) for t in targets])
+        losses = self.criterion(outputs, targets)
         return self.criterion.weighted_total(losses), losses, outputs
 
-    def training_step(self, batch, batch_idx: int) -> Tensor | None:
-        if batch is None:  # every image of the batch was unreadable (logged by the dataset)
-            return None
+    def training_step(self, batch, batch_idx: int) -> Tensor:
         total, losses, _ = self._losses(batch)
-        batch_size = len(batch[2])
+        targets = batch[2]
+        batch_size = len(targets)
         # The step value is this rank's; the epoch values are averaged over ranks once.
         self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=batch_size)  # fmt: skip
@@ -198,11 +199,13 @@ class DETRModule(pl.LightningModule):
             sync_dist=True,
             batch_size=batch_size,
         )
+        # Samples that stood in for unreadable images (named in the dataset's warnings).
+        stand_ins = sum(int(target["stand_in_for"]) >= 0 for target in targets)
+        self.log("train/stand_in_images", float(stand_ins), on_step=False, on_epoch=True,
+                 reduce_fx="sum", sync_dist=True, batch_size=batch_size)  # fmt: skip
         return total
 
-    def _eval_step(self, batch, metric: MeanAveragePrecision, prefix: str) -> None:
-        if batch is None:
-            return
+    def _eval_step(self, batch, prefix: str) -> None:
         images, _, targets = batch
         total, losses, outputs = self._losses(batch)
         batch_size = len(targets)
@@ -213,88 +216,58 @@ class DETRModule(pl.LightningModule):
             sync_dist=True,
             batch_size=batch_size,
         )
+        if self.evaluator is None:
+            raise RuntimeError(
+                "COCO evaluation needs a data module with a val_annotation_file (the "
+                "CocoDataModule): pass datamodule=... to the trainer"
+            )
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(images.device)
-        detections = self.postprocess(outputs, orig_sizes)
-        metric.update(detections, _metric_targets(targets, orig_sizes))
-        if prefix == "test":
-            self.test_predictions.extend(self.coco_results(targets, detections))
+        self.evaluator.update(targets, self.postprocess(outputs, orig_sizes))
 
-    def coco_results(
-        self, targets: Sequence[dict[str, Any]], detections: Sequence[dict[str, Tensor]]
-    ) -> list[dict[str, Any]]:
-        """Detections in COCO's results format: dataset category ids, absolute xywh boxes."""
-        label_map = self.label_map
-        category_ids = label_map["category_ids"] if label_map is not None else None
-        results = []
-        for target, det in zip(targets, detections):
-            boxes = det["boxes"].cpu().clone()
-            boxes[:, 2:] -= boxes[:, :2]
-            for box, score, label in zip(
-                boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()
-            ):
-                results.append(
-                    {
-                        "image_id": int(target["image_id"]),
-                        "category_id": int(category_ids[label] if category_ids else label),
-                        "bbox": box,
-                        "score": float(score),
-                    }
-                )
-        return results
-
-    def _eval_epoch_end(self, metric: MeanAveragePrecision, prefix: str) -> dict[str, float]:
-        results = metric.compute()
-        metric.reset()
-        stats = {key: float(results[key]) for key in COCO_METRIC_KEYS}
-        for key, value in stats.items():
-            self.log(f"{prefix}/{key}", value, prog_bar=key in ("map", "map_50"), sync_dist=False)
-        return stats
+    def _eval_epoch_end(self, prefix: str) -> None:
+        assert self.evaluator is not None  # _eval_step checked it
+        result = self.evaluator.compute(self.results_file if prefix == "test" else None)
+        self.evaluator.reset()
+        for key, value in result.metrics().items():
+            # Identical on every rank (rank 0 computed and broadcast them): "max" keeps them
+            # exact while telling Lightning that they are synchronized.
+            self.log(f"{prefix}/{key}", value, prog_bar=key in ("map", "map_50"),
+                     sync_dist=True, reduce_fx="max")  # fmt: skip
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_map, "val")
+        self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.last_val_metrics = self._eval_epoch_end(self.val_map, "val")
-
-    def on_test_epoch_start(self) -> None:
-        self.test_predictions: list[dict[str, Any]] = []
+        self._eval_epoch_end("val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_map, "test")
+        self._eval_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self.last_test_metrics = self._eval_epoch_end(self.test_map, "test")
-        # every rank evaluated a shard; the predictions file needs all of them
-        self.test_predictions = all_gather_list(self.test_predictions)
+        self._eval_epoch_end("test")
 
     def predict_step(self, batch, batch_idx: int) -> list[dict[str, Any]]:
         """Detections in original image pixels with dataset category ids.
 
         Returns per image ``image_id``, ``boxes`` [N, 4] xyxy, ``scores`` [N], ``labels`` [N]
-        (contiguous), ``category_ids`` [N] and ``names`` (list of N strings).
+        (contiguous), ``category_ids`` [N] (-1: no category) and ``names`` (list of N strings).
         """
-        if batch is None:
-            return []
         images, padding_mask, targets = batch
         outputs = self.model(images, padding_mask)
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(images.device)
         detections = self.postprocess(outputs, orig_sizes)
         names = self.class_names
-        label_map = self.label_map
+        category_table = torch.as_tensor(self.category_ids())
         results = []
         for target, det in zip(targets, detections):
             labels = det["labels"].cpu()
-            if label_map is not None:
-                category_ids = torch.as_tensor(label_map["category_ids"])[labels]
-            else:
-                category_ids = labels.clone()
             results.append(
                 {
                     "image_id": int(target["image_id"]),
                     "boxes": det["boxes"].cpu(),
                     "scores": det["scores"].cpu(),
                     "labels": labels,
-                    "category_ids": category_ids,
+                    "category_ids": category_table[labels],
                     "names": [names[i] for i in labels.tolist()],
                 }
             )
@@ -320,77 +293,29 @@ class DETRModule(pl.LightningModule):
         groups = [{"params": rest, "name": "transformer_and_heads"}]
         if backbone:
             groups.append({"params": backbone, "lr": self.hparams.backbone_lr, "name": "backbone"})
-        optimizer = instantiate(self.hparams.optimizer)(groups)
-        return {"optimizer": optimizer, "lr_scheduler": self._scheduler(optimizer)}
-
-    def _scheduler(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        schedule = self.hparams.schedule
-        name = schedule["name"]
-        warmup = int(schedule["warmup_steps"])
-        if name == "step":
-            if warmup:
-                raise ValueError("schedule=step follows the official recipe without warmup; "
-                                 "use schedule=cosine for warmup")  # fmt: skip
-            scheduler = torch.optim.lr_scheduler.StepLR(
-                optimizer, step_size=int(schedule["lr_drop"]), gamma=float(schedule["gamma"])
-            )
-            return {"scheduler": scheduler, "interval": "epoch", "name": "lr"}
-        if name == "cosine":
-            total = max(int(self.trainer.estimated_stepping_batches), 1)
-            floor = float(schedule["min_lr_ratio"])
-
-            def factor(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / warmup
-                progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-                return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-            return {"scheduler": scheduler, "interval": "step", "name": "lr"}
-        raise ValueError(f"schedule.name must be 'step' or 'cosine', got {name!r}")
+        spec = self.hparams.optimizer
+        if spec is None:
+            optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4)
+        else:
+            optimizer = instantiate(spec)(groups)
+        if self.hparams.schedule is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = instantiate(self.hparams.schedule)(optimizer, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-def coco_metric(backend: str = "pycocotools") -> MeanAveragePrecision:
-    """torchmetrics' COCO mAP with COCOeval's exact thresholds.
-
-    torchmetrics builds its default IoU and recall thresholds with float32 ``torch.linspace``;
-    recall thresholds such as 0.07 then sit one float32 step above COCOeval's float64 ones, and
-    ``searchsorted`` picks other points of the precision curve: AP moves by ~1e-4. Passing
-    COCOeval's float64 values makes the numbers identical to pycocotools on a results file.
-    """
-    import numpy as np
-
-    return MeanAveragePrecision(
-        iou_type="bbox",
-        backend=backend,
-        iou_thresholds=np.linspace(0.5, 0.95, 10).tolist(),
-        rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
-    )
-
-
-def _without_crowd(target: dict[str, Any]) -> dict[str, Any]:
-    """Targets for the loss: crowd regions are not objects to match (official DETR drops them)."""
-    crowd = target.get("iscrowd")
-    if crowd is None or not bool(crowd.any()):
-        return target
-    keep = crowd == 0
-    return {**target, "boxes": target["boxes"][keep], "labels": target["labels"][keep]}
-
-
-def _metric_targets(targets: Sequence[dict[str, Tensor]], orig_sizes: Tensor) -> list[dict]:
-    """Ground truth in original pixels (xyxy) for torchmetrics, with crowd flags and areas."""
-    result = []
-    for target, size in zip(targets, orig_sizes):
-        height, width = size.tolist()
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        boxes = box_cxcywh_to_xyxy(target["boxes"].float().cpu()) * scale
-        entry = {"boxes": boxes, "labels": target["labels"].cpu()}
-        if "iscrowd" in target:
-            entry["iscrowd"] = target["iscrowd"].cpu()
-        if "area" in target:
-            entry["area"] = target["area"].float().cpu()
-        result.append({k: v.to(orig_sizes.device) for k, v in entry.items()})
-    return result
+def padded_label_map(label_map: LabelMap | Mapping[str, Any], num_classes: int) -> LabelMap:
+    """``label_map`` with one entry per model label: labels past its end stand for no
+    category (the "unused" convention of :mod:`detr_lightning.data.labels`)."""
+    if not isinstance(label_map, LabelMap):
+        label_map = LabelMap.from_dict(label_map)
+    if label_map.num_classes > num_classes:
+        raise ValueError(
+            f"label map has {label_map.num_classes} classes but the model only {num_classes}; "
+            f"set model.num_classes >= {label_map.num_classes}"
+        )
+    return label_map.padded(num_classes)
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .data.coco_names import COCO_CATEGORY_NAMES
+from .data.labels import LabelMap
 from .io import atomic_write, to_plain
 
 log = logging.getLogger(__name__)
@@ -333,7 +334,8 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
         str(id2label.get(str(i), id2label.get(i, f"class_{i}")))
         for i in range(model["num_classes"])
     ]
-    label_map = {"category_ids": list(range(model["num_classes"])), "names": names}
+    # labels are category ids; "N/A" entries (COCO's unused ids) stand for no category
+    label_map = LabelMap.from_names(names).to_dict()
     return {
         "state_dict": converted,
         "model": model,
@@ -386,10 +388,7 @@ def _read_torch_file(path: Path) -> dict[str, Any]:
         raise _unknown_layout(path, state)
     label_map = None
     if model["num_classes"] == len(COCO_CATEGORY_NAMES):
-        label_map = {
-            "category_ids": list(range(len(COCO_CATEGORY_NAMES))),
-            "names": list(COCO_CATEGORY_NAMES),
-        }
+        label_map = LabelMap.from_names(COCO_CATEGORY_NAMES).to_dict()
     return {
         "state_dict": converted,
         "model": model,

@@ -15,11 +15,26 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .callbacks import MetricsHistory, format_coco_table
-from .module import COCO_METRIC_KEYS, DETRModule
+from .callbacks import MetricsHistory
+from .data.datamodule import check_data_source
+from .evaluation import report, result_from_metrics
+from .models.backbone_weights import ensure_imagenet_weights
+from .module import DETRModule, padded_label_map
 from .pretrained import load_state_into, read_checkpoint
 
 log = logging.getLogger(__name__)
+
+# backbone.* config keys -> the build_detr argument each one sets (backbone.lr is the
+# DETRModule's backbone_lr).
+BACKBONE_ARGUMENTS = {
+    "name": "backbone",
+    "dilation": "dilation",
+    "pretrained": "pretrained_backbone",
+    "weights": "backbone_weights",
+    "norm": "norm",
+    "trainable_layers": "trainable_layers",
+    "num_stages": "num_stages",
+}
 
 
 def instantiate_data(node: DictConfig) -> Any:
@@ -30,7 +45,7 @@ def instantiate_data(node: DictConfig) -> Any:
     try:
         return instantiate(node, _convert_="all")
     except InstantiationException as err:
-        if isinstance(err.__cause__, (OSError, ValueError)):
+        if err.__cause__ is not None and not isinstance(err.__cause__, TypeError):
             raise err.__cause__ from None
         raise
 
@@ -38,27 +53,30 @@ def instantiate_data(node: DictConfig) -> Any:
 def model_settings(cfg: DictConfig, num_classes: int | None) -> dict[str, Any]:
     """``build_detr`` keyword arguments from the ``model`` and ``backbone`` config groups."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    backbone = cfg.backbone
-    if model.get("num_classes") is None:
+    if model["num_classes"] is None:
         if num_classes is None:
             raise ValueError("model.num_classes is null and no dataset tells the class count")
         model["num_classes"] = num_classes
-    model.update(
-        backbone=backbone.name,
-        dilation=bool(backbone.dilation),
-        pretrained_backbone=bool(backbone.pretrained),
-        norm=backbone.norm,
-        train_backbone=float(backbone.lr) > 0,
-        trainable_layers=int(backbone.get("trainable_layers", 3)),
-        num_stages=int(backbone.get("num_stages", 4)),
-    )
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    model.update({BACKBONE_ARGUMENTS[k]: v for k, v in backbone.items() if k != "lr"})
     return model
 
 
+def ensure_backbone_weights(cfg: DictConfig) -> None:
+    """Fetch (or find in the cache) the ImageNet weights the config asks for, before any data
+    work, so an offline node fails at once with one message (SetupError)."""
+    backbone = cfg.backbone
+    if backbone.pretrained and not backbone.weights and not cfg.get("pretrained"):
+        ensure_imagenet_weights(backbone.name)
+
+
 def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
-    """The DETRModule of a training config, initialized from ``cfg.pretrained`` if set."""
-    label_map = datamodule.label_map
-    label_map = label_map.to_dict() if hasattr(label_map, "to_dict") else label_map
+    """The DETRModule of a training config, initialized from ``cfg.pretrained`` if set.
+
+    The label map and the evaluation settings come from ``datamodule``. With ``pretrained``,
+    the class head is re-initialized when the checkpoint's labels differ from the data's (count,
+    category ids or names).
+    """
     model = model_settings(cfg, datamodule.num_classes)
     if model["num_classes"] < datamodule.num_classes:
         unknown = datamodule.label_map.category_ids[model["num_classes"] :]
@@ -68,32 +86,85 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
             f"to the model. Set model.num_classes={datamodule.num_classes} or null (= from the "
             "dataset); with pretrained=... the class head is re-initialized."
         )
-    if cfg.get("pretrained") and model.get("pretrained_backbone"):
-        log.info("pretrained=%s given: not downloading ImageNet backbone weights", cfg.pretrained)
+    if cfg.get("pretrained") and model["pretrained_backbone"]:
+        log.info("pretrained=%s given: not loading ImageNet backbone weights", cfg.pretrained)
         model["pretrained_backbone"] = False
+        model["backbone_weights"] = None
     module = DETRModule(
         model=model,
         loss=cfg.loss,
         optimizer=cfg.optimizer,
         backbone_lr=float(cfg.backbone.lr),
         schedule=cfg.schedule,
-        postprocess=cfg.get("postprocess"),
-        label_map=label_map,
-        eval_backend=cfg.get("eval_backend", "pycocotools"),
+        postprocess=cfg.postprocess,
+        label_map=datamodule.label_map.to_dict(),
+        data=datamodule.evaluation_settings(),
+        eval_backend=cfg.eval_backend,
     )
     if cfg.get("pretrained"):
         info = read_checkpoint(cfg.pretrained)
-        reinit = info["model"]["num_classes"] != model["num_classes"]
-        if reinit:
-            log.info(
-                "%s has %d classes, the dataset %d: re-initializing the class head",
-                cfg.pretrained,
-                info["model"]["num_classes"],
-                model["num_classes"],
-            )
+        reinit = _class_head_differs(info, module)
         load_state_into(module.model, info["state_dict"], info["path"], reinit_class_head=reinit)
         log.info("initialized from %s (%s format)", cfg.pretrained, info["format"])
     return module
+
+
+def _class_head_differs(info: dict[str, Any], module: DETRModule) -> bool:
+    """Whether the checkpoint's class head predicts other labels than the module's."""
+    theirs = info["model"]["num_classes"]
+    if theirs != module.model.num_classes:
+        log.info(
+            "%s has %d classes, the model %d: re-initializing the class head",
+            info["path"],
+            theirs,
+            module.model.num_classes,
+        )
+        return True
+    if info["label_map"] is None:
+        log.warning(
+            "%s stores no label map: assuming its %d labels mean the dataset's (%s); "
+            "pass a checkpoint with a label map, or a model.num_classes that differs, to "
+            "re-initialize the class head instead",
+            info["path"],
+            theirs,
+            ", ".join(module.class_names[:5]),
+        )
+        return False
+    if padded_label_map(info["label_map"], theirs).to_dict() != module.label_map:
+        log.info(
+            "%s was trained on other labels (category ids or names differ from the dataset's): "
+            "re-initializing the class head",
+            info["path"],
+        )
+        return True
+    return False
+
+
+def check_resume(module: DETRModule, ckpt_path: str) -> None:
+    """Refuse to resume a checkpoint whose model or labels differ from the config's."""
+    info = read_checkpoint(ckpt_path)
+    if info["format"] != "lightning":
+        raise ValueError(
+            f"ckpt_path={ckpt_path} is a {info['format']} checkpoint; ckpt_path resumes a "
+            "training run from its Lightning .ckpt. To start from these weights use "
+            f"pretrained={ckpt_path}"
+        )
+    ignored = {"pretrained_backbone", "backbone_weights"}  # how the weights were first loaded
+    saved, ours = info["model"], module.hparams["model"]
+    differences = [
+        f"{key}: checkpoint {saved.get(key)!r}, config {ours.get(key)!r}"
+        for key in sorted((set(saved) | set(ours)) - ignored)
+        if saved.get(key) != ours.get(key)
+    ]
+    if info["label_map"] != module.label_map:
+        differences.append("label map (the dataset's categories)")
+    if differences:
+        raise ValueError(
+            f"cannot resume {ckpt_path}: its model differs from the config's in "
+            + "; ".join(differences)
+            + ". Resume with the run's own model.*/backbone.*/data.* overrides (see its "
+            "config.yaml), or start a new run from its weights with pretrained=..."
+        )
 
 
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
@@ -123,9 +194,13 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
+    check_data_source(cfg.data.get("root"), cfg.data.get("synthetic"))
+    ensure_backbone_weights(cfg)
     run_dir = Path(cfg.run_dir)
     datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule)
+    if cfg.get("ckpt_path"):
+        check_resume(module, cfg.ckpt_path)
     trainer = build_trainer(cfg, callbacks)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,25 +214,28 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             run_dir,
         )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-
+    metrics = result_from_metrics(trainer.callback_metrics, "val")
     history = next((c for c in trainer.callbacks if isinstance(c, MetricsHistory)), None)
-    metrics = (
-        dict(history.final_metrics) if history else dict(getattr(module, "last_val_metrics", {}))
-    )
     if cfg.get("test_after_fit"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", None) or None
-        trainer.test(module, datamodule=datamodule, ckpt_path=best)
-        metrics = dict(module.last_test_metrics)
+        (logged,) = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics = result_from_metrics(logged, "test")
         if trainer.is_global_zero and history:
             history.final_metrics = metrics
-            history.write()
+            history.write(module.label_map)
     if trainer.is_global_zero and metrics:
         log.info(
-            "final validation metrics (COCO, %s):\n%s",
-            cfg.get("eval_backend"),
-            format_coco_table(metrics),
+            "final validation (COCO, %s):\n%s", cfg.eval_backend, report(metrics, module.label_map)
         )
-    return {key: metrics.get(key) for key in COCO_METRIC_KEYS} | {"run_dir": str(run_dir)}
+    return metrics | {"run_dir": str(run_dir)}
 
 
-__all__ = ["build_module", "build_trainer", "instantiate_data", "model_settings", "train"]
+__all__ = [
+    "build_module",
+    "build_trainer",
+    "check_resume",
+    "ensure_backbone_weights",
+    "instantiate_data",
+    "model_settings",
+    "train",
+]

@@ -2,16 +2,18 @@
 
 All checks that can fail for a whole run happen at construction, before any training step:
 missing files, unparsable JSON, unknown categories, images listed but absent on disk, and
-boxes outside their image (clamped, dropped when empty, reported in one warning). The only
-per-sample failure is an image that does not decode: it is logged and the sample is ``None``,
-which :func:`~detr_lightning.data.collate.collate_detection` drops, because one bad file out of
-118k should not stop a multi-day run, while the log keeps it visible.
+boxes outside their image (clamped, dropped when empty, reported in one warning). Labels are
+checked against the label map here, once, so no training step needs to look at them again.
+
+The only per-sample failure is an image that does not decode. One bad file out of 118k should
+not stop a multi-day run, and under DDP a rank must never skip a step that the other ranks run:
+so the sample is replaced by the next readable image of the dataset, and its target says which
+image it stands in for (``stand_in_for``), so that training can count it and evaluation can
+score the unreadable image as having no detections. A warning names each such file once.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
@@ -23,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -33,7 +34,7 @@ from torchvision.transforms.v2 import functional as F
 from detr_lightning.data.labels import LabelMap
 from detr_lightning.data.transforms import boxes_to_normalized_cxcywh
 
-__all__ = ["CocoDetection", "load_coco_json", "make_coco"]
+__all__ = ["CocoDetection", "load_coco_json"]
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,6 @@ def load_coco_json(annotation_file: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def make_coco(dataset: dict[str, Any]) -> COCO:
-    """A pycocotools ``COCO`` built from a parsed dict, without its progress prints."""
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
 @dataclass
 class _ImageRecord:
     image_id: int
@@ -89,8 +81,6 @@ class _ImageRecord:
     width: int
     boxes: np.ndarray  # [n, 4] float32 xyxy, clamped to the image
     labels: np.ndarray  # [n] int64
-    areas: np.ndarray  # [n] float32, the annotation's "area" (COCO's size ranges use it)
-    iscrowd: np.ndarray  # [n] int64
 
 
 def _read_rgb(path: Path) -> Tensor:
@@ -106,19 +96,21 @@ def _read_rgb(path: Path) -> Tensor:
 class CocoDetection(Dataset):
     """Detection samples from a COCO image directory and instances JSON.
 
-    Each item is ``(image, target)`` or ``None`` when the file does not decode:
+    Each item is ``(image, target)``:
 
     - image: float32 [3, H, W], the output of ``transforms`` (uint8 to [0, 1] without them).
     - target["boxes"]: float32 [n, 4] cxcywh normalized by the transformed (H, W).
     - target["labels"]: int64 [n] class labels from ``label_map`` (contiguous by default).
     - target["image_id"]: int, the COCO image id.
     - target["orig_size"]: int64 [2] (h, w) of the file; target["size"]: int64 [2] (H, W).
+    - target["stand_in_for"]: the image id of an unreadable image this sample replaces, or -1.
 
     ``transforms`` is called as ``transforms(image, {"boxes": ..., "labels": ...})`` with a uint8
-    ``tv_tensors.Image`` and XYXY ``tv_tensors.BoundingBoxes`` (see ``presets``). ``remove_crowd``
-    drops ``iscrowd=1`` annotations. Boxes overshooting their image are clamped and empty ones
-    dropped with one summary warning; ``strict=True`` makes that a ``ValueError`` instead.
-    ``keep_coco=False`` frees the pycocotools index (``self.coco``) once the samples are built.
+    ``tv_tensors.Image`` and XYXY ``tv_tensors.BoundingBoxes`` (see ``presets``). Crowd regions
+    (``iscrowd=1``) are not objects to detect and are left out of the targets, as in the
+    official code; COCO evaluation reads them from the annotation file. Boxes overshooting their
+    image are clamped and empty ones dropped with one summary warning; ``strict=True`` makes that
+    a ``ValueError`` instead.
     """
 
     def __init__(
@@ -129,9 +121,7 @@ class CocoDetection(Dataset):
         transforms: Callable[..., Any] | None = None,
         label_map: LabelMap | None = None,
         label_mapping: str = "contiguous",
-        remove_crowd: bool = True,
         strict: bool = False,
-        keep_coco: bool = True,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
@@ -148,13 +138,11 @@ class CocoDetection(Dataset):
             )
         # The parsed file is large (COCO train: GBs of Python objects, copied into every worker
         # as their reference counts change); samples only need the compact records below.
-        self.coco: COCO | None = make_coco(dataset) if keep_coco else None
         self.categories: list[dict[str, Any]] = dataset["categories"]
         self.label_map = label_map or LabelMap.from_coco(dataset, label_mapping)
         self.transforms = transforms
-        self.remove_crowd = remove_crowd
         self.strict = strict
-        self.num_skipped = 0
+        self.unreadable: set[int] = set()  # indices found undecodable by this process
         self._records = self._build_records(dataset)
 
     def _build_records(self, dataset: dict[str, Any]) -> list[_ImageRecord]:
@@ -168,12 +156,15 @@ class CocoDetection(Dataset):
                     f"image entry {entry.get('id', entry)} in {file} lacks {missing}; every "
                     "image needs id, file_name, width and height"
                 )
+            if int(entry["id"]) in images:
+                raise ValueError(
+                    f"image id {entry['id']} is listed twice in {file} ('images'); image ids "
+                    "must be unique"
+                )
             images[int(entry["id"])] = entry
         self._check_files_exist(list(images.values()))
 
-        per_image: dict[int, tuple[list, list, list, list]] = {
-            image_id: ([], [], [], []) for image_id in images
-        }
+        per_image: dict[int, tuple[list, list]] = {image_id: ([], []) for image_id in images}
         flagged: list[int] = []
         num_dropped = 0
         for ann in dataset["annotations"]:
@@ -191,7 +182,7 @@ class CocoDetection(Dataset):
                     f"annotation {ann_id} in {file} refers to image_id {image_id}, which is "
                     "not in 'images'; remove the annotation or add the image"
                 )
-            if self.remove_crowd and ann.get("iscrowd", 0):
+            if ann.get("iscrowd", 0):
                 continue
             bbox = ann.get("bbox")
             if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
@@ -216,10 +207,8 @@ class CocoDetection(Dataset):
             if degenerate:
                 num_dropped += 1
                 continue
-            boxes, labels, areas, crowd = per_image[image_id]
+            boxes, labels = per_image[image_id]
             boxes.append((x0, y0, x1, y1))
-            areas.append(float(ann.get("area", (x1 - x0) * (y1 - y0))))
-            crowd.append(int(bool(ann.get("iscrowd", 0))))
             try:
                 labels.append(self.label_map.category_to_label(cat_id))
             except ValueError as err:
@@ -229,7 +218,7 @@ class CocoDetection(Dataset):
 
         records = []
         for image_id, entry in images.items():
-            boxes, labels, areas, crowd = per_image[image_id]
+            boxes, labels = per_image[image_id]
             records.append(
                 _ImageRecord(
                     image_id=image_id,
@@ -238,8 +227,6 @@ class CocoDetection(Dataset):
                     width=int(entry["width"]),
                     boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                     labels=np.asarray(labels, dtype=np.int64),
-                    areas=np.asarray(areas, dtype=np.float32),
-                    iscrowd=np.asarray(crowd, dtype=np.int64),
                 )
             )
         return records
@@ -282,7 +269,7 @@ class CocoDetection(Dataset):
         """COCO image ids in dataset order."""
         return [record.image_id for record in self._records]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Any]] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Any]]:
         """Sample ``key``; a ``(index, seed)`` key runs the random transforms under ``seed``.
 
         Seeded keys come from :class:`~detr_lightning.data.sampler.EpochSeededSampler` and make
@@ -295,22 +282,9 @@ class CocoDetection(Dataset):
                 return self._load(index)
         return self._load(key)
 
-    def _load(self, index: int) -> tuple[Tensor, dict[str, Any]] | None:
-        record = self._records[index]
-        try:
-            image = _read_rgb(record.path)
-        except (OSError, RuntimeError, ValueError, SyntaxError) as err:
-            self.num_skipped += 1
-            log.warning(
-                "skipping image %s (image_id %s): it does not decode (%s); %d image(s) skipped "
-                "so far by this process. Replace the file or remove it from %s.",
-                record.path,
-                record.image_id,
-                err,
-                self.num_skipped,
-                self.annotation_file,
-            )
-            return None
+    def _load(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        image, used = self._read_readable(index)
+        record = self._records[used]
         orig_h, orig_w = int(image.shape[-2]), int(image.shape[-1])
         boxes = torch.from_numpy(record.boxes.copy())
         if (orig_h, orig_w) != (record.height, record.width):
@@ -333,10 +307,30 @@ class CocoDetection(Dataset):
             "image_id": record.image_id,
             "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
             "size": torch.tensor(size, dtype=torch.int64),
+            "stand_in_for": self._records[index].image_id if used != index else -1,
         }
-        if len(result["labels"]) == len(record.labels):
-            # No box was dropped (always so for evaluation transforms): the annotation areas
-            # and crowd flags still line up, and COCO evaluation needs both.
-            result["area"] = torch.from_numpy(record.areas.copy())
-            result["iscrowd"] = torch.from_numpy(record.iscrowd.copy())
         return image.as_subclass(Tensor), result
+
+    def _read_readable(self, index: int) -> tuple[Tensor, int]:
+        """Decode image ``index``, or else the next readable one: (uint8 [3, H, W], its index)."""
+        for offset in range(len(self._records)):
+            candidate = (index + offset) % len(self._records)
+            if candidate in self.unreadable:
+                continue
+            record = self._records[candidate]
+            try:
+                return _read_rgb(record.path), candidate
+            except (OSError, RuntimeError, ValueError, SyntaxError) as err:
+                self.unreadable.add(candidate)
+                log.warning(
+                    "image %s (image_id %s) does not decode (%s); a readable image stands in "
+                    "for it in training, and evaluation counts its objects as missed. Replace "
+                    "the file or remove it from %s.",
+                    record.path,
+                    record.image_id,
+                    err,
+                    self.annotation_file,
+                )
+        raise RuntimeError(
+            f"no image of {self.annotation_file} in {self.image_dir} decodes; check the files"
+        )

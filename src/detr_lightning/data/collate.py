@@ -13,21 +13,14 @@ __all__ = ["collate_detection"]
 
 
 def collate_detection(
-    samples: Sequence[tuple[Tensor, dict[str, Any]] | None],
-) -> tuple[Tensor, Tensor, list[dict[str, Any]]] | None:
+    samples: Sequence[tuple[Tensor, dict[str, Any]]],
+) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
     """Pad a list of ``(image, target)`` samples into one batch.
-
-    ``None`` samples (images that failed to decode; ``CocoDetection`` logs each one) are dropped,
-    so one unreadable file among many does not stop a long run. If every sample is ``None`` the
-    result is ``None``; the LightningModule's steps must skip such a batch (return ``None``).
 
     Returns:
         images: [B, 3, H, W] float, zero-padded at the bottom/right to the largest H and W.
         padding_mask: [B, H, W] bool, True on padding pixels.
         targets: list of B dicts, unchanged (boxes stay normalized by each unpadded size).
     """
-    kept = [sample for sample in samples if sample is not None]
-    if not kept:
-        return None
-    images, padding_mask = pad_images([image for image, _ in kept])
-    return images, padding_mask, [target for _, target in kept]
+    images, padding_mask = pad_images([image for image, _ in samples])
+    return images, padding_mask, [target for _, target in samples]

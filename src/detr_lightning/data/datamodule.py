@@ -4,6 +4,10 @@ Batch sizes are global: ``batch_size`` (and ``val_batch_size``) count images per
 across all devices and nodes, as in the DETR paper (64 = 16 GPUs x 4). ``setup()`` divides them
 by ``trainer.world_size`` to get the per-device batch, and raises ``ValueError`` when the
 division is not exact, so changing the number of GPUs never silently changes the recipe.
+
+Only what a stage needs is built: evaluation never touches the training split or its
+augmentation settings. :meth:`CocoDataModule.evaluation_settings` returns what a checkpoint
+must remember to evaluate the model as it was validated (split, sizes, label mapping).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pycocotools.coco import COCO
+from lightning_fabric.utilities.data import suggested_max_num_workers
 from torch.utils.data import DataLoader
 
 from detr_lightning.data.coco import CocoDetection, load_coco_json
@@ -23,8 +27,9 @@ from detr_lightning.data.labels import LabelMap
 from detr_lightning.data.presets import DEFAULT_SCALES, make_train_transforms, make_val_transforms
 from detr_lightning.data.sampler import EpochSeededSampler
 from detr_lightning.data.synthetic import ensure_synthetic_coco
+from detr_lightning.errors import SetupError
 
-__all__ = ["CocoDataModule"]
+__all__ = ["CocoDataModule", "check_data_source"]
 
 
 def _per_device(global_size: int, world_size: int, name: str) -> int:
@@ -38,6 +43,24 @@ def _per_device(global_size: int, world_size: int, name: str) -> int:
     return global_size // world_size
 
 
+def check_data_source(root: str | os.PathLike | None, synthetic: Mapping | None) -> None:
+    """Raise SetupError unless ``root`` is a folder or ``synthetic`` parameters are given.
+
+    Cheap, so entry points call it before any slow set-up (weights, indexing)."""
+    demo = "or run the CPU demo on the built-in data: python train.py experiment=synthetic_cpu"
+    if root is None and synthetic is None:
+        raise SetupError(
+            "no dataset: set data.root=/path/to/coco (a folder with train2017/, val2017/ and "
+            "annotations/instances_{train,val}2017.json, or your own names through "
+            f"data.train_images=... data.val_annotations=...), {demo}"
+        )
+    if root is not None and not Path(root).expanduser().is_dir():
+        raise SetupError(
+            f"data.root={root} is not a directory; point data.root at a COCO-format dataset, "
+            + demo
+        )
+
+
 def _categories_by_id(categories: list[dict[str, Any]]) -> dict[int, str]:
     return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
 
@@ -45,12 +68,14 @@ def _categories_by_id(categories: list[dict[str, Any]]) -> dict[int, str]:
 class CocoDataModule(pl.LightningDataModule):
     """COCO-layout train/val splits with the DETR augmentations.
 
-    ``root=None`` uses the synthetic shapes dataset (generated once into the cache; ``synthetic``
-    holds its parameters, see ``detr_lightning.data.synthetic``). Image directories and
-    annotation files are relative to ``root`` unless absolute. ``label_map`` and ``num_classes``
-    come from the validation annotations' categories and are available right after
-    construction. Batches are ``(images [B,3,H,W], padding_mask [B,H,W] bool, targets)`` from
-    :func:`~detr_lightning.data.collate.collate_detection`.
+    ``synthetic`` (a dict of :func:`~detr_lightning.data.synthetic.ensure_synthetic_coco`
+    parameters) with ``root=None`` uses the synthetic shapes dataset, generated once into the
+    cache. Image directories and annotation files are relative to ``root`` unless absolute.
+    ``label_map`` and ``num_classes`` come from the validation annotations' categories and are
+    available right after construction. ``num_workers=None`` takes what the machine has per
+    device (Lightning's suggestion: cores / devices - 1); ``pin_memory=None`` pins only when
+    training on a GPU. Batches are ``(images [B,3,H,W], padding_mask [B,H,W] bool, targets)``
+    from :func:`~detr_lightning.data.collate.collate_detection`.
     """
 
     def __init__(
@@ -63,8 +88,8 @@ class CocoDataModule(pl.LightningDataModule):
         val_annotations: str = "annotations/instances_val2017.json",
         batch_size: int = 8,
         val_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
         persistent_workers: bool = False,
         scales: Sequence[int] = DEFAULT_SCALES,
         max_size: int = 1333,
@@ -80,31 +105,35 @@ class CocoDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_data_source(root, synthetic)
         if root is None:
             self.root = ensure_synthetic_coco(**dict(synthetic or {}))
         else:
-            self.root = Path(root)
+            self.root = Path(root).expanduser()
+        self.synthetic = dict(synthetic) if root is None and synthetic is not None else None
         self.train_image_dir = self._resolve(train_images)
         self.val_image_dir = self._resolve(val_images)
         self.train_annotation_file = self._resolve(train_annotations)
         self.val_annotation_file = self._resolve(val_annotations)
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size if val_batch_size is not None else batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.persistent_workers = persistent_workers
         self.label_mapping = label_mapping
         self.strict = strict
         self.seed = int(seed)
-        self.train_transforms = make_train_transforms(
-            scales=list(scales),
-            max_size=max_size,
-            crop=crop,
-            crop_resize=list(crop_resize),
-            crop_min=crop_min,
-            crop_max=crop_max,
-        )
-        self.val_transforms = make_val_transforms(val_size=val_size, max_size=max_size)
+        self.val_size = int(val_size)
+        self.max_size = int(max_size)
+        self._train_augmentation = {
+            "scales": list(scales),
+            "max_size": self.max_size,
+            "crop": crop,
+            "crop_resize": list(crop_resize),
+            "crop_min": crop_min,
+            "crop_max": crop_max,
+        }
+        self.val_transforms = make_val_transforms(val_size=self.val_size, max_size=self.max_size)
         # Only the categories are needed now; setup() builds the datasets.
         val_json = load_coco_json(self.val_annotation_file)
         self._val_categories = _categories_by_id(val_json["categories"])
@@ -124,12 +153,20 @@ class CocoDataModule(pl.LightningDataModule):
         """Number of class labels (without "no object"); the model's ``num_classes``."""
         return self.label_map.num_classes
 
-    @property
-    def val_coco(self) -> COCO:
-        """pycocotools ``COCO`` of the validation split (ground truth for COCO evaluation)."""
-        coco = self._get_val_dataset().coco
-        assert coco is not None  # the validation dataset keeps its index
-        return coco
+    def evaluation_settings(self) -> dict[str, Any]:
+        """What evaluating a model trained on this data needs: the validation split (root or
+        synthetic parameters), its preprocessing, label mapping and batch size. Stored in
+        checkpoints, so ``eval.py ckpt_path=...`` needs no ``data.*`` overrides."""
+        return {
+            "root": None if self.synthetic is not None else str(self.root.resolve()),
+            "synthetic": self.synthetic,
+            "val_images": str(self.hparams.val_images),
+            "val_annotations": str(self.hparams.val_annotations),
+            "val_size": self.val_size,
+            "max_size": self.max_size,
+            "val_batch_size": self.val_batch_size,
+            "label_mapping": self.label_mapping,
+        }
 
     def use_label_map(self, label_map: LabelMap | Mapping[str, Any]) -> None:
         """Label the data with ``label_map`` (e.g. a checkpoint's) instead of the file's own.
@@ -161,6 +198,11 @@ class CocoDataModule(pl.LightningDataModule):
         self.per_device_val_batch_size = _per_device(
             self.val_batch_size, world_size, "val_batch_size"
         )
+        if self.num_workers is None:
+            self.num_workers = suggested_max_num_workers(getattr(self.trainer, "num_devices", 1))
+        if self.pin_memory is None:
+            accelerator = getattr(self.trainer, "accelerator", None)
+            self.pin_memory = type(accelerator).__name__ == "CUDAAccelerator"
         if stage in (None, "fit"):
             self._get_train_dataset()
         self._get_val_dataset()
@@ -170,11 +212,9 @@ class CocoDataModule(pl.LightningDataModule):
             dataset = CocoDetection(
                 self.train_image_dir,
                 self.train_annotation_file,
-                transforms=self.train_transforms,
+                transforms=make_train_transforms(**self._train_augmentation),
                 label_map=self.label_map,
-                remove_crowd=True,
                 strict=self.strict,
-                keep_coco=False,
             )
             train_categories = _categories_by_id(dataset.categories)
             if train_categories != self._val_categories:
@@ -188,14 +228,13 @@ class CocoDataModule(pl.LightningDataModule):
 
     def _get_val_dataset(self) -> CocoDetection:
         if self.val_dataset is None:
-            # Crowd boxes stay in validation targets, flagged by "iscrowd": COCO evaluation
-            # ignores detections on them; DETRModule leaves them out of the loss.
+            # COCO evaluation takes its ground truth (crowd regions and areas included) from the
+            # annotation file; the samples only feed the model and its validation loss.
             self.val_dataset = CocoDetection(
                 self.val_image_dir,
                 self.val_annotation_file,
                 transforms=self.val_transforms,
                 label_map=self.label_map,
-                remove_crowd=False,
                 strict=self.strict,
             )
         return self.val_dataset
@@ -204,15 +243,16 @@ class CocoDataModule(pl.LightningDataModule):
         self, dataset: CocoDetection, batch_size: int, sampler: EpochSeededSampler | None = None
     ) -> DataLoader:
         """Batches in ``sampler`` order, or in file order without one."""
+        num_workers = self.num_workers if self.num_workers is not None else 0
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             shuffle=False,
             drop_last=False,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
+            num_workers=num_workers,
+            pin_memory=bool(self.pin_memory),
+            persistent_workers=self.persistent_workers and num_workers > 0,
             collate_fn=collate_detection,
         )
 

@@ -17,6 +17,11 @@ dataset has to turn category ids into labels. Two conventions exist:
     the size of the classification head of the released weights, so choose this mode to
     evaluate or fine-tune from them without remapping the head.
 
+Unused labels have one convention everywhere: category id ``-1`` and the name ``"N/A"``. They
+come from the ``"category_id"`` mode, from the official checkpoints' 91-class head (whose
+unused COCO ids are named "N/A"), and from a model with more classes than its data; their
+detections are never written as results.
+
 Either way the data module builds the ``LabelMap`` from the annotation file, reports
 ``num_classes`` to the model config, and the evaluation code converts predicted labels back to
 category ids with :meth:`LabelMap.label_to_category`. The map is stored in checkpoints through
@@ -32,11 +37,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LABEL_MAPPINGS", "UNUSED_NAME", "LabelMap"]
+__all__ = ["LABEL_MAPPINGS", "UNUSED_ID", "UNUSED_NAME", "LabelMap"]
 
 LABEL_MAPPINGS = ("contiguous", "category_id")
 UNUSED_NAME = "N/A"
-_UNUSED_ID = -1
+UNUSED_ID = -1
 
 
 @dataclass
@@ -61,7 +66,7 @@ class LabelMap:
             )
         self._label_of = {}
         for label, cat_id in enumerate(self.category_ids):
-            if cat_id == _UNUSED_ID:
+            if cat_id == UNUSED_ID:
                 continue
             if cat_id in self._label_of:
                 raise ValueError(
@@ -105,8 +110,26 @@ class LabelMap:
             )
         size = max(by_id) + 1
         return cls(
-            category_ids=[i if i in by_id else _UNUSED_ID for i in range(size)],
+            category_ids=[i if i in by_id else UNUSED_ID for i in range(size)],
             names=[by_id.get(i, UNUSED_NAME) for i in range(size)],
+        )
+
+    @classmethod
+    def from_names(cls, names: Sequence[str]) -> LabelMap:
+        """The map of a model whose label *is* the category id, e.g. the official COCO
+        checkpoints: label i is category i, or unused where its name is "N/A" (or empty)."""
+        names = [str(n) if n else UNUSED_NAME for n in names]
+        return cls(
+            category_ids=[UNUSED_ID if n == UNUSED_NAME else i for i, n in enumerate(names)],
+            names=names,
+        )
+
+    def padded(self, num_classes: int) -> LabelMap:
+        """This map extended with unused labels up to ``num_classes`` entries."""
+        extra = max(num_classes - self.num_classes, 0)
+        return LabelMap(
+            category_ids=self.category_ids + [UNUSED_ID] * extra,
+            names=self.names + [UNUSED_NAME] * extra,
         )
 
     def label_to_category(self, labels: Tensor | Sequence[int]) -> Tensor:

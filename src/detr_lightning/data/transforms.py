@@ -90,8 +90,14 @@ class RandomShortSideResize(v2.Transform):
     """Resize so the short side is a random choice of ``sizes``, the long side <= ``max_size``.
 
     The short side is exactly the chosen size unless the long side would exceed ``max_size``;
-    then the long side is ``max_size`` and the short side scales with it (aspect ratio kept).
-    Boxes scale with the image.
+    then the long side is exactly ``max_size`` and the short side scales with it (aspect ratio
+    kept). A ``max_size`` at or below a size is a valid cap (e.g. evaluation at 160 px). Boxes
+    scale with the image.
+
+    torchvision's ``v2.RandomShortestSize`` picks the same scale but truncates ``side * ratio``
+    in floating point, so a capped long side often lands one pixel short of ``max_size`` (and
+    the short side one short of its size); ``F.resize`` with ``max_size`` computes the capped
+    side exactly, which is why this wraps ``F.resize``.
     """
 
     def __init__(self, sizes: Sequence[int], max_size: int | None = None) -> None:
@@ -99,11 +105,8 @@ class RandomShortSideResize(v2.Transform):
         self.sizes = [int(s) for s in sizes]
         if not self.sizes or min(self.sizes) <= 0:
             raise ValueError(f"sizes must be a non-empty list of positive ints, got {sizes}")
-        if max_size is not None and max_size <= max(self.sizes):
-            raise ValueError(
-                f"max_size={max_size} must exceed the largest short-side size {max(self.sizes)}; "
-                "raise max_size or drop the large sizes"
-            )
+        if max_size is not None and max_size <= 0:
+            raise ValueError(f"max_size must be positive, got {max_size}")
         self.max_size = max_size
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
@@ -112,8 +115,14 @@ class RandomShortSideResize(v2.Transform):
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         """Resize one input (image, boxes, mask)."""
+        size = params["size"]
+        if self.max_size is not None and self.max_size <= size:
+            # the long side (>= the short side) always hits the cap first: resize by it alone
+            return self._call_kernel(
+                F.resize, inpt, size=None, max_size=self.max_size, antialias=True
+            )
         return self._call_kernel(
-            F.resize, inpt, size=[params["size"]], max_size=self.max_size, antialias=True
+            F.resize, inpt, size=[size], max_size=self.max_size, antialias=True
         )
 
     _get_params = make_params

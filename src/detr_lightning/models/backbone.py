@@ -6,12 +6,16 @@ is also what the official DETR checkpoints hold under ``backbone.0.body``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+from .backbone_weights import STAGES, ensure_imagenet_weights, load_trunk, read_backbone_weights
 
 NormKind = Literal["frozen", "batch", "group"]
 
@@ -51,7 +55,6 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
-STAGES = ("layer1", "layer2", "layer3", "layer4")
 # Trainable stages counted from the top, as torchvision's ``trainable_backbone_layers``:
 # 3 (the official recipe) trains layer2-4 and keeps the stem and layer1 frozen.
 STAGES_TOP_DOWN = ("layer4", "layer3", "layer2", "layer1", "conv1", "bn1")
@@ -75,7 +78,12 @@ class Backbone(nn.Module):
         name: resnet18, resnet34, resnet50 or resnet101.
         dilation: DC5 variant: dilate the last stage instead of striding (output stride 16
             instead of 32). Only for the bottleneck ResNets (50/101).
-        pretrained: load torchvision's ImageNet weights (downloads; off by default).
+        weights: a local torchvision ResNet state-dict file (e.g. a copy of torchvision's
+            ImageNet weights) to initialize the trunk from; takes precedence over
+            ``pretrained``. Read weights-only; "fc.*" keys are ignored.
+        pretrained: without ``weights``, load torchvision's ImageNet (V1) weights from its
+            cache, downloading them once (see ``ensure_imagenet_weights``; a SetupError when
+            offline). Neither given: random initialization.
         norm: "frozen" (FrozenBatchNorm2d, the official choice), "batch" or "group".
         train_backbone: when False every backbone parameter is frozen.
         trainable_layers: how many stages, from the top, are trained (0-5; 3 = layer2-4 as
@@ -89,6 +97,7 @@ class Backbone(nn.Module):
         name: str = "resnet50",
         *,
         dilation: bool = False,
+        weights: str | os.PathLike | None = None,
         pretrained: bool = False,
         norm: NormKind = "frozen",
         train_backbone: bool = True,
@@ -109,9 +118,25 @@ class Backbone(nn.Module):
                 f"DC5 dilation needs a bottleneck ResNet (resnet50/resnet101); {name} has basic "
                 "blocks that torchvision cannot dilate. Set backbone.dilation=false."
             )
-        weights = "DEFAULT" if pretrained else None
+        if weights == "":
+            weights = None  # what an empty Hydra override (backbone.weights=) gives
+        # Refused before any download: GroupNorm has no slot for the running statistics.
+        if norm == "group" and (weights is not None or pretrained):
+            given = f"backbone.weights={weights}" if weights is not None else "backbone.pretrained"
+            raise ValueError(
+                f"backbone.norm=group cannot load {given}: ImageNet BatchNorm statistics cannot "
+                "be loaded into GroupNorm. Use backbone.norm=frozen or batch, or train from a "
+                "random backbone (backbone.pretrained=false, backbone.weights=null)"
+            )
+        if weights is not None:
+            source: Path | None = Path(weights).expanduser()
+        else:
+            # Never torchvision's own download path: ensure_imagenet_weights fails with a message
+            # that says how to fix an offline machine, wherever the backbone is built.
+            source = ensure_imagenet_weights(name) if pretrained else None
+        state = read_backbone_weights(source) if source is not None else None
         body = getattr(torchvision.models, name)(
-            weights=weights,
+            weights=None,
             replace_stride_with_dilation=[False, False, dilation],
             norm_layer=_norm_layer(norm),
         )
@@ -119,6 +144,8 @@ class Backbone(nn.Module):
         del body.fc, body.avgpool
         if num_stages == 3:
             del body.layer4
+        if state is not None:
+            load_trunk(body, state, source, name)
         self.body = body
         self.name = name
         self.dilation = dilation

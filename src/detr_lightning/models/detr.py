@@ -96,8 +96,13 @@ class DETR(nn.Module):
         features, mask = self.backbone(images, padding_mask)
         pos = self.position_encoding(mask).to(features.dtype)
         hidden, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
-        logits = self.class_embed(hidden)  # [L, B, Q, C+1]
-        boxes = self.bbox_embed(hidden).sigmoid()  # [L, B, Q, 4]
+        # The heads run in fp32 even under autocast: bf16 keeps 8 bits of mantissa, which moves
+        # a box coordinate in [0, 1] by up to ~4e-3 after the sigmoid, and the logits decide
+        # both the matching and the scores. They are a tiny share of the compute.
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            hidden = hidden.float()
+            logits = self.class_embed(hidden)  # [L, B, Q, C+1]
+            boxes = self.bbox_embed(hidden).sigmoid()  # [L, B, Q, 4]
         out: dict = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [
@@ -113,6 +118,7 @@ def build_detr(
     backbone: str = "resnet50",
     dilation: bool = False,
     pretrained_backbone: bool = False,
+    backbone_weights: str | None = None,
     norm: NormKind = "frozen",
     train_backbone: bool = True,
     trainable_layers: int = 3,
@@ -130,7 +136,8 @@ def build_detr(
 ) -> DETR:
     """Build DETR from plain settings; the defaults are DETR-R50 on COCO (91 = max id + 1).
 
-    ``pretrained_backbone`` downloads torchvision's ImageNet weights for the ResNet only.
+    ``pretrained_backbone`` loads torchvision's ImageNet weights for the ResNet only (from its
+    cache, downloading them once); ``backbone_weights`` names a local file of them instead.
     These keyword names are the ones stored in exported configs and Hydra's ``model`` group.
     """
     return DETR(
@@ -138,6 +145,7 @@ def build_detr(
             backbone,
             dilation=dilation,
             pretrained=pretrained_backbone,
+            weights=backbone_weights,
             norm=norm,
             train_backbone=train_backbone,
             trainable_layers=trainable_layers,

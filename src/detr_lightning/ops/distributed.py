@@ -11,10 +11,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
@@ -28,18 +24,13 @@ def all_reduce_mean(value: Tensor) -> Tensor:
     return value / dist.get_world_size()
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def all_gather_list(items: list) -> list:
-    """Concatenate a picklable list from every rank, in rank order (identity outside DDP)."""
+def gather_to_main(obj: object) -> list | None:
+    """Every rank's picklable ``obj`` on rank 0, in rank order; None on the other ranks."""
     if not is_distributed():
-        return items
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, items)
-    return [item for part in gathered for item in part]
+        return [obj]
+    gathered: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
@@ -51,11 +42,4 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return holder[0]
 
 
-__all__ = [
-    "all_gather_list",
-    "all_reduce_mean",
-    "barrier",
-    "broadcast_object",
-    "is_distributed",
-    "rank",
-]
+__all__ = ["all_reduce_mean", "broadcast_object", "gather_to_main", "is_distributed", "rank"]
