@@ -69,13 +69,8 @@ class SetCriterion(nn.Module):
         Returns:
             unweighted terms (scalars); combine with :attr:`weight_dict` or :meth:`weighted_total`.
         """
-        for i, target in enumerate(targets):
-            labels = target["labels"]
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"target {i} has labels {labels.tolist()} outside [0, {self.num_classes}); "
-                    "the model's num_classes is too small for this dataset's label map"
-                )
+        # Labels are not checked here: that would cost a host sync per step. The dataset checks
+        # them against its label map once, and DETRModule.setup the map against num_classes.
         layers = [outputs] + list(outputs.get("aux_outputs", []))
         all_indices = self.matcher.match_layers(layers, targets)
 
