@@ -14,14 +14,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The CPU demo; the base config (python train.py data.root=...) is the paper's COCO recipe.
 train: $(STAMP)
-	$(PY) train.py $(ARGS)
+	$(PY) train.py experiment=synthetic_cpu $(ARGS)
 
 eval: $(STAMP)
 	$(PY) eval.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

@@ -398,3 +398,28 @@ def test_three_stage_backbone_has_stride_16():
         Backbone("resnet50", num_stages=2)
     with pytest.raises(ValueError, match="DC5"):
         Backbone("resnet50", num_stages=3, dilation=True)
+
+
+def test_heads_run_in_fp32_under_bf16_autocast() -> None:
+    """Under bf16 autocast the class and box heads (and the sigmoid) still compute in fp32:
+    the outputs are fp32 and the boxes stay within 5e-3 of the fp32 model's."""
+    generator = torch.Generator().manual_seed(4)
+    model = tiny_detr().eval()
+    randomize_frozen_batchnorm(model, generator)
+    images = [
+        torch.randn(3, 96, 128, generator=generator),
+        torch.randn(3, 80, 112, generator=generator),
+    ]
+    with torch.no_grad():
+        reference = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(images)
+    for key in ("pred_logits", "pred_boxes"):
+        assert mixed[key].dtype == torch.float32, key
+        assert mixed["aux_outputs"][0][key].dtype == torch.float32, key
+    deviation = (mixed["pred_boxes"] - reference["pred_boxes"]).abs().max().item()
+    assert deviation <= 5e-3, deviation
+    # the heads alone, fed the same hidden states in bf16, would round their outputs to bf16
+    hidden = torch.randn(2, 5, 32, generator=generator)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.bbox_embed(hidden).dtype == torch.bfloat16  # what the fp32 block prevents

@@ -36,7 +36,8 @@ class MetricsHistory(pl.Callback):
     """Keeps one entry per epoch and writes ``metrics.json`` (and a PNG of the curves).
 
     Each entry holds ``epoch``, ``train_loss`` (epoch mean of the weighted total loss over all
-    ranks), ``train_seconds`` (training batches only, validation excluded),
+    ranks), ``train_stand_in_images`` (samples that replaced unreadable images, all ranks),
+    ``train_seconds`` (training batches only, validation excluded),
     ``train_images_per_s`` (all ranks together), ``peak_memory_mb`` (CUDA: peak allocated on
     rank 0 during the epoch; CPU: the process's peak RSS so far) and the epoch's validation
     metrics. The file is rewritten after every epoch, so a crashed run keeps its history.
@@ -92,9 +93,11 @@ class MetricsHistory(pl.Callback):
             torch.tensor(float(self._images), device=pl_module.device), reduce_op="sum"
         )
         loss = trainer.callback_metrics.get("train/loss")
+        stand_ins = trainer.callback_metrics.get("train/stand_in_images")
         entry = {
             "epoch": trainer.current_epoch,
             "train_loss": float(loss) if loss is not None else math.nan,
+            "train_stand_in_images": int(stand_ins) if stand_ins is not None else 0,
             "train_seconds": seconds,
             "train_images_per_s": float(images) / seconds,
             "peak_memory_mb": _peak_memory_mb(pl_module.device),

@@ -1,0 +1,337 @@
+"""COCO evaluation: statistics identical to pycocotools, repeats counted once, unreadable images
+counted as missed, maxDets and per-class AP; and, on a trained run, evaluation that repeats the
+validation with no data overrides and gives the same numbers in 1 and 2 processes."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from data_fixtures import make_tiny_synthetic
+from detr_lightning.data.labels import LabelMap
+from detr_lightning.data.synthetic import ensure_synthetic_coco
+from detr_lightning.eval import evaluate
+from detr_lightning.evaluation import (
+    COCO_METRIC_KEYS,
+    CocoEvaluator,
+    coco_eval_file,
+    metric_keys,
+    report,
+)
+from detr_lightning.train import train
+from pipeline_fixtures import compose_config, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_stats(annotation_file: Path, results: list[dict], max_dets=(1, 10, 100), cats=None):
+    """pycocotools' COCOeval on a results list, independently of our code."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(str(annotation_file))
+        detections = ground_truth.loadRes(results)
+        evaluator = COCOeval(ground_truth, detections, "bbox")
+        evaluator.params.maxDets = list(max_dets)
+        if cats is not None:
+            evaluator.params.catIds = cats
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(v) for v in evaluator.stats]
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> tuple[Path, dict, LabelMap]:
+    root = make_tiny_synthetic(tmp_path_factory.mktemp("coco"), num_val=8, max_objects=4)
+    annotation_file = root / "annotations" / "instances_val2017.json"
+    data = json.loads(annotation_file.read_text())
+    return annotation_file, data, LabelMap.from_coco(data)
+
+
+def fake_detections(data: dict, label_map: LabelMap, per_image: int, seed: int):
+    """Per image: jittered ground-truth boxes plus random false positives, as model outputs
+    (xyxy pixels, scores, contiguous labels), with targets holding the image ids."""
+    generator = torch.Generator().manual_seed(seed)
+    targets, detections = [], []
+    for image in data["images"]:
+        anns = [a for a in data["annotations"] if a["image_id"] == image["id"]]
+        boxes = [a["bbox"] for a in anns]
+        labels = [label_map.category_to_label(a["category_id"]) for a in anns]
+        xyxy = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in boxes]).reshape(-1, 4)
+        xyxy = xyxy + torch.randn(xyxy.shape, generator=generator) * 3
+        extra = per_image - len(boxes)
+        corner = torch.rand(extra, 2, generator=generator) * 40
+        size = torch.rand(extra, 2, generator=generator) * 40 + 5
+        xyxy = torch.cat([xyxy, torch.cat([corner, corner + size], 1)])
+        labels = torch.tensor(
+            labels + torch.randint(label_map.num_classes, (extra,), generator=generator).tolist()
+        )
+        # true detections score higher on the whole, with overlap: AP well inside (0, 1)
+        scores = torch.rand(per_image, generator=generator) * 0.7
+        scores[: len(boxes)] += 0.3
+        targets.append({"image_id": image["id"], "stand_in_for": -1})
+        detections.append({"boxes": xyxy, "scores": scores, "labels": labels})
+    return targets, detections
+
+
+def test_statistics_and_results_equal_pycocotools(split, tmp_path):
+    annotation_file, data, label_map = split
+    targets, detections = fake_detections(data, label_map, per_image=20, seed=0)
+    evaluator = CocoEvaluator(annotation_file, label_map.category_ids)
+    # in two batches, with the distributed sampler's repeat of the first image at the end
+    evaluator.update(targets[:3], detections[:3])
+    evaluator.update(targets[3:] + targets[:1], detections[3:] + detections[:1])
+    result = evaluator.compute(tmp_path / "results.json")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 20 * len(data["images"])  # the repeat is counted once
+    reference = reference_stats(annotation_file, results)
+    assert [result.stats[k] for k in COCO_METRIC_KEYS] == reference
+    assert coco_eval_file(annotation_file, tmp_path / "results.json") == reference
+    assert 0.1 < reference[0] < 0.9, reference  # neither trivially 0 nor 1
+    assert result.num_images == len(data["images"]) and result.skipped_images == []
+    # per-class AP equals COCOeval restricted to that category
+    for category, ap in result.per_class.items():
+        assert ap == pytest.approx(reference_stats(annotation_file, results, cats=[category])[0])
+
+
+def test_unreadable_image_counts_its_objects_as_missed(split, tmp_path):
+    annotation_file, data, label_map = split
+    targets, detections = fake_detections(data, label_map, per_image=10, seed=1)
+    victim = next(t["image_id"] for t in targets if any(a["image_id"] == t["image_id"]
+                                                         for a in data["annotations"]))  # fmt: skip
+    # the stand-in is another image's sample; its detections must not count for anyone
+    stand_in = {"image_id": targets[0]["image_id"], "stand_in_for": victim}
+    kept = [(t, d) for t, d in zip(targets, detections) if t["image_id"] != victim]
+    evaluator = CocoEvaluator(annotation_file, label_map.category_ids)
+    evaluator.update([stand_in] + [t for t, _ in kept], [detections[0]] + [d for _, d in kept])
+    result = evaluator.compute(tmp_path / "results.json")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert victim not in {r["image_id"] for r in results}
+    assert result.skipped_images == [victim] and result.num_images == len(data["images"])
+    # pycocotools over all images, the unreadable one without detections: its GT is missed
+    assert [result.stats[k] for k in COCO_METRIC_KEYS] == reference_stats(annotation_file, results)
+    assert result.metrics()["skipped_images"] == 1.0
+
+
+def test_max_dets_follows_the_number_of_queries(split, tmp_path):
+    annotation_file, data, label_map = split
+    targets, detections = fake_detections(data, label_map, per_image=150, seed=2)
+    evaluator = CocoEvaluator(annotation_file, label_map.category_ids, max_dets=150)
+    evaluator.update(targets, detections)
+    result = evaluator.compute(tmp_path / "results.json")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(result.stats) == set(metric_keys(150)) and "mar_150" in result.stats
+    reference = reference_stats(annotation_file, results, max_dets=(1, 10, 150))
+    assert [result.stats[k] for k in metric_keys(150)] == reference
+    assert reference != reference_stats(annotation_file, results)  # 100 would differ
+    assert "maxDets=150" in report(result.metrics(), label_map.to_dict())
+
+
+def test_unused_labels_and_no_detections(split, tmp_path):
+    annotation_file, data, label_map = split
+    targets, detections = fake_detections(data, label_map, per_image=5, seed=3)
+    padded = label_map.padded(label_map.num_classes + 2)  # two labels with no category
+    for det in detections:
+        det["labels"][:] = label_map.num_classes + 1
+    evaluator = CocoEvaluator(annotation_file, padded.category_ids)
+    evaluator.update(targets, detections)
+    result = evaluator.compute(tmp_path / "results.json")
+    assert json.loads((tmp_path / "results.json").read_text()) == []
+    assert result.stats["map"] == 0.0 and result.stats["mar_100"] == 0.0
+
+
+def test_unknown_backend_fails_at_set_up(split):
+    annotation_file, _, label_map = split
+    with pytest.raises(ValueError, match="eval_backend must be one of"):
+        CocoEvaluator(annotation_file, label_map.category_ids, backend="nope")
+
+
+# ------------------------------------------------------------------------- on a trained run
+TRAINED = pytest.mark.xdist_group("trained_run")
+
+
+# session scope: xdist runs the whole group on one worker, where other modules' tests may come
+# between its tests; a module-scoped fixture would then train twice
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A tiny DETR trained for 60 epochs (120 steps) on 8 synthetic images, validated at 30 and
+    60, with data.* overrides that an evaluation must not need to repeat. Enough for it to find
+    the training images' objects (COCO AP ~0.1 on them), so that comparisons of metrics are not
+    comparisons of zeros."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_config(
+        "train",
+        tiny_overrides(
+            run_dir,
+            "trainer.max_epochs=60",
+            "trainer.check_val_every_n_epoch=30",
+            "trainer.gradient_clip_val=null",  # clipping at 0.1 stalls a random backbone
+            "callbacks=default",
+            "callbacks.progress_bar=null",
+            "model.hidden_dim=64",
+            "model.nheads=4",
+            "model.dropout=0.0",
+            "optimizer.lr=5e-4",
+            "backbone.lr=5e-4",
+            "data.scales=[80]",
+            "data.crop=false",
+        ),
+    )
+    train(cfg)
+    return run_dir
+
+
+def metrics_annotations(run_dir: Path) -> Path:
+    """The validation annotation file of the run (from the synthetic cache)."""
+    cfg = compose_config("train", tiny_overrides(run_dir))
+    return ensure_synthetic_coco(**cfg.data.synthetic) / "annotations" / "instances_val2017.json"
+
+
+@pytest.mark.slow
+@TRAINED
+def test_train_writes_run_artifacts(trained_run):
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert set(COCO_METRIC_KEYS) <= set(metrics)
+    assert metrics["num_images"] == 4 and metrics["skipped_images"] == 0
+    names = {c["name"] for c in json.loads(Path(metrics_annotations(trained_run)).read_text())[
+        "categories"]}  # fmt: skip
+    assert {e["name"] for e in metrics["per_class_ap"]} == names and len(names) == 3
+    assert [entry["epoch"] for entry in metrics["history"]] == list(range(60))
+    for entry in metrics["history"]:
+        assert entry["train_loss"] > 0 and entry["train_seconds"] > 0
+        assert entry["train_images_per_s"] > 0 and entry["peak_memory_mb"] > 0
+        # validation ran after epochs 30 and 60 only
+        assert (set(COCO_METRIC_KEYS) <= set(entry)) == (entry["epoch"] in (29, 59))
+    assert metrics["map"] == metrics["history"][-1]["map"]
+    assert (trained_run / "curves.png").stat().st_size > 10_000
+    assert (trained_run / "config.yaml").is_file()
+    assert (trained_run / "checkpoints" / "last.ckpt").is_file()
+    assert any(p.name.startswith("best-") for p in (trained_run / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+@TRAINED
+def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_path):
+    """The run used data.* overrides (sizes, synthetic parameters); eval.py needs none."""
+    eval_cfg = compose_config(
+        "eval",
+        [
+            "trainer.enable_progress_bar=false",
+            f"run_dir={tmp_path}",
+            f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        ],
+    )
+    evaluated = evaluate(eval_cfg)
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    for key in COCO_METRIC_KEYS:
+        assert evaluated[key] == trained[key], key
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["data"]["val_size"] == 80 and written["data"]["max_size"] == 128
+    assert written["data"]["synthetic"]["num_val"] == 4
+
+
+@pytest.mark.slow
+@TRAINED
+def test_eval_on_the_training_images_matches_pycocotools(trained_run, tmp_path):
+    """On the images it was trained on the metrics are far from zero, so the comparison with
+    pycocotools on the written results file means something."""
+    eval_cfg = compose_config(
+        "eval",
+        [
+            "data.val_images=train2017",
+            "data.val_annotations=annotations/instances_train2017.json",
+            "trainer.enable_progress_bar=false",
+            f"run_dir={tmp_path}",
+            f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        ],
+    )
+    evaluated = evaluate(eval_cfg)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    assert predictions and {"image_id", "category_id", "bbox", "score"} == set(predictions[0])
+    annotations = json.loads(Path(written["annotations"]).read_text())
+    assert {p["category_id"] for p in predictions} <= {c["id"] for c in annotations["categories"]}
+    reference = coco_eval_file(written["annotations"], tmp_path / "predictions.json")
+    ours = [written[key] for key in COCO_METRIC_KEYS]
+    # logged as float32: the only difference to COCOeval's float64 is that rounding
+    assert max(abs(a - b) for a, b in zip(ours, reference)) <= 1e-6, (ours, reference)
+    assert sum(value > 0 for value in reference) >= 3, reference
+    assert evaluated["map"] == written["map"]
+
+
+def odd_split_with_an_unreadable_image(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """7 of the run's 8 training images (an odd count) in a new folder, one of them corrupt."""
+    cfg = compose_config("train", tiny_overrides(run_dir))
+    root = ensure_synthetic_coco(**cfg.data.synthetic)  # the run's dataset, from the cache
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    images = data["images"][:7]
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for entry in images:
+        shutil.copy(root / "train2017" / entry["file_name"], image_dir / entry["file_name"])
+    (image_dir / images[3]["file_name"]).write_bytes(b"\xff\xd8 not a jpeg")
+    ids = {entry["id"] for entry in images}
+    data["images"] = images
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    annotation_file = tmp_path / "odd.json"
+    annotation_file.write_text(json.dumps(data))
+    return image_dir, annotation_file
+
+
+@pytest.mark.slow
+@TRAINED
+def test_two_processes_give_the_statistics_and_results_of_one(trained_run, tmp_path):
+    """DDP (gloo) evaluation of an odd-sized split with an unreadable image: the sampler
+    repeats an image to even out the ranks, and the numbers and the results file must still
+    be those of one process (with the same per-device batch, so the padding is the same)."""
+    image_dir, annotation_file = odd_split_with_an_unreadable_image(trained_run, tmp_path)
+    checkpoint = trained_run / "checkpoints" / "last.ckpt"
+    common = [
+        f"ckpt_path={checkpoint}",
+        f"data.val_images={image_dir}",
+        f"data.val_annotations={annotation_file}",
+        "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu",
+    ]
+    single = tmp_path / "single"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the DDP processes: float sums depend on the thread count
+    try:
+        evaluate(compose_config("eval", [*common, "data.val_batch_size=1", f"run_dir={single}"]))
+    finally:
+        torch.set_num_threads(threads)
+
+    double = tmp_path / "double"
+    command = [sys.executable, str(ROOT / "eval.py"), *common, "data.val_batch_size=2",
+               "trainer.devices=2", "trainer.strategy=ddp", f"run_dir={double}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "MEMBER: 2/2" in result.stdout + result.stderr  # two processes evaluated
+
+    one = json.loads((single / "metrics.json").read_text())
+    two = json.loads((double / "metrics.json").read_text())
+    assert one["num_images"] == two["num_images"] == 7
+    assert one["skipped_images"] == two["skipped_images"] == 1
+    for key in COCO_METRIC_KEYS:
+        assert one[key] == two[key], key
+    assert one["map"] > 0  # the model found something: equal zeros would prove nothing
+    predictions_one = json.loads((single / "predictions.json").read_text())
+    predictions_two = json.loads((double / "predictions.json").read_text())
+    assert predictions_one == predictions_two
+    assert len({p["image_id"] for p in predictions_two}) == 6  # 7 images, one unreadable
+    # and pycocotools agrees on the written file (the unreadable image's objects missed)
+    reference = coco_eval_file(annotation_file, double / "predictions.json")
+    assert max(abs(two[k] - r) for k, r in zip(COCO_METRIC_KEYS, reference)) <= 1e-6
