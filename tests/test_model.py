@@ -181,14 +181,10 @@ def test_backbone_mask_follows_feature_resolution() -> None:
     padding_mask[0, 64:] = True  # image 0 is 64x96
     with torch.no_grad():
         features, mask = backbone(images, padding_mask)
-        stages = backbone.forward_stages(images)
-    assert features.shape == (2, 512, 4, 3)
+    assert features.shape == (2, 512, 4, 3)  # stride 32
     expected = torch.zeros(2, 4, 3, dtype=torch.bool)
     expected[0, 2:] = True
     assert torch.equal(mask, expected)
-    for stride, (name, stage) in zip((4, 8, 16, 32), stages.items(), strict=True):
-        assert stage.shape[-2:] == (128 // stride, 96 // stride), name
-    torch.testing.assert_close(stages["layer4"], features)
 
 
 def test_dc5_halves_the_output_stride() -> None:

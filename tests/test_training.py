@@ -213,3 +213,22 @@ def test_predict_returns_original_coordinates_and_category_ids(tmp_path):
         assert (boxes[:, 1::2] >= -1e-3).all() and (boxes[:, 1::2] <= info["height"] + 1e-3).all()
         assert set(result["category_ids"].tolist()) <= set(names)
         assert result["names"] == [names[c] for c in result["category_ids"].tolist()]
+
+
+def test_console_has_no_setup_warnings(tmp_path, caplog):
+    """Default workers and pin memory on this machine, a validation epoch and its metrics:
+    no worker-count, pin-memory or sync_dist warnings, and no Lightning product tips."""
+    import warnings
+
+    cfg = compose_config(
+        "train",
+        tiny_overrides(
+            tmp_path, "trainer.max_epochs=1", "data.num_workers=null", "data.pin_memory=null"
+        ),
+    )
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
+        warnings.simplefilter("always")
+        train(cfg)
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    for noise in ("num_workers", "worker", "pin_memory", "sync_dist", "Tip:", "LeafSpec"):
+        assert not [m for m in messages if noise in m], (noise, messages)

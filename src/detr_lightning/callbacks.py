@@ -18,7 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from .evaluation import metric_keys, metrics_payload, result_from_metrics
+from .evaluation import max_detections, metric_keys, metrics_payload, result_from_metrics
 from .io import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,7 @@ class MetricsHistory(pl.Callback):
 
 
 def _max_dets(pl_module: pl.LightningModule) -> int:
-    model = getattr(pl_module, "model", None)
-    return max(100, int(getattr(model, "num_queries", 100)))
+    return max_detections(getattr(getattr(pl_module, "model", None), "num_queries", 100))[-1]
 
 
 def _summary_line(entry: dict[str, Any], max_epochs: int | None) -> str:

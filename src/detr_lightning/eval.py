@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from .console import quiet_third_party
 from .data.datamodule import CocoDataModule
 from .errors import SetupError
 from .evaluation import coco_eval_file, metrics_payload, report, result_from_metrics
@@ -36,9 +37,6 @@ def evaluation_data(stored: Mapping[str, Any] | None, overrides: Mapping[str, An
     """CocoDataModule arguments: the checkpoint's stored settings, then non-null overrides."""
     settings = {k: v for k, v in (stored or {}).items() if k in EVAL_DATA_KEYS}
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(settings) - set(EVAL_DATA_KEYS))
-    if unknown:
-        raise SetupError(f"data.{unknown[0]} is not an evaluation setting; use {EVAL_DATA_KEYS}")
     if settings.get("root") is None and settings.get("synthetic") is None:
         raise SetupError(
             "the checkpoint stores no dataset to evaluate on (official and Hugging Face weights "
@@ -63,6 +61,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "nothing to evaluate: pass ckpt_path=PATH (a training checkpoint) or pretrained=PATH "
             "(official .pth, Hugging Face directory, or export directory)"
         )
+    quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
     module = load_pretrained(source)
     if cfg.get("postprocess") is not None:

@@ -141,8 +141,11 @@ class DETRModule(pl.LightningModule):
         """
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
         data_map = getattr(datamodule, "label_map", None)
-        if data_map is not None:
-            num_classes = self.model.num_classes
+        num_classes = self.model.num_classes
+        if data_map is not None and self.label_map is not None and stage != "fit":
+            # evaluation and prediction: the checkpoint's labels relabel the data
+            datamodule.use_label_map(LabelMap.from_dict(self.label_map))
+        elif data_map is not None:
             if data_map.num_classes > num_classes:
                 raise ValueError(
                     f"the dataset has {data_map.num_classes} classes (label map of "
@@ -151,11 +154,10 @@ class DETRModule(pl.LightningModule):
                     f"to it. Set model.num_classes={data_map.num_classes} (with pretrained=... "
                     "the class head is re-initialized)."
                 )
+            data_labels = padded_label_map(data_map, num_classes).to_dict()
             if self.label_map is None:
-                self.hparams["label_map"] = padded_label_map(data_map, num_classes).to_dict()
-            elif stage != "fit":
-                datamodule.use_label_map(LabelMap.from_dict(self.label_map))
-            elif padded_label_map(data_map, num_classes).to_dict() != self.label_map:
+                self.hparams["label_map"] = data_labels
+            elif data_labels != self.label_map:
                 raise ValueError(
                     "the data's label map differs from the model's (category ids or names); "
                     "train with the data's labels (build_module / pretrained=... re-initializes "

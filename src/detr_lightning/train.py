@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import MetricsHistory
+from .console import quiet_third_party
 from .data.datamodule import check_data_source
 from .evaluation import report, result_from_metrics
 from .models.backbone_weights import ensure_imagenet_weights
@@ -191,6 +192,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
 
     ``callbacks`` are added to the configured ones (for scripts and tests).
     """
+    quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))

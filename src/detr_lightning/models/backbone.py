@@ -157,16 +157,6 @@ class Backbone(nn.Module):
             if not train_backbone or not param_name.startswith(trainable):
                 param.requires_grad_(False)
 
-    def forward_stages(self, images: Tensor) -> dict[str, Tensor]:
-        """All four stage outputs (layer1..layer4) for heads that need multi-scale features."""
-        body = self.body
-        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
-        features = {}
-        for stage in STAGES[: self.num_stages]:
-            x = getattr(body, stage)(x)
-            features[stage] = x
-        return features
-
     def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Features of the last stage and the padding mask at their resolution.
 

@@ -1,0 +1,24 @@
+"""Keep the console for what the user must read: third-party notices that need no action
+(Lightning's product tips, a deprecation inside Lightning itself) are filtered out."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_third_party() -> None:
+    """Install the filters (idempotent); called by the train and eval entry points."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    # raised inside pytorch_lightning.utilities._pytree on every fit with torch >= 2.10;
+    # nothing in this project or the user's config can act on it
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
+    )
