@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PY_SOURCES := src tests bench train.py eval.py
+PY_SOURCES := src tests bench train.py eval.py predict.py export.py
 
 .PHONY: install train eval test test-fast lint format bench clean
 
@@ -22,7 +22,7 @@ eval: $(STAMP)
 	$(PY) eval.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n 2 --durations=15 $(ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

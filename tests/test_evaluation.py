@@ -157,18 +157,25 @@ def test_unknown_backend_fails_at_set_up(split):
 
 
 # ------------------------------------------------------------------------- on a trained run
-TRAINED = pytest.mark.xdist_group("trained_run")
-
-
-# session scope: xdist runs the whole group on one worker, where other modules' tests may come
-# between its tests; a module-scoped fixture would then train twice
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A tiny DETR trained for 60 epochs (120 steps) on 8 synthetic images, validated at 30 and
     60, with data.* overrides that an evaluation must not need to repeat. Enough for it to find
     the training images' objects (COCO AP ~0.1 on them), so that comparisons of metrics are not
-    comparisons of zeros."""
-    run_dir = tmp_path_factory.mktemp("run")
+    comparisons of zeros. Trained once per test session: xdist workers share it through a lock
+    in their common temporary folder."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every xdist worker
+    run_dir = shared / "trained_run"
+    with FileLock(str(shared / "trained_run.lock")):
+        if not (run_dir / "done").is_file():
+            _train_tiny_run(run_dir)
+            (run_dir / "done").write_text("ok")
+    return run_dir
+
+
+def _train_tiny_run(run_dir: Path) -> None:
     cfg = compose_config(
         "train",
         tiny_overrides(
@@ -188,7 +195,6 @@ def trained_run(tmp_path_factory) -> Path:
         ),
     )
     train(cfg)
-    return run_dir
 
 
 def metrics_annotations(run_dir: Path) -> Path:
@@ -198,7 +204,6 @@ def metrics_annotations(run_dir: Path) -> Path:
 
 
 @pytest.mark.slow
-@TRAINED
 def test_train_writes_run_artifacts(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert set(COCO_METRIC_KEYS) <= set(metrics)
@@ -220,7 +225,6 @@ def test_train_writes_run_artifacts(trained_run):
 
 
 @pytest.mark.slow
-@TRAINED
 def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_path):
     """The run used data.* overrides (sizes, synthetic parameters); eval.py needs none."""
     eval_cfg = compose_config(
@@ -241,7 +245,6 @@ def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_pat
 
 
 @pytest.mark.slow
-@TRAINED
 def test_eval_on_the_training_images_matches_pycocotools(trained_run, tmp_path):
     """On the images it was trained on the metrics are far from zero, so the comparison with
     pycocotools on the written results file means something."""
@@ -289,7 +292,6 @@ def odd_split_with_an_unreadable_image(run_dir: Path, tmp_path: Path) -> tuple[P
 
 
 @pytest.mark.slow
-@TRAINED
 def test_two_processes_give_the_statistics_and_results_of_one(trained_run, tmp_path):
     """DDP (gloo) evaluation of an odd-sized split with an unreadable image: the sampler
     repeats an image to even out the ranks, and the numbers and the results file must still

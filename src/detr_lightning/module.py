@@ -132,6 +132,18 @@ class DETRModule(pl.LightningModule):
             return [f"class_{i}" for i in range(self.model.num_classes)]
         return list(label_map["names"])
 
+    def predict(self, images, threshold: float = 0.7, **kwargs) -> list[dict[str, Any]]:
+        """Detect objects in one image or a list of them (file paths, PIL images, uint8 or
+        [0, 1] float tensors [3, H, W]) with the evaluation preprocessing; returns per image
+        ``scores``, ``labels``, ``names``, ``category_ids``, ``boxes`` (xyxy in original image
+        pixels) and ``queries`` of the detections scoring above ``threshold``, best first.
+        Other keywords (``top_k``, ``batch_size``, ``device``, ``bf16``) and the formats are
+        those of :func:`detr_lightning.predict.predict`.
+        """
+        from .predict import predict  # on use: prediction is a layer above the module
+
+        return predict(self, images, threshold=threshold, **kwargs)
+
     # ----------------------------------------------------------------------- set-up with data
     def setup(self, stage: str) -> None:
         """Check the data's labels against the model's and prepare COCO evaluation.

@@ -1,0 +1,446 @@
+"""Prediction API and CLI: formats, selection, batching invariance, image inputs, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detr_lightning import DETRModule, export, load_pretrained
+from detr_lightning.data.images import inference_transform, read_image
+from detr_lightning.errors import SetupError
+from detr_lightning.ops.boxes import box_cxcywh_to_xyxy
+from detr_lightning.predict import (
+    PALETTE,
+    _drawing_names,
+    draw_detections,
+    drawing_scale,
+    image_files,
+    iter_predictions,
+    predict_cli,
+    predict_files,
+)
+from pipeline_fixtures import compose_config
+
+# Label 1 is unused (category id -1): it must never come out.
+LABEL_MAP = {"category_ids": [1, -1, 3, 7], "names": ["cat", "N/A", "dog", "bird"]}
+DATA = {"val_size": 48, "max_size": 72}
+KEYS = {"scores", "labels", "names", "category_ids", "boxes", "queries"}
+
+
+@pytest.fixture(scope="module")
+def module() -> DETRModule:
+    """A tiny DETR whose queries disagree: varied classes and scores, some on the unused label."""
+    torch.manual_seed(0)
+    detr = DETRModule(
+        model={
+            "backbone": "resnet18",
+            "num_stages": 3,
+            "num_classes": 4,
+            "num_queries": 12,
+            "hidden_dim": 32,
+            "nheads": 4,
+            "enc_layers": 1,
+            "dec_layers": 1,
+            "dim_feedforward": 64,
+            "dropout": 0.0,
+        },
+        label_map=LABEL_MAP,
+        data=DATA,
+    )
+    detr.eval()
+    # An untrained head gives every query about the same scores, of one class: spread the
+    # queries apart, and centre each class's logit over the queries so that every class
+    # (the unused one too) wins some of them.
+    with torch.no_grad():
+        detr.model.query_embed.weight.mul_(3)
+        detr.model.class_embed.weight.normal_(0, 1)
+        probe = inference_transform(DATA)(noise(90, 130, seed=99))
+        detr.model.class_embed.bias.sub_(detr.model(probe[None])["pred_logits"][0].mean(0))
+    return detr
+
+
+@pytest.fixture(scope="module")
+def export_dir(module, tmp_path_factory) -> Path:
+    return export(module, tmp_path_factory.mktemp("export"))
+
+
+def noise(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+
+
+def save_png(pixels: torch.Tensor, path: Path) -> Path:
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+def assert_same(actual: dict, expected: dict, atol: float, size: tuple[int, int] = (1, 1)):
+    """Same detections; boxes compared in units of the image ``size`` (height, width)."""
+    assert set(actual) == KEYS
+    assert torch.equal(actual["labels"], expected["labels"])
+    assert torch.equal(actual["queries"], expected["queries"])
+    assert actual["names"] == expected["names"]
+    torch.testing.assert_close(actual["scores"], expected["scores"], atol=atol, rtol=0)
+    scale = torch.tensor([size[1], size[0], size[1], size[0]], dtype=torch.float32)
+    torch.testing.assert_close(
+        actual["boxes"] / scale, expected["boxes"] / scale, atol=atol, rtol=0
+    )
+
+
+def by_hand(module: DETRModule, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every query's best real class, score and box in original pixels, from the raw model."""
+    model_input = inference_transform(DATA)(pixels)
+    with torch.no_grad():
+        outputs = module.model(model_input[None])
+    scores, labels = outputs["pred_logits"][0].softmax(-1)[:, :-1].max(-1)
+    height, width = pixels.shape[-2:]
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"][0]) * scale
+    return {"scores": scores, "labels": labels, "boxes": boxes}
+
+
+# ------------------------------------------------------------------------------------ API
+def test_format_and_boxes_in_original_pixels(module):
+    pixels = noise(90, 130)
+    (result,) = module.predict(pixels, threshold=0.0)
+    assert set(result) == KEYS
+    assert result["scores"].dtype == torch.float32 and result["boxes"].shape[1] == 4
+    assert result["labels"].dtype == result["queries"].dtype == torch.int64
+    expected = by_hand(module, pixels)
+    used = expected["labels"] != 1
+    order = expected["scores"][used].argsort(descending=True)
+    queries = used.nonzero().flatten()[order]
+    assert torch.equal(result["queries"], queries)
+    torch.testing.assert_close(result["scores"], expected["scores"][queries], atol=1e-5, rtol=0)
+    torch.testing.assert_close(result["boxes"], expected["boxes"][queries], atol=1e-4, rtol=0)
+    assert torch.equal(result["labels"], expected["labels"][queries])
+    assert result["names"] == [LABEL_MAP["names"][i] for i in result["labels"].tolist()]
+    assert result["category_ids"].tolist() == [
+        LABEL_MAP["category_ids"][i] for i in result["labels"].tolist()
+    ]
+    result["boxes"].clamp_(min=0)  # ordinary tensors, not inference-mode ones
+
+
+def test_threshold_top_k_and_unused_labels(module):
+    pixels = noise(90, 130, seed=1)
+    assert (by_hand(module, pixels)["labels"] == 1).any(), "the unused label must be in play"
+    everything = module.predict(pixels, threshold=0.0)[0]
+    assert 1 not in everything["labels"].tolist() and -1 not in everything["category_ids"]
+    assert (everything["scores"].diff() <= 0).all()  # best first
+    threshold = float(everything["scores"].median())
+    kept = module.predict(pixels, threshold=threshold)[0]
+    assert (kept["scores"] > threshold).all()
+    assert len(kept["scores"]) == int((everything["scores"] > threshold).sum()) > 0
+    top = module.predict(pixels, threshold=0.0, top_k=2)[0]
+    assert torch.equal(top["queries"], everything["queries"][:2])
+    assert len(module.predict(pixels, threshold=1.0)[0]["scores"]) == 0
+    with pytest.raises(ValueError, match="threshold"):
+        module.predict(pixels, threshold=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        module.predict(pixels, top_k=0)
+
+
+def test_batches_give_the_detections_of_one_by_one(module):
+    # preprocessed sizes 48x72, 48x48, 48x72, 48x48, 24x72, 48x72: three buckets, none padded
+    sizes = [(80, 120), (100, 100), (40, 60), (120, 120), (50, 150), (160, 240)]
+    images = [noise(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    single = [module.predict(image, threshold=0.0)[0] for image in images]
+    batched = module.predict(images, threshold=0.0, batch_size=4)
+    assert len(batched) == len(images)
+    # float32 pixel coordinates of a 240-pixel image round at ~1.5e-5: compare relative boxes
+    for actual, expected, size in zip(batched, single, sizes):
+        assert_same(actual, expected, atol=1e-5, size=size)
+
+
+def test_images_are_read_lazily_and_few_are_held(module):
+    """batch_size 2: at most 4 images wait for a batch, so results come before the input ends."""
+    sizes = [(48, 72), (48, 48), (24, 72), (72, 48), (40, 60), (30, 30)]  # five model sizes
+    consumed = []
+
+    def sources():
+        for i, (height, width) in enumerate(sizes):
+            consumed.append(i)
+            yield noise(height, width, seed=i)
+
+    seen = []
+    for image, _ in iter_predictions(module, sources(), threshold=0.0, batch_size=2):
+        seen.append((image.index, len(consumed)))
+    assert sorted(index for index, _ in seen) == list(range(len(sizes)))
+    assert seen[0] == (0, 4)  # the 4th waiting image made the first (largest, oldest) bucket go
+
+
+def test_input_kinds_agree(module, tmp_path):
+    pixels = noise(70, 110, seed=2)
+    path = save_png(pixels, tmp_path / "image.png")
+    expected = module.predict(pixels, threshold=0.0)[0]
+    for source in (path, str(path), Image.open(path), pixels.float() / 255, pixels[None]):
+        assert_same(module.predict(source, threshold=0.0)[0], expected, atol=0)
+
+
+def test_bf16_and_device_keep_the_format(module):
+    (result,) = module.predict(noise(64, 96), threshold=0.0, bf16=True, device="cpu")
+    assert set(result) == KEYS and result["scores"].dtype == torch.float32
+    assert not module.training
+
+
+def test_very_large_image(module, tmp_path):
+    pixels = torch.zeros(3, 3000, 5000, dtype=torch.uint8)
+    pixels[0] = torch.linspace(0, 255, 5000).to(torch.uint8)
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(tmp_path / "large.jpg", quality=80)
+    (result,) = module.predict(tmp_path / "large.jpg", threshold=0.0)
+    assert len(result["scores"]) > 0
+    # boxes live in the 5000 x 3000 original (predicted cxcywh in [0, 1] -> at most 1.5x out)
+    assert result["boxes"][:, 2].max() > 100 and result["boxes"].abs().max() < 1.5 * 5000
+
+
+# ------------------------------------------------------------------------------ image files
+def _png16(path: Path, values: np.ndarray, color_type: int) -> Path:
+    """Write a 16-bit PNG (color type 0 grey, 2 RGB, 6 RGBA) from uint16 [H, W(, C)]."""
+    height, width = values.shape[:2]
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def _palette(image: Image.Image) -> Image.Image:
+    image.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    return image
+
+
+def _filled(rgb: tuple[int, int, int], corner: tuple[int, int, int] | None = None):
+    expected = torch.tensor(rgb, dtype=torch.uint8)[:, None, None].repeat(1, 4, 5)
+    if corner is not None:
+        expected[:, 0, 0] = torch.tensor(corner)
+    return expected
+
+
+def _write_mode_case(case: str, path: Path) -> tuple[Path, torch.Tensor]:
+    """Write a 5x4 file of kind ``case``; returns it with the uint8 RGB it should read as."""
+    white = (255, 255, 255)
+    if case == "L":
+        Image.new("L", (5, 4), 100).save(path := path / "grey.png")
+        return path, _filled((100, 100, 100))
+    if case == "LA":
+        image = Image.new("LA", (5, 4), (100, 255))
+        image.putpixel((0, 0), (0, 0))
+        image.save(path := path / "grey_alpha.png")
+        return path, _filled((100, 100, 100), corner=white)
+    if case == "P_transparent":
+        _palette(Image.new("P", (5, 4), 1)).save(path := path / "palette.png", transparency=0)
+        return path, _filled((200, 100, 50), corner=white)
+    if case == "P_opaque":
+        _palette(Image.new("P", (5, 4), 1)).save(path := path / "palette_opaque.png")
+        return path, _filled((200, 100, 50), corner=(10, 20, 30))
+    if case == "GIF_transparent":
+        _palette(Image.new("P", (5, 4), 1)).save(path := path / "palette.gif", transparency=0)
+        return path, _filled((200, 100, 50), corner=white)
+    if case == "RGBA":
+        image = Image.new("RGBA", (5, 4), (10, 20, 30, 255))
+        image.putpixel((0, 0), (10, 20, 30, 0))
+        image.putpixel((1, 0), (0, 0, 0, 128))  # half transparent black on white: grey 127
+        image.save(path := path / "rgba.png")
+        expected = _filled((10, 20, 30), corner=white)
+        expected[:, 0, 1] = 127
+        return path, expected
+    if case == "CMYK":
+        Image.new("CMYK", (5, 4), (0, 255, 255, 0)).save(path := path / "cmyk.jpg", quality=100)
+        return path, _filled((255, 0, 0))
+    if case == "grey16":
+        Image.fromarray(np.full((4, 5), 200 * 257, dtype=np.uint16)).save(path := path / "g16.png")
+        return path, _filled((200, 200, 200))
+    if case == "RGB16":
+        values = np.zeros((4, 5, 3), dtype=np.uint16)
+        values[...] = (65535, 100 * 257, 0)
+        return _png16(path / "rgb16.png", values, 2), _filled((255, 100, 0))
+    raise AssertionError(case)
+
+
+MODE_CASES = ["L", "LA", "P_transparent", "P_opaque", "GIF_transparent", "RGBA", "CMYK",
+              "grey16", "RGB16"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MODE_CASES)
+def test_image_modes_read_as_rgb(case, tmp_path):
+    path, expected = _write_mode_case(case, tmp_path)
+    pixels = read_image(path)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 4, 5)
+    atol = 3 if case == "CMYK" else 0  # JPEG
+    torch.testing.assert_close(pixels, expected, atol=atol, rtol=0)
+    with Image.open(path) as opened:  # the same from a PIL image
+        torch.testing.assert_close(read_image(opened), expected, atol=atol, rtol=0)
+
+
+def test_converted_files_predict_like_their_pixels(module, tmp_path):
+    cases = [_write_mode_case(case, tmp_path) for case in ("LA", "P_transparent", "grey16")]
+    paths, expected = zip(*cases)  # all 5 x 4: one batch each
+    from_files = module.predict(list(paths), threshold=0.0, batch_size=3)
+    from_pixels = module.predict(list(expected), threshold=0.0, batch_size=3)
+    for actual, wanted in zip(from_files, from_pixels):
+        assert_same(actual, wanted, atol=0)
+
+
+def test_exif_orientation_is_applied(module, tmp_path):
+    # stored 60 wide x 40 high, top half red; orientation 6 = rotate 90 degrees clockwise
+    image = Image.new("RGB", (60, 40), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 60, 20))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(path := tmp_path / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    pixels = read_image(path)
+    assert pixels.shape == (3, 60, 40)
+    assert pixels[0, 30, 35] > 200 and pixels[2, 30, 35] < 50  # red now on the right
+    assert pixels[2, 30, 5] > 200 and pixels[0, 30, 5] < 50
+    (result,) = module.predict(path, threshold=0.0)
+    assert_same(result, module.predict(pixels, threshold=0.0)[0], atol=0)
+
+
+def test_unreadable_files(module, tmp_path, caplog):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    save_png(noise(50, 70, seed=3), folder / "a.png")
+    (folder / "broken.jpg").write_bytes(b"this is not a JPEG")
+    (folder / "empty.png").write_bytes(b"")
+    save_png(noise(60, 40, seed=4), folder / "c.png")
+    (folder / "notes.txt").write_text("not an image suffix: never read")
+    with caplog.at_level(logging.WARNING, logger="detr_lightning.predict"):
+        json_path = predict_files(module, folder, tmp_path / "out", threshold=0.0, draw=False)
+    warned = caplog.text
+    assert "broken.jpg" in warned and "empty.png" in warned and "notes.txt" not in warned
+    records = json.loads(json_path.read_text())
+    assert [Path(r["file_name"]).name for r in records] == ["a.png", "c.png"]
+    with pytest.raises(ValueError, match=r"broken\.jpg"):  # the API does not skip silently
+        module.predict(folder / "broken.jpg")
+
+
+def test_inputs_that_match_nothing(module, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SetupError, match="empty"):
+        predict_files(module, empty, tmp_path / "out")
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(SetupError, match="no image files"):
+        image_files(empty)
+    with pytest.raises(SetupError, match="matches no image files"):
+        image_files(tmp_path / "*.jpg")
+    with pytest.raises(SetupError, match="does not exist"):
+        image_files(tmp_path / "missing.jpg")
+    save_png(noise(10, 10), tmp_path / "b.png")
+    save_png(noise(10, 10), tmp_path / "a.PNG")
+    assert [p.name for p in image_files(tmp_path / "*")] == ["a.PNG", "b.png"]
+
+
+def test_drawing_names_never_collide():
+    files = [Path("a/x.png"), Path("b/x.png"), Path("x-2.jpg"), Path("y.jpg")]
+    assert _drawing_names(files) == ["x.png", "x-2.png", "x-2-2.png", "y.png"]
+
+
+def test_draw_gives_each_class_its_colour():
+    pixels = torch.zeros(3, 100, 100, dtype=torch.uint8)
+    detection = {
+        "boxes": torch.tensor([[10.0, 10, 40, 40], [50, 50, 90, 90]]),
+        "labels": torch.tensor([2, 2]),
+        "names": ["dog", "dog"],
+        "scores": torch.tensor([0.9, 0.8]),
+    }
+    drawn = draw_detections(pixels, detection)
+    scale = drawing_scale(100, 100)  # a small image is drawn enlarged, captions legible
+    assert scale == 5 and drawn.shape == (3, 500, 500)
+    for x, y in ((10, 35), (50, 85)):  # left edges, below the captions
+        assert tuple(drawn[:, y * scale, x * scale].tolist()) == PALETTE[2]
+    large = torch.zeros(3, 600, 500, dtype=torch.uint8)
+    assert draw_detections(large, detection).shape == large.shape  # large enough as it is
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _cli_config(tmp_path: Path, *overrides: str):
+    return compose_config("predict", [f"run_dir={tmp_path / 'run'}", "device=cpu", *overrides])
+
+
+def test_cli_needs_a_checkpoint_that_exists(tmp_path):
+    save_png(noise(10, 10), tmp_path / "a.png")
+    with pytest.raises(SetupError, match="pretrained=PATH"):
+        predict_cli(_cli_config(tmp_path, f"input={tmp_path}"))
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(SetupError, match=r"nope\.pth"):
+        predict_cli(_cli_config(tmp_path, f"input={tmp_path}", f"pretrained={missing}"))
+    with pytest.raises(SetupError, match="input="):
+        predict_cli(_cli_config(tmp_path, f"ckpt_path={tmp_path / 'a.png'}"))
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
+        load_pretrained(missing)
+
+
+def test_cli_end_to_end(module, export_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    sizes = {"one.png": (90, 130), "two.jpg": (100, 100), "three.png": (60, 140)}
+    for i, (name, (height, width)) in enumerate(sizes.items()):
+        Image.fromarray(noise(height, width, seed=10 + i).permute(1, 2, 0).numpy()).save(
+            folder / name, quality=95
+        )
+    cfg = _cli_config(
+        tmp_path, f"pretrained={export_dir}", f"input={folder}", "threshold=0.0", "batch_size=2"
+    )
+    json_path = predict_cli(cfg)
+    assert json_path == tmp_path / "run" / "detections.json"
+    assert "3 image(s)" in capsys.readouterr().out
+
+    records = json.loads(json_path.read_text())
+    assert [Path(r["file_name"]).name for r in records] == sorted(sizes)
+    loaded = load_pretrained(export_dir)
+    for record in records:
+        name = Path(record["file_name"]).name
+        assert (record["height"], record["width"]) == sizes[name]
+        expected = loaded.predict(folder / name, threshold=0.0)[0]
+        detections = record["detections"]
+        assert [d["name"] for d in detections] == expected["names"]
+        assert [d["category_id"] for d in detections] == expected["category_ids"].tolist()
+        assert all(d["file_name"] == record["file_name"] for d in detections)
+        scores = torch.tensor([d["score"] for d in detections])
+        torch.testing.assert_close(scores, expected["scores"], atol=1e-5, rtol=0)
+        x0, y0, x1, y1 = expected["boxes"].unbind(1)
+        xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=1)
+        bbox = torch.tensor([d["bbox"] for d in detections])
+        torch.testing.assert_close(bbox, xywh, atol=0.011, rtol=0)
+        drawing = json_path.parent / record["drawing"]
+        assert drawing == json_path.parent / "drawn" / f"{Path(name).stem}.png"
+        with Image.open(drawing) as drawn:
+            scale = drawing_scale(*sizes[name])
+            assert drawn.size == (sizes[name][1] * scale, sizes[name][0] * scale)
+
+
+def test_cli_attention_panels(module, export_dir, tmp_path, capsys):
+    """attention=true adds the paper's decoder and encoder panels of each readable image."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(noise(90, 130, seed=3).permute(1, 2, 0).numpy()).save(folder / "a.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    cfg = _cli_config(tmp_path, f"pretrained={export_dir}", f"input={folder}",
+                      "threshold=0.0", "attention=true", "draw=false")  # fmt: skip
+    predict_cli(cfg)
+    out = capsys.readouterr().out
+    assert "attention panels of 1 image(s)" in out
+    panels = sorted(p.name for p in (tmp_path / "run" / "attention").iterdir())
+    assert panels == ["a_decoder.png", "a_encoder.png"]
+    for name in panels:
+        with Image.open(tmp_path / "run" / "attention" / name) as panel:
+            assert min(panel.size) > 100
