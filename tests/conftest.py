@@ -21,6 +21,10 @@ def _seed() -> None:
 
 # Synthetic datasets of the tests go to a throw-away cache, never to the user's.
 if "DETR_LIGHTNING_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["DETR_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="detr-lightning-test-cache-")
+    # each test process makes its own; none should outlive the run
+    atexit.register(shutil.rmtree, os.environ["DETR_LIGHTNING_CACHE"], ignore_errors=True)
