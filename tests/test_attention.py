@@ -20,25 +20,15 @@ from detr_lightning.attention import (
     plot_encoder_attention,
 )
 from detr_lightning.data.images import inference_transform, read_image
-from detr_lightning.models import DETR, PositionEmbeddingSine, Transformer, build_detr
+from detr_lightning.models import DETR, PositionEmbeddingSine, Transformer
 from detr_lightning.module import DETRModule
 from detr_lightning.ops.padding import pad_images
-
-NUM_CLASSES, NUM_QUERIES = 5, 7
-TINY = dict(
-    num_classes=NUM_CLASSES,
-    backbone="resnet18",
-    hidden_dim=32,
-    nheads=4,
-    enc_layers=1,
-    dec_layers=2,
-    dim_feedforward=64,
-    num_queries=NUM_QUERIES,
-)
+from model_fixtures import NUM_CLASSES, NUM_QUERIES, TINY_MODEL, PatchBackbone
+from model_fixtures import tiny_detr as tiny_model
 
 
 def tiny_detr(**overrides) -> DETR:
-    return build_detr(**{**TINY, **overrides}).eval()
+    return tiny_model(**overrides).eval()
 
 
 @pytest.fixture(scope="module")
@@ -197,19 +187,6 @@ def test_any_image_size(model: DETR, size: tuple[int, int]) -> None:
     assert_distributions(maps)
 
 
-class PatchBackbone(nn.Module):
-    """Non-overlapping 32x32 patches: padding leaves the features of the image unchanged."""
-
-    num_channels = 24
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, self.num_channels, kernel_size=32, stride=32)
-
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor):
-        return self.conv(images), padding_mask[:, ::32, ::32]
-
-
 def test_batched_maps_equal_the_maps_of_each_image_alone() -> None:
     transformer = Transformer(32, 4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64)
     model = DETR(
@@ -273,7 +250,9 @@ LABEL_MAP = {"category_ids": [1, 2, 3], "names": ["cat", "dog", "bird"]}  # labe
 
 def tiny_module(confident_label: int) -> DETRModule:
     """A random tiny module whose queries all favour ``confident_label``, with varied scores."""
-    module = DETRModule(model=TINY, label_map=LABEL_MAP, data={"val_size": 128, "max_size": 200})
+    module = DETRModule(
+        model=TINY_MODEL, label_map=LABEL_MAP, data={"val_size": 128, "max_size": 200}
+    )
     with torch.no_grad():
         classifier = module.model.class_embed
         classifier.weight.copy_(torch.randn_like(classifier.weight) * 0.2)

@@ -19,24 +19,14 @@ from detr_lightning.deploy import (
     sidecar_path,
 )
 from detr_lightning.errors import SetupError
-from detr_lightning.models.backbone import Backbone, FrozenBatchNorm2d, resize_mask
+from detr_lightning.models.backbone import Backbone, resize_mask
 from detr_lightning.ops.padding import pad_images
+from model_fixtures import NUM_CLASSES, NUM_QUERIES, TINY_MODEL, randomize_frozen_batchnorm
 from pipeline_fixtures import compose_config
 
 # torch >= 2.9 marks torch.jit deprecated; loading the exported file is what deployments do.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
 
-NUM_CLASSES, NUM_QUERIES = 5, 7
-TINY_MODEL = dict(
-    num_classes=NUM_CLASSES,
-    backbone="resnet18",
-    hidden_dim=32,
-    nheads=4,
-    enc_layers=1,
-    dec_layers=2,
-    dim_feedforward=64,
-    num_queries=NUM_QUERIES,
-)
 LABEL_MAP = {"category_ids": [1, 2, 4, 7, 9], "names": ["a", "b", "c", "d", "e"]}
 # Traced at a size that none of the cases below uses.
 EXAMPLE_SIZE = (112, 144)
@@ -56,16 +46,6 @@ CASES = {
     "b4-96x128": [(96, 128), (64, 100), (80, 128), (96, 72)],
     "b4-160x112": [(160, 112), (120, 56), (100, 112), (160, 80)],
 }
-
-
-def _randomize_frozen_batchnorm(model: torch.nn.Module, generator: torch.Generator) -> None:
-    for norm in model.modules():
-        if isinstance(norm, FrozenBatchNorm2d):
-            channels = norm.weight.shape[0]
-            norm.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
-            norm.bias.copy_(torch.randn(channels, generator=generator) * 0.1)
-            norm.running_mean.copy_(torch.randn(channels, generator=generator) * 0.1)
-            norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
 
 
 def _batch(sizes: list[tuple[int, int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +72,7 @@ def module() -> DETRModule:
         model=TINY_MODEL, label_map=LABEL_MAP, data={"val_size": 96, "max_size": 160}
     ).eval()
     with torch.no_grad():
-        _randomize_frozen_batchnorm(detr.model, torch.Generator().manual_seed(0))
+        randomize_frozen_batchnorm(detr.model, torch.Generator().manual_seed(0))
     return detr
 
 

@@ -20,37 +20,13 @@ from detr_lightning.models import (
     fuse_frozen_batchnorm,
 )
 from detr_lightning.models.backbone import FrozenBatchNorm2d
-
-NUM_CLASSES, NUM_QUERIES = 5, 7
-
-
-def tiny_detr(**overrides) -> DETR:
-    settings = dict(
-        num_classes=NUM_CLASSES,
-        backbone="resnet18",
-        hidden_dim=32,
-        nheads=4,
-        enc_layers=1,
-        dec_layers=2,
-        dim_feedforward=64,
-        num_queries=NUM_QUERIES,
-    )
-    settings.update(overrides)
-    return build_detr(**settings)
-
-
-def randomize_frozen_batchnorm(model: nn.Module, generator: torch.Generator) -> int:
-    """Give every FrozenBatchNorm2d non-trivial statistics; returns how many there are."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, FrozenBatchNorm2d):
-            channels = module.weight.shape[0]
-            module.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
-            module.bias.copy_(torch.randn(channels, generator=generator) * 0.1)
-            module.running_mean.copy_(torch.randn(channels, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
-            count += 1
-    return count
+from model_fixtures import (
+    NUM_CLASSES,
+    NUM_QUERIES,
+    PatchBackbone,
+    randomize_frozen_batchnorm,
+    tiny_detr,
+)
 
 
 def assert_same_predictions(actual: dict, expected: dict, atol: float = 1e-4) -> None:
@@ -93,24 +69,6 @@ def test_no_aux_outputs_without_aux_loss() -> None:
 
 
 # --- padding ------------------------------------------------------------------------------
-
-
-class PatchBackbone(nn.Module):
-    """Non-overlapping 32x32 patches: no receptive field crosses an image's border.
-
-    A ResNet's receptive field does cross it (features of padded cells next to the border are
-    non-zero), in the reference implementation too, so exact invariance to padding only holds
-    from the backbone's output on; this stub isolates that part of the model.
-    """
-
-    num_channels = 24
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, self.num_channels, kernel_size=32, stride=32)
-
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor):
-        return self.conv(images), padding_mask[:, ::32, ::32]
 
 
 @pytest.mark.parametrize("position", ["sine", "learned"])
