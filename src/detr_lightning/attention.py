@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from .data.images import inference_transform, read_image
 from .models.transformer import MultiheadAttention
-from .ops.boxes import box_cxcywh_to_xyxy
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -239,30 +238,32 @@ def detect_with_attention(
     finally:
         model.train(was_training)
 
-    probabilities = maps.outputs["pred_logits"][0].float().softmax(-1)
-    scores, labels = probabilities[:, :-1].max(-1)
-    has_category = torch.as_tensor(module.category_ids(), device=labels.device)[labels] != -1
-    queries = torch.nonzero((scores > threshold) & has_category).flatten()
-    queries = queries[scores[queries].argsort(descending=True)]
-    height, width = original.shape[1:]
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
-    boxes = box_cxcywh_to_xyxy(maps.outputs["pred_boxes"][0, queries].float()) * scale
-    names = module.class_names
+    from .predict import select_detections
+
+    detections = select_detections(
+        maps.outputs["pred_logits"][0].float().cpu(),
+        maps.outputs["pred_boxes"][0].float().cpu(),
+        (int(original.shape[1]), int(original.shape[2])),
+        threshold=threshold,
+        category_ids=torch.as_tensor(module.category_ids()),
+        names=module.class_names,
+    )
+    queries = detections["queries"]
     captions = [
-        f"{names[label]} {score:.2f}"
-        for label, score in zip(labels[queries].tolist(), scores[queries].tolist())
+        f"{name} {score:.2f}"
+        for name, score in zip(detections["names"], detections["scores"].tolist())
     ]
     decoder, encoder = maps.crop(0)
     return DetectionAttention(
         image=original,
         inputs=inputs,
         outputs=maps.outputs,
-        queries=queries.cpu(),
-        scores=scores[queries].cpu(),
-        labels=labels[queries].cpu(),
-        boxes=boxes.cpu(),
+        queries=queries,
+        scores=detections["scores"],
+        labels=detections["labels"],
+        boxes=detections["boxes"],
         captions=captions,
-        decoder=decoder[queries].cpu(),
+        decoder=decoder[queries.to(decoder.device)].cpu(),
         encoder=None if encoder is None else encoder.cpu(),
     )
 

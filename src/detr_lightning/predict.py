@@ -183,23 +183,52 @@ class _BatchRunner:
             yield item, self.select(image_logits, image_boxes, item.size)
 
     def select(self, logits: Tensor, pred_boxes: Tensor, size: tuple[int, int]) -> dict:
-        """logits [Q, C + 1], pred_boxes [Q, 4] cxcywh in [0, 1] -> one image's detections."""
-        scores, labels = logits.softmax(-1)[:, :-1].max(-1)
-        keep = (scores > self.threshold) & (self.category_table[labels] != -1)
-        queries = keep.nonzero().flatten()
-        order = scores[queries].argsort(descending=True, stable=True)[: self.top_k]
-        queries = queries[order]
-        labels = labels[queries]
-        height, width = size
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        return {
-            "scores": scores[queries],
-            "labels": labels,
-            "names": [self.names[i] for i in labels.tolist()],
-            "category_ids": self.category_table[labels],
-            "boxes": box_cxcywh_to_xyxy(pred_boxes[queries]) * scale,
-            "queries": queries,
-        }
+        return select_detections(
+            logits,
+            pred_boxes,
+            size,
+            threshold=self.threshold,
+            top_k=self.top_k,
+            category_ids=self.category_table,
+            names=self.names,
+        )
+
+
+def select_detections(
+    logits: Tensor,
+    pred_boxes: Tensor,
+    size: tuple[int, int],
+    *,
+    threshold: float,
+    category_ids: Tensor,
+    names: Sequence[str],
+    top_k: int | None = None,
+) -> dict[str, Any]:
+    """One image's detections, selected as the official demo does.
+
+    ``logits`` [Q, C + 1] and ``pred_boxes`` [Q, 4] (cxcywh in [0, 1]) of one image; ``size``
+    its original (height, width); ``category_ids`` [C] the dataset id of each label (-1:
+    unused, never kept). Softmax, "no object" dropped, best class per query, kept when its
+    probability > ``threshold``; sorted by score, at most ``top_k``. Returns the dict that
+    :func:`predict` documents.
+    """
+    scores, labels = logits.softmax(-1)[:, :-1].max(-1)
+    category_ids = category_ids.to(labels.device)
+    keep = (scores > threshold) & (category_ids[labels] != -1)
+    queries = keep.nonzero().flatten()
+    order = scores[queries].argsort(descending=True, stable=True)[:top_k]
+    queries = queries[order]
+    labels = labels[queries]
+    height, width = size
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return {
+        "scores": scores[queries],
+        "labels": labels,
+        "names": [names[i] for i in labels.tolist()],
+        "category_ids": category_ids[labels],
+        "boxes": box_cxcywh_to_xyxy(pred_boxes[queries]) * scale.to(pred_boxes.device),
+        "queries": queries,
+    }
 
 
 # -------------------------------------------------------------------------------- drawing
