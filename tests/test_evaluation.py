@@ -150,6 +150,30 @@ def test_unused_labels_and_no_detections(split, tmp_path):
     assert result.stats["map"] == 0.0 and result.stats["mar_100"] == 0.0
 
 
+def test_eval_config_with_a_data_group_states_every_setting(monkeypatch):
+    """`eval.py ckpt_path=... data=coco data.root=R data.val_size=128 data.max_size=160`: the
+    group's values replace the checkpoint's, training-only keys are dropped, and a long-side
+    cap below the short side is valid."""
+    from omegaconf import OmegaConf
+
+    from detr_lightning.eval import EVAL_DATA_KEYS, evaluation_data
+
+    monkeypatch.delenv("COCO_ROOT", raising=False)
+    overrides = ["data=coco", "data.root=/r", "data.val_size=128", "data.max_size=160", "run_dir=x"]
+    given = OmegaConf.to_container(compose_config("eval", overrides).data, resolve=True)
+    stored = {"root": None, "synthetic": {"num_val": 4}, "val_size": 80, "max_size": 128,
+              "val_batch_size": 4, "label_mapping": "contiguous"}  # fmt: skip
+    settings = evaluation_data(stored, given)
+    assert set(settings) <= set(EVAL_DATA_KEYS)
+    assert (settings["root"], settings["synthetic"]) == ("/r", None)
+    assert (settings["val_size"], settings["max_size"]) == (128, 160)
+    assert settings["label_mapping"] == "category_id"  # data=coco's, stated by the group
+    assert settings["val_batch_size"] == 4  # the group leaves it null: the checkpoint's
+    # without a group, nothing is stated: every value is the checkpoint's
+    plain = OmegaConf.to_container(compose_config("eval", ["run_dir=x"]).data, resolve=True)
+    assert evaluation_data(stored, plain) == stored
+
+
 def test_unknown_backend_fails_at_set_up(split):
     annotation_file, _, label_map = split
     with pytest.raises(ValueError, match="eval_backend must be one of"):

@@ -35,8 +35,9 @@ EVAL_DATA_KEYS = ("root", "synthetic", "val_images", "val_annotations", "val_siz
 
 def evaluation_data(stored: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> dict:
     """CocoDataModule arguments: the checkpoint's stored settings, then non-null overrides."""
+    # training-only keys (a data=coco group brings them along) are not evaluation settings
     settings = {k: v for k, v in (stored or {}).items() if k in EVAL_DATA_KEYS}
-    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.update({k: v for k, v in overrides.items() if v is not None and k in EVAL_DATA_KEYS})
     if settings.get("root") is None and settings.get("synthetic") is None:
         raise SetupError(
             "the checkpoint stores no dataset to evaluate on (official and Hugging Face weights "
