@@ -1,22 +1,15 @@
 """Evaluate DETR: `python eval.py ckpt_path=... [data=coco data.root=...]` (see conf/eval.yaml)."""
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from detr_lightning.errors import SetupError
+    from detr_lightning.errors import exit_on_setup_error
     from detr_lightning.eval import evaluate
 
-    try:
-        evaluate(cfg)
-    except SetupError as err:
-        # SystemExit passes through Hydra's error handler: the message alone, no traceback.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    exit_on_setup_error(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 
 class SetupError(Exception):
     """A problem with the user's setup found before any work starts.
@@ -9,3 +13,14 @@ class SetupError(Exception):
     Entry points (train.py, eval.py) print its message alone, without a traceback, and exit with
     status 1; the message itself must say what is wrong and how to fix it.
     """
+
+
+def exit_on_setup_error(function: Callable[[Any], Any], cfg: Any) -> None:
+    """Run an entry point's ``function(cfg)``; a SetupError prints ``error: <message>`` to
+    stderr and exits with status 1. SystemExit passes through Hydra's error handler, so the
+    user sees the message alone, without a traceback."""
+    try:
+        function(cfg)
+    except SetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
