@@ -158,15 +158,8 @@ class DETRModule(pl.LightningModule):
             # evaluation and prediction: the checkpoint's labels relabel the data
             datamodule.use_label_map(LabelMap.from_dict(self.label_map))
         elif data_map is not None:
-            if data_map.num_classes > num_classes:
-                raise ValueError(
-                    f"the dataset has {data_map.num_classes} classes (label map of "
-                    f"{getattr(datamodule, 'val_annotation_file', 'the data module')}) but the "
-                    f"model predicts {num_classes}: category ids beyond the model are unknown "
-                    f"to it. Set model.num_classes={data_map.num_classes} (with pretrained=... "
-                    "the class head is re-initialized)."
-                )
-            data_labels = padded_label_map(data_map, num_classes).to_dict()
+            source = getattr(datamodule, "val_annotation_file", "the data module")
+            data_labels = padded_label_map(data_map, num_classes, source).to_dict()
             if self.label_map is None:
                 self.hparams["label_map"] = data_labels
             elif data_labels != self.label_map:
@@ -319,15 +312,23 @@ class DETRModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-def padded_label_map(label_map: LabelMap | Mapping[str, Any], num_classes: int) -> LabelMap:
+def padded_label_map(
+    label_map: LabelMap | Mapping[str, Any], num_classes: int, source: object = "the label map"
+) -> LabelMap:
     """``label_map`` with one entry per model label: labels past its end stand for no
-    category (the "unused" convention of :mod:`detr_lightning.data.labels`)."""
+    category (the "unused" convention of :mod:`detr_lightning.data.labels`).
+
+    A map with more labels than the model is an error that names ``source`` (e.g. the
+    annotation file), the category ids the model cannot predict, and the fix."""
     if not isinstance(label_map, LabelMap):
         label_map = LabelMap.from_dict(label_map)
     if label_map.num_classes > num_classes:
+        unknown = [c for c in label_map.category_ids[num_classes:] if c >= 0]
         raise ValueError(
-            f"label map has {label_map.num_classes} classes but the model only {num_classes}; "
-            f"set model.num_classes >= {label_map.num_classes}"
+            f"{source} has {label_map.num_classes} classes but model.num_classes={num_classes}: "
+            f"category ids {unknown} would be unknown to the model. Set "
+            f"model.num_classes={label_map.num_classes} or null (= from the dataset); with "
+            "pretrained=... the class head is re-initialized."
         )
     return label_map.padded(num_classes)
 

@@ -79,14 +79,10 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
     category ids or names).
     """
     model = model_settings(cfg, datamodule.num_classes)
-    if model["num_classes"] < datamodule.num_classes:
-        unknown = datamodule.label_map.category_ids[model["num_classes"] :]
-        raise ValueError(
-            f"{datamodule.val_annotation_file} has {datamodule.num_classes} classes but "
-            f"model.num_classes={model['num_classes']}: category ids {unknown} would be unknown "
-            f"to the model. Set model.num_classes={datamodule.num_classes} or null (= from the "
-            "dataset); with pretrained=... the class head is re-initialized."
-        )
+    # before any model is built: the error names the annotation file
+    label_map = padded_label_map(
+        datamodule.label_map, model["num_classes"], datamodule.val_annotation_file
+    )
     if cfg.get("pretrained") and model["pretrained_backbone"]:
         log.info("pretrained=%s given: not loading ImageNet backbone weights", cfg.pretrained)
         model["pretrained_backbone"] = False
@@ -98,7 +94,7 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
         backbone_lr=float(cfg.backbone.lr),
         schedule=cfg.schedule,
         postprocess=cfg.postprocess,
-        label_map=datamodule.label_map.to_dict(),
+        label_map=label_map.to_dict(),
         data=datamodule.evaluation_settings(),
         eval_backend=cfg.eval_backend,
     )
