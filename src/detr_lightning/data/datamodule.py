@@ -106,11 +106,12 @@ class CocoDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         check_data_source(root, synthetic)
-        if root is None:
-            self.root = ensure_synthetic_coco(**dict(synthetic or {}))
+        # check_data_source: without a root there are synthetic parameters
+        self.synthetic = dict(synthetic) if root is None else None
+        if self.synthetic is not None:
+            self.root = ensure_synthetic_coco(**self.synthetic)
         else:
             self.root = Path(root).expanduser()
-        self.synthetic = dict(synthetic) if root is None and synthetic is not None else None
         self.train_image_dir = self._resolve(train_images)
         self.val_image_dir = self._resolve(val_images)
         self.train_annotation_file = self._resolve(train_annotations)
