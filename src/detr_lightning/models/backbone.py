@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .backbone_weights import STAGES, ensure_imagenet_weights, load_trunk, read_backbone_weights
 
@@ -168,10 +169,43 @@ class Backbone(nn.Module):
             mask: [B, H/stride, W/stride] bool, True on padding (nearest resize, as official).
         """
         body = self.body
-        x = body.maxpool(body.relu(body.bn1(body.conv1(images))))
+        x = body.maxpool(F.relu(conv_norm(images, body.conv1, body.bn1), inplace=True))
         for stage in STAGES[: self.num_stages]:
-            x = getattr(body, stage)(x)
+            for block in getattr(body, stage):
+                x = residual_block(block, x)
         return x, resize_mask(padding_mask, x.shape[-2:])
+
+
+def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tensor:
+    """``norm(conv(x))``; a FrozenBatchNorm2d is folded into the convolution instead.
+
+    Frozen statistics make the norm an affine map per output channel, so it equals a conv with
+    weights scaled per channel plus a bias: one pass over the activations fewer, forward and
+    backward, and one activation tensor less kept for the backward. Gradients reach the conv
+    weights through the (weight-sized) scaling, so this holds in training too.
+    """
+    if isinstance(norm, FrozenBatchNorm2d):
+        scale, shift = norm.scale_and_shift()
+        weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+        if conv.bias is not None:
+            shift = shift + conv.bias * scale
+        return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return norm(conv(x))
+
+
+def residual_block(block: nn.Module, x: Tensor) -> Tensor:
+    """One torchvision ResNet block (BasicBlock or Bottleneck) with :func:`conv_norm`."""
+    if isinstance(block, Bottleneck):
+        out = F.relu(conv_norm(x, block.conv1, block.bn1), inplace=True)
+        out = F.relu(conv_norm(out, block.conv2, block.bn2), inplace=True)
+        out = conv_norm(out, block.conv3, block.bn3)
+    elif isinstance(block, BasicBlock):
+        out = F.relu(conv_norm(x, block.conv1, block.bn1), inplace=True)
+        out = conv_norm(out, block.conv2, block.bn2)
+    else:
+        return block(x)
+    identity = x if block.downsample is None else conv_norm(x, *block.downsample)
+    return F.relu(out + identity, inplace=True)
 
 
 def resize_mask(padding_mask: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
