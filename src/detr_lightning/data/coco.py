@@ -282,6 +282,24 @@ class CocoDetection(Dataset):
                 return self._load(index)
         return self._load(key)
 
+    def output_size(self, key: int | tuple[int, int]) -> tuple[int, int]:
+        """(H, W) that sample ``key`` (as for ``__getitem__``) will have, without decoding it.
+
+        Uses the transforms' ``output_size(height, width)`` when they have one (the training
+        augmentation does), under the sample's seed; otherwise the size recorded in the
+        annotation file. An image whose file disagrees with its record is only mis-grouped.
+        """
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        record = self._records[index]
+        predict = getattr(self.transforms, "output_size", None)
+        if predict is None:
+            return record.height, record.width
+        if seed is None:
+            return predict(record.height, record.width)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return predict(record.height, record.width)
+
     def _load(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         image, used = self._read_readable(index)
         record = self._records[used]

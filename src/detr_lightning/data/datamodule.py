@@ -91,6 +91,7 @@ class CocoDataModule(pl.LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
+        group_by_aspect_ratio: bool = True,
         scales: Sequence[int] = DEFAULT_SCALES,
         max_size: int = 1333,
         crop: bool = True,
@@ -121,6 +122,7 @@ class CocoDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.group_by_aspect_ratio = bool(group_by_aspect_ratio)
         self.label_mapping = label_mapping
         self.strict = strict
         self.seed = int(seed)
@@ -261,17 +263,22 @@ class CocoDataModule(pl.LightningDataModule):
         """Shuffled training batches of ``per_device_batch_size`` images.
 
         Order and augmentations are a function of (``seed``, epoch, image) only, on every rank
-        (see :mod:`detr_lightning.data.sampler`), so resumed runs repeat them exactly.
+        (see :mod:`detr_lightning.data.sampler`), so resumed runs repeat them exactly. With
+        ``group_by_aspect_ratio`` each batch holds images of similar size after augmentation.
         """
         trainer = self.trainer
+        dataset = self._get_train_dataset()
+        grouped = self.group_by_aspect_ratio and self.per_device_batch_size > 1
         sampler = EpochSeededSampler(
-            self._get_train_dataset(),
+            dataset,
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
             seed=self.seed,
             epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None,
+            group_batch_size=self.per_device_batch_size if grouped else None,
+            size_of=(lambda index, seed: dataset.output_size((index, seed))) if grouped else None,
         )
-        return self._loader(self._get_train_dataset(), self.per_device_batch_size, sampler)
+        return self._loader(dataset, self.per_device_batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches of ``per_device_val_batch_size`` images, in file order."""

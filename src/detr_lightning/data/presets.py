@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from detr_lightning.data.transforms import RandomShortSideResize, RandomSizeCrop
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_SCALES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "DetectionAugmentation",
     "make_train_transforms",
     "make_val_transforms",
 ]
@@ -33,6 +35,30 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALES = tuple(range(480, 801, 32))
+
+
+class DetectionAugmentation(v2.Compose):
+    """``v2.Compose`` whose first ``num_geometric`` steps decide the output size, so that the
+    size a sample will have is known before its image is decoded (:meth:`output_size`).
+
+    Batching by output size (``data.group_by_aspect_ratio``) pads batches far less: the random
+    crop and the per-image scale make shapes vary much more than the files' aspect ratios.
+    """
+
+    def __init__(self, transforms: Sequence[v2.Transform], num_geometric: int) -> None:
+        super().__init__(list(transforms))
+        self.num_geometric = num_geometric
+        self._geometric = v2.Compose(list(transforms)[:num_geometric])
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) of the image that a call made now would return for a (height, width) image.
+
+        Runs the geometric steps on a "meta" tensor (shapes only, no pixels), drawing the same
+        random numbers as a real call: seed torch's generator as the real call is seeded.
+        """
+        image = tv_tensors.Image(torch.empty(3, height, width, dtype=torch.uint8, device="meta"))
+        out = self._geometric(image)
+        return int(out.shape[-2]), int(out.shape[-1])
 
 
 def _normalize() -> list[v2.Transform]:
@@ -49,7 +75,7 @@ def make_train_transforms(
     crop_max: int = 600,
     crop_probability: float = 0.5,
     flip_probability: float = 0.5,
-) -> v2.Compose:
+) -> DetectionAugmentation:
     """The DETR training augmentation (see the module docstring).
 
     ``crop=False`` (or ``crop_probability=0``) always takes the plain multi-scale branch;
@@ -80,8 +106,9 @@ def make_train_transforms(
             )
     else:
         steps.append(multi_scale)
+    geometric = len(steps)
     steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(), *_normalize()]
-    return v2.Compose(steps)
+    return DetectionAugmentation(steps, num_geometric=geometric)
 
 
 def make_val_transforms(*, val_size: int = 800, max_size: int = 1333) -> v2.Compose:

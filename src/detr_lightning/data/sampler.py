@@ -9,10 +9,20 @@ batches the uninterrupted run would have seen.
 
 It subclasses ``DistributedSampler`` (with the rank and world size given explicitly), so
 Lightning keeps it instead of substituting its own under DDP.
+
+With ``group_batch_size`` and ``size_of`` it also orders each rank's samples so that every run
+of ``group_batch_size`` consecutive samples (one DataLoader batch) holds images of similar
+output size: within windows of ``group_window`` batches, samples are sorted by (orientation,
+height, width) after augmentation, cut into batches, and the batches shuffled. Batches then pad
+much less (on the benchmark data: 42% of the pixels were padding without grouping, 10% with),
+which is compute saved in every layer. Each epoch still visits every sample once with the same
+augmentation; only which samples share a batch changes, and that stays a function of
+(seed, epoch), so resumed runs repeat it.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator, Sized
 
 from torch.utils.data import DistributedSampler
@@ -37,6 +47,12 @@ class EpochSeededSampler(DistributedSampler):
         epoch_source: returns the current epoch when iteration starts (e.g. the trainer's
             ``current_epoch``); Lightning's ``set_epoch`` calls are honoured as well, but a
             resumed run creates its first iterator before that call.
+        group_batch_size: the DataLoader's batch size, to group samples of similar size into
+            its batches (None: no grouping).
+        size_of: ``(index, sample_seed) -> (height, width)`` after augmentation, e.g.
+            :meth:`~detr_lightning.data.coco.CocoDetection.output_size`; needed for grouping.
+        group_window: batches per window within which samples are grouped (more: less
+            padding, but batches of one window are more alike).
     """
 
     def __init__(
@@ -49,6 +65,9 @@ class EpochSeededSampler(DistributedSampler):
         shuffle: bool = True,
         drop_last: bool = False,
         epoch_source: Callable[[], int] | None = None,
+        group_batch_size: int | None = None,
+        size_of: Callable[[int, int], tuple[int, int]] | None = None,
+        group_window: int = 32,
     ) -> None:
         super().__init__(
             dataset,
@@ -58,11 +77,39 @@ class EpochSeededSampler(DistributedSampler):
             seed=seed,
             drop_last=drop_last,
         )
+        if group_batch_size is not None and (size_of is None or group_batch_size < 1):
+            raise ValueError("grouping by size needs size_of and a positive group_batch_size")
+        if group_window < 1:
+            raise ValueError(f"group_window must be at least 1, got {group_window}")
         self.epoch_source = epoch_source
+        self.group_batch_size = group_batch_size
+        self.size_of = size_of
+        self.group_window = group_window
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.epoch_source is not None:
             self.epoch = int(self.epoch_source())
         epoch = self.epoch
-        for index in super().__iter__():
-            yield index, sample_seed(self.seed, epoch, index)
+        keys = ((index, sample_seed(self.seed, epoch, index)) for index in super().__iter__())
+        if self.group_batch_size is None:
+            yield from keys
+        else:
+            yield from self._grouped(list(keys), epoch)
+
+    def _grouped(self, keys: list[tuple[int, int]], epoch: int) -> Iterator[tuple[int, int]]:
+        """``keys`` reordered into batches of similar output size (see the module docstring).
+
+        Only the epoch's last batch can be short, as without grouping; sizes are computed one
+        window at a time, as the DataLoader asks for samples."""
+        batch, size_of = self.group_batch_size, self.size_of
+        order = random.Random(sample_seed(self.seed, epoch, len(keys)))
+        window = batch * self.group_window
+        for start in range(0, len(keys), window):
+            sizes = {key: size_of(*key) for key in keys[start : start + window]}
+            ranked = sorted(sizes, key=lambda key: (sizes[key][0] > sizes[key][1], *sizes[key]))
+            batches = [ranked[k : k + batch] for k in range(0, len(ranked), batch)]
+            short = [b for b in batches if len(b) < batch]  # only in the last window
+            full = [b for b in batches if len(b) == batch]
+            order.shuffle(full)
+            for group in full + short:
+                yield from group

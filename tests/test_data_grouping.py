@@ -1,0 +1,108 @@
+"""Batches grouped by output size (data.group_by_aspect_ratio): exact sizes, same samples,
+less padding, reproducible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_fixtures import make_tiny_synthetic
+from detr_lightning.data import CocoDataModule
+from detr_lightning.data.coco import CocoDetection
+from detr_lightning.data.presets import make_train_transforms
+from detr_lightning.data.sampler import EpochSeededSampler, sample_seed
+
+AUGMENTATION = {
+    "scales": [48, 56, 64, 72],
+    "max_size": 96,
+    "crop_resize": [40, 56],
+    "crop_min": 24,
+    "crop_max": 56,
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> CocoDetection:
+    root = make_tiny_synthetic(tmp_path_factory.mktemp("coco"), num_train=40, max_objects=2)
+    return CocoDetection(
+        root / "train2017",
+        root / "annotations/instances_train2017.json",
+        transforms=make_train_transforms(**AUGMENTATION),
+    )
+
+
+def test_output_size_predicts_the_augmented_size(dataset: CocoDetection) -> None:
+    for index in range(len(dataset)):
+        for epoch in range(3):
+            key = (index, sample_seed(7, epoch, index))
+            image, target = dataset[key]
+            assert dataset.output_size(key) == tuple(image.shape[-2:])
+            assert target["size"].tolist() == list(image.shape[-2:])
+
+
+def padded_fraction(batches: list[list[tuple[int, int]]], dataset: CocoDetection) -> float:
+    real = padded = 0
+    for batch in batches:
+        sizes = [dataset.output_size(key) for key in batch]
+        real += sum(h * w for h, w in sizes)
+        padded += len(sizes) * max(h for h, _ in sizes) * max(w for _, w in sizes)
+    return 1 - real / padded
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_grouping_reorders_the_same_samples_into_tighter_batches(
+    dataset: CocoDetection, world_size: int
+) -> None:
+    batch = 4
+    for rank in range(world_size):
+        common = {"num_replicas": world_size, "rank": rank, "seed": 5}
+        plain = EpochSeededSampler(dataset, **common)
+        grouped = EpochSeededSampler(
+            dataset,
+            **common,
+            group_batch_size=batch,
+            size_of=lambda i, s: dataset.output_size((i, s)),
+        )
+        for epoch in range(2):
+            plain.set_epoch(epoch)
+            grouped.set_epoch(epoch)
+            keys, grouped_keys = list(plain), list(grouped)
+            # the same (index, seed) pairs, i.e. the same samples with the same augmentation
+            assert sorted(grouped_keys) == sorted(keys)
+            assert len(grouped) == len(plain) == len(keys)
+            assert list(grouped) == grouped_keys  # a function of (seed, epoch) only
+            cut = lambda ks: [ks[k : k + batch] for k in range(0, len(ks), batch)]
+            assert padded_fraction(cut(grouped_keys), dataset) < padded_fraction(cut(keys), dataset)
+            if world_size == 1:  # 40 images: every batch full
+                assert [len(b) for b in cut(grouped_keys)] == [batch] * 10
+
+
+def test_short_batch_stays_last(dataset: CocoDetection) -> None:
+    sampler = EpochSeededSampler(
+        dataset, seed=1, group_batch_size=6, group_window=2,
+        size_of=lambda i, s: dataset.output_size((i, s)),
+    )  # fmt: skip
+    keys = list(sampler)
+    batches = [keys[k : k + 6] for k in range(0, len(keys), 6)]
+    assert [len(b) for b in batches] == [6] * 6 + [4]
+
+
+def test_grouping_needs_a_size_function(dataset: CocoDetection) -> None:
+    with pytest.raises(ValueError, match="size_of"):
+        EpochSeededSampler(dataset, group_batch_size=4)
+
+
+def test_datamodule_groups_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    root = make_tiny_synthetic(tmp_path, num_train=16)
+    settings = {"root": root, "batch_size": 4, "num_workers": 0, **AUGMENTATION}
+    grouped = CocoDataModule(**settings)
+    grouped.setup("fit")
+    assert grouped.train_dataloader().sampler.group_batch_size == 4
+    plain = CocoDataModule(**settings, group_by_aspect_ratio=False)
+    plain.setup("fit")
+    assert plain.train_dataloader().sampler.group_batch_size is None
+    images = [batch[0] for batch in grouped.train_dataloader()]
+    assert sum(len(b) for b in images) == 16
+    assert all(torch.isfinite(b).all() for b in images)
