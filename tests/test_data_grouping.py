@@ -106,3 +106,32 @@ def test_datamodule_groups_by_default_and_can_be_turned_off(tmp_path: Path) -> N
     images = [batch[0] for batch in grouped.train_dataloader()]
     assert sum(len(b) for b in images) == 16
     assert all(torch.isfinite(b).all() for b in images)
+
+
+def test_small_training_sizes_decode_jpegs_at_a_reduced_scale(tmp_path: Path) -> None:
+    """Training at short sides <= 1/2 of the files decodes at 1/2 scale: same output size as
+    predicted, boxes scaled to the decoded image, orig_size still the file's."""
+    from data_fixtures import write_coco
+
+    images = [{"id": 1, "width": 321, "height": 250}, {"id": 2, "width": 200, "height": 401}]
+    annotations = [
+        {"image_id": 1, "category_id": 1, "bbox": [100.0, 50.0, 120.0, 100.0]},
+        {"image_id": 2, "category_id": 1, "bbox": [20.0, 300.0, 100.0, 80.0]},
+    ]
+    image_dir, annotation_file = write_coco(
+        tmp_path, images, annotations, [{"id": 1, "name": "a"}], split="train"
+    )
+    augmentation = make_train_transforms(scales=[100, 110], max_size=400, crop=False,
+                                         flip_probability=0.0)  # fmt: skip
+    assert augmentation.source_short_side == 110
+    reduced = CocoDetection(image_dir, annotation_file, transforms=augmentation)
+    full = CocoDetection(image_dir, annotation_file, transforms=augmentation)
+    full.transforms = None  # no source_short_side: full-size decode, uint8 -> float only
+    for index, entry in enumerate(images):
+        key = (index, 11 + index)
+        image, target = reduced[key]
+        assert reduced.output_size(key) == tuple(image.shape[-2:])
+        assert target["orig_size"].tolist() == [entry["height"], entry["width"]]
+        _, full_target = full[index]
+        # normalized boxes agree with the full-size decode up to the 1/2-scale rounding
+        torch.testing.assert_close(target["boxes"], full_target["boxes"], atol=4e-3, rtol=0)

@@ -83,8 +83,38 @@ class _ImageRecord:
     labels: np.ndarray  # [n] int64
 
 
-def _read_rgb(path: Path) -> Tensor:
-    """Decode an image file to uint8 [3, H, W] RGB (grey and RGBA converted)."""
+JPEG_REDUCTIONS = (8, 4, 2)  # the scales libjpeg decodes at directly (1/8, 1/4, 1/2)
+
+
+def jpeg_reduction(height: int, width: int, short_side: int | None) -> int:
+    """The largest JPEG decode reduction (1, 2, 4 or 8) that keeps the short side at least
+    ``short_side`` pixels (None: 1, full size)."""
+    if short_side is None:
+        return 1
+    return next((k for k in JPEG_REDUCTIONS if min(height, width) // k >= short_side), 1)
+
+
+def _read_rgb(path: Path, short_side: int | None = None) -> tuple[Tensor, tuple[int, int]]:
+    """Decode an image file to uint8 [3, H, W] RGB (grey and RGBA converted), and the file's
+    own (height, width).
+
+    With ``short_side``, a JPEG at least twice that size is decoded at 1/2, 1/4 or 1/8 scale
+    (:func:`jpeg_reduction`; libjpeg scales in the DCT, which is both an antialiased
+    downsample and several times faster than a full decode): training at small sizes from
+    photo-sized files then decodes and resizes a fraction of the pixels."""
+    if short_side is not None and path.suffix.lower() in (".jpg", ".jpeg"):
+        with Image.open(path) as image:
+            width, height = image.size
+            factor = jpeg_reduction(height, width, short_side)
+            if image.format == "JPEG" and factor > 1:
+                image.draft("RGB", (-(-width // factor), -(-height // factor)))
+                pixels = torch.from_numpy(np.asarray(image.convert("RGB")))
+                return pixels.permute(2, 0, 1), (height, width)
+    image = _decode_rgb(path)
+    return image, (int(image.shape[-2]), int(image.shape[-1]))
+
+
+def _decode_rgb(path: Path) -> Tensor:
     try:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError:
@@ -278,7 +308,9 @@ class CocoDetection(Dataset):
         if isinstance(key, tuple):
             index, seed = key
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                # the CPU generator only: torch.manual_seed also queues a seed per
+                # accelerator, recording a stack trace each time (~1 ms a sample)
+                torch.default_generator.manual_seed(seed)
                 return self._load(index)
         return self._load(key)
 
@@ -292,25 +324,33 @@ class CocoDetection(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         record = self._records[index]
         predict = getattr(self.transforms, "output_size", None)
+        height, width = record.height, record.width
         if predict is None:
-            return record.height, record.width
+            return height, width
+        if record.path.suffix.lower() in (".jpg", ".jpeg"):  # see _read_rgb
+            factor = jpeg_reduction(
+                height, width, getattr(self.transforms, "source_short_side", None)
+            )
+            height, width = -(-height // factor), -(-width // factor)
         if seed is None:
-            return predict(record.height, record.width)
+            return predict(height, width)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return predict(record.height, record.width)
+            torch.default_generator.manual_seed(seed)
+            return predict(height, width)
 
     def _load(self, index: int) -> tuple[Tensor, dict[str, Any]]:
-        image, used = self._read_readable(index)
+        image, used, (orig_h, orig_w) = self._read_readable(index)
         record = self._records[used]
-        orig_h, orig_w = int(image.shape[-2]), int(image.shape[-1])
         boxes = torch.from_numpy(record.boxes.copy())
         if (orig_h, orig_w) != (record.height, record.width):
             # the JSON's size was wrong: keep the boxes inside the real image
             boxes[:, 0::2].clamp_(0, orig_w)
             boxes[:, 1::2].clamp_(0, orig_h)
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        if (height, width) != (orig_h, orig_w):  # decoded at a reduced scale
+            boxes *= torch.tensor([width / orig_w, height / orig_h] * 2, dtype=boxes.dtype)
         target: dict[str, Any] = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(orig_h, orig_w)),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
             "labels": torch.from_numpy(record.labels.copy()),
         }
         image = tv_tensors.Image(image)
@@ -329,15 +369,18 @@ class CocoDetection(Dataset):
         }
         return image.as_subclass(Tensor), result
 
-    def _read_readable(self, index: int) -> tuple[Tensor, int]:
-        """Decode image ``index``, or else the next readable one: (uint8 [3, H, W], its index)."""
+    def _read_readable(self, index: int) -> tuple[Tensor, int, tuple[int, int]]:
+        """Decode image ``index``, or else the next readable one: (uint8 [3, H, W], its index,
+        the file's (height, width))."""
+        short_side = getattr(self.transforms, "source_short_side", None)
         for offset in range(len(self._records)):
             candidate = (index + offset) % len(self._records)
             if candidate in self.unreadable:
                 continue
             record = self._records[candidate]
             try:
-                return _read_rgb(record.path), candidate
+                image, size = _read_rgb(record.path, short_side)
+                return image, candidate, size
             except (OSError, RuntimeError, ValueError, SyntaxError) as err:
                 self.unreadable.add(candidate)
                 log.warning(

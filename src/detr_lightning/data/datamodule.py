@@ -12,6 +12,7 @@ must remember to evaluate the model as it was validated (split, sizes, label map
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,6 +62,25 @@ def check_data_source(root: str | os.PathLike | None, synthetic: Mapping | None)
         )
 
 
+# What a data-loader worker needs, imported once by the forkserver instead of by every worker.
+WORKER_PRELOAD = ["torch", "torchvision", "detr_lightning.data.coco", "detr_lightning.data.presets"]
+
+
+def _worker_context(method: str | None) -> Any:
+    """The multiprocessing context for data-loader workers (None: the platform default).
+
+    "forkserver" (the default) starts workers from a small server process that imported only
+    :data:`WORKER_PRELOAD`: a forked worker would instead start as a copy of the training
+    process (model, optimizer, Lightning, evaluation state), which its resident memory counts
+    and which copy-on-write turns into real copies as reference counts change."""
+    if method is None or method not in mp.get_all_start_methods():
+        return None
+    context = mp.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
+
+
 def _categories_by_id(categories: list[dict[str, Any]]) -> dict[int, str]:
     return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
 
@@ -91,6 +111,7 @@ class CocoDataModule(pl.LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
+        worker_start: str | None = "forkserver",
         group_by_aspect_ratio: bool = True,
         scales: Sequence[int] = DEFAULT_SCALES,
         max_size: int = 1333,
@@ -122,6 +143,12 @@ class CocoDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        if worker_start not in (None, "fork", "forkserver", "spawn"):
+            raise ValueError(
+                f"data.worker_start={worker_start!r}: choose forkserver, spawn, fork or null "
+                "(the platform's default)"
+            )
+        self.worker_start = worker_start
         self.group_by_aspect_ratio = bool(group_by_aspect_ratio)
         self.label_mapping = label_mapping
         self.strict = strict
@@ -247,6 +274,7 @@ class CocoDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         """Batches in ``sampler`` order, or in file order without one."""
         num_workers = self.num_workers if self.num_workers is not None else 0
+        context = _worker_context(self.worker_start) if num_workers > 0 else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -257,6 +285,7 @@ class CocoDataModule(pl.LightningDataModule):
             pin_memory=bool(self.pin_memory),
             persistent_workers=self.persistent_workers and num_workers > 0,
             collate_fn=collate_detection,
+            multiprocessing_context=context,
         )
 
     def train_dataloader(self) -> DataLoader:

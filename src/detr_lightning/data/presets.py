@@ -45,9 +45,17 @@ class DetectionAugmentation(v2.Compose):
     crop and the per-image scale make shapes vary much more than the files' aspect ratios.
     """
 
-    def __init__(self, transforms: Sequence[v2.Transform], num_geometric: int) -> None:
+    def __init__(
+        self,
+        transforms: Sequence[v2.Transform],
+        num_geometric: int,
+        source_short_side: int | None = None,
+    ) -> None:
         super().__init__(list(transforms))
         self.num_geometric = num_geometric
+        # The largest short side any step resizes to: a source image decoded at a reduced
+        # scale that keeps at least this many pixels loses nothing the output could show.
+        self.source_short_side = source_short_side
         self._geometric = v2.Compose(list(transforms)[:num_geometric])
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -108,7 +116,8 @@ def make_train_transforms(
         steps.append(multi_scale)
     geometric = len(steps)
     steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(), *_normalize()]
-    return DetectionAugmentation(steps, num_geometric=geometric)
+    resized_to = [*scales, *(crop_resize if crop and crop_probability > 0.0 else [])]
+    return DetectionAugmentation(steps, num_geometric=geometric, source_short_side=max(resized_to))
 
 
 def make_val_transforms(*, val_size: int = 800, max_size: int = 1333) -> v2.Compose:
