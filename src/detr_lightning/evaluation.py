@@ -17,6 +17,7 @@ Rank 0 broadcasts the summary, so every rank logs identical values.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -34,7 +35,7 @@ from .ops.distributed import broadcast_object, gather_to_main, rank
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("pycocotools", "faster_coco_eval")
+BACKENDS = ("auto", "pycocotools", "faster_coco_eval")
 # The 12 statistics of COCOeval.summarize(), in its order; "mar_{max_dets}" is AR at the last
 # maxDets, which is 100 unless the model has more queries.
 _STAT_ROWS = (
@@ -66,8 +67,17 @@ def metric_keys(max_dets: int = 100) -> tuple[str, ...]:
 COCO_METRIC_KEYS = metric_keys(100)
 
 
-def coco_api(backend: str = "pycocotools") -> tuple[type, type]:
-    """The ``(COCO, COCOeval)`` classes of a backend."""
+def resolve_backend(backend: str) -> str:
+    """``auto``: faster_coco_eval when it is installed (the same 12 statistics as pycocotools,
+    computed in C++ several times faster), else pycocotools. Other names are returned as is."""
+    if backend != "auto":
+        return backend
+    return "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+
+
+def coco_api(backend: str = "auto") -> tuple[type, type]:
+    """The ``(COCO, COCOeval)`` classes of a backend (see :func:`resolve_backend`)."""
+    backend = resolve_backend(backend)
     if backend == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -112,7 +122,8 @@ class CocoEvaluator:
         category_ids: dataset category id of each model label; -1 marks labels that stand for
             no category (their detections are dropped).
         max_dets: last COCOeval ``maxDets`` (see :func:`max_detections`).
-        backend: "pycocotools" or "faster_coco_eval" (same statistics, faster).
+        backend: "auto" (faster_coco_eval when installed), "pycocotools" or
+            "faster_coco_eval" (the same statistics, faster).
     """
 
     def __init__(
@@ -121,13 +132,13 @@ class CocoEvaluator:
         category_ids: Sequence[int],
         *,
         max_dets: int = 100,
-        backend: str = "pycocotools",
+        backend: str = "auto",
     ) -> None:
         coco_api(backend)  # fail at set-up, not after the first epoch
         self.annotation_file = Path(annotation_file)
         self.category_ids = np.asarray(list(category_ids), dtype=np.int64)
         self.max_dets = int(max_dets)
-        self.backend = backend
+        self.backend = resolve_backend(backend)
         self.reset()
 
     def reset(self) -> None:

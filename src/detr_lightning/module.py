@@ -60,7 +60,8 @@ class DETRModule(pl.LightningModule):
             beyond it (a model with more classes than the data) stand for no category.
         data: the data module's ``evaluation_settings()`` (stored so evaluation can repeat the
             validation without the training config).
-        eval_backend: COCO evaluation backend, "pycocotools" or "faster_coco_eval".
+        eval_backend: COCO evaluation backend: "auto" (faster_coco_eval when installed),
+            "pycocotools" or "faster_coco_eval".
     """
 
     def __init__(
@@ -73,7 +74,7 @@ class DETRModule(pl.LightningModule):
         postprocess: Mapping[str, Any] | None = None,
         label_map: Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
-        eval_backend: str = "pycocotools",
+        eval_backend: str = "auto",
     ) -> None:
         super().__init__()
         model = to_plain(model)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks import MetricsHistory
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
-from .evaluation import report, result_from_metrics
+from .evaluation import report, resolve_backend, result_from_metrics
 from .models.backbone_weights import ensure_imagenet_weights
 from .module import DETRModule, padded_label_map
 from .pretrained import load_state_into, read_checkpoint
@@ -223,7 +223,9 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             history.write(module.label_map)
     if trainer.is_global_zero and metrics:
         log.info(
-            "final validation (COCO, %s):\n%s", cfg.eval_backend, report(metrics, module.label_map)
+            "final validation (COCO, %s):\n%s",
+            resolve_backend(cfg.eval_backend),
+            report(metrics, module.label_map),
         )
     return metrics | {"run_dir": str(run_dir)}
 
