@@ -1,0 +1,205 @@
+"""One pass over a parsed COCO instances file: every check that needs only the JSON, and the
+statistics of what it describes.
+
+:class:`~detr_lightning.data.coco.CocoDetection` builds its samples from this pass and raises on
+the problems that would fail a run; :mod:`detr_lightning.data.report` lists all of them for
+the user. Both read the same lists, so each check has one implementation.
+
+Boxes: ``bbox`` is COCO's ``[x, y, width, height]`` in pixels. A box that overshoots its image
+by more than :data:`BOX_TOLERANCE` pixels, or has a width or height <= 0, is recorded as a
+:class:`BoxIssue`; the kept box is clamped to the image and dropped when nothing is left.
+Crowd regions (``iscrowd=1``) are not objects to detect: they are counted, never checked or
+kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BOX_TOLERANCE",
+    "IMAGE_KEYS",
+    "LARGE_AREA",
+    "SMALL_AREA",
+    "AnnotationIndex",
+    "AnnotationScan",
+    "BoxIssue",
+    "category_names",
+    "scan_annotations",
+]
+
+# Boxes may overshoot their image by this many pixels (float rounding in real annotation files)
+# without being reported; they are clamped all the same.
+BOX_TOLERANCE = 1.0
+# COCO evaluation's object size ranges (areas in pixels of the original image).
+SMALL_AREA = 32**2
+LARGE_AREA = 96**2
+IMAGE_KEYS = ("id", "file_name", "width", "height")
+
+
+def category_names(categories: list[dict[str, Any]]) -> dict[int, str]:
+    """``{category id: name}`` of a COCO ``categories`` list (the id where a name is missing)."""
+    return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+
+
+@dataclass
+class BoxIssue:
+    """A box beyond its image or with a width/height <= 0, as annotated."""
+
+    annotation_id: Any
+    image_id: int
+    bbox: tuple[float, float, float, float]  # x, y, width, height in pixels
+    image_size: tuple[int, int]  # (width, height) from the image entry
+    nonpositive: bool  # width or height <= 0
+    outside: bool  # beyond the image by more than BOX_TOLERANCE
+    dropped: bool  # nothing left after clamping to the image
+
+
+@dataclass
+class AnnotationScan:
+    """Problems and statistics of one instances file; small enough to keep with a dataset.
+
+    Per-image arrays are aligned with ``image_ids`` (the complete image entries, first
+    occurrence of each id, in file order). "Objects" are the boxes kept as training targets:
+    not crowd, clamped to the image, not empty.
+    """
+
+    categories: dict[int, str]
+    image_ids: np.ndarray  # int64 [N]
+    annotations_per_image: np.ndarray  # int64 [N], every annotation of the image (crowd too)
+    objects_per_image: np.ndarray  # int64 [N]
+    num_annotations: int = 0
+    num_crowd: int = 0
+    incomplete_images: list[tuple[Any, list[str]]] = field(default_factory=list)  # (id, keys)
+    duplicate_image_ids: list[Any] = field(default_factory=list)
+    duplicate_annotation_ids: list[Any] = field(default_factory=list)
+    unknown_categories: list[tuple[Any, Any]] = field(default_factory=list)  # (ann id, cat id)
+    unknown_images: list[tuple[Any, Any]] = field(default_factory=list)  # (ann id, image id)
+    malformed_boxes: list[tuple[Any, Any]] = field(default_factory=list)  # (ann id, bbox)
+    box_issues: list[BoxIssue] = field(default_factory=list)
+    without_area: list[Any] = field(default_factory=list)  # annotation ids lacking 'area'
+    instances: Counter = field(default_factory=Counter)  # category id -> objects
+    images_per_category: Counter = field(default_factory=Counter)  # category id -> images
+    box_sizes: Counter = field(default_factory=Counter)  # "small"/"medium"/"large" -> objects
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def num_objects(self) -> int:
+        return int(self.objects_per_image.sum())
+
+    def images_without_annotations(self) -> list[int]:
+        """Ids of the images that no annotation (crowd included) refers to."""
+        return self.image_ids[self.annotations_per_image == 0].tolist()
+
+
+@dataclass
+class AnnotationIndex:
+    """What building samples needs from the file (large: not kept once samples are built)."""
+
+    images: dict[int, dict[str, Any]]  # image id -> complete image entry
+    # image id -> kept boxes as (x0, y0, x1, y1, category id, annotation id), xyxy clamped
+    objects: dict[int, list[tuple[float, float, float, float, int, Any]]]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _size_range(area: float) -> str:
+    return "small" if area < SMALL_AREA else "large" if area > LARGE_AREA else "medium"
+
+
+def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, AnnotationIndex]:
+    """Check a parsed instances dict (see :func:`~detr_lightning.data.coco.load_coco_json`).
+
+    Never raises on bad content: every problem is recorded in the scan. Annotations with an
+    unknown category or image, or a malformed ``bbox``, are left out of the index and the
+    statistics.
+    """
+    categories = category_names(dataset["categories"])
+    scan = AnnotationScan(
+        categories=categories,
+        image_ids=np.zeros(0, np.int64),
+        annotations_per_image=np.zeros(0, np.int64),
+        objects_per_image=np.zeros(0, np.int64),
+    )
+    images: dict[int, dict[str, Any]] = {}
+    for entry in dataset["images"]:
+        missing = [key for key in IMAGE_KEYS if key not in entry]
+        if missing:
+            scan.incomplete_images.append((entry.get("id", entry), missing))
+        elif int(entry["id"]) in images:
+            scan.duplicate_image_ids.append(entry["id"])
+        else:
+            images[int(entry["id"])] = entry
+
+    objects: dict[int, list] = {image_id: [] for image_id in images}
+    annotation_counts: Counter = Counter()
+    seen_annotation_ids: set = set()
+    for ann in dataset["annotations"]:
+        scan.num_annotations += 1
+        ann_id = ann.get("id")
+        if ann_id is not None:
+            if ann_id in seen_annotation_ids:
+                scan.duplicate_annotation_ids.append(ann_id)
+            seen_annotation_ids.add(ann_id)
+        cat_id, image_id = ann.get("category_id"), ann.get("image_id")
+        known = True
+        if cat_id not in categories:
+            scan.unknown_categories.append((ann_id, cat_id))
+            known = False
+        if image_id not in images:
+            scan.unknown_images.append((ann_id, image_id))
+            known = False
+        if not known:
+            continue
+        annotation_counts[image_id] += 1
+        if "area" not in ann:
+            scan.without_area.append(ann_id)
+        if ann.get("iscrowd", 0):
+            scan.num_crowd += 1
+            continue
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+            scan.malformed_boxes.append((ann_id, bbox))
+            continue
+        width, height = int(images[image_id]["width"]), int(images[image_id]["height"])
+        x0, y0, w, h = (float(v) for v in bbox)
+        x1, y1 = x0 + w, y0 + h
+        outside = (
+            x0 < -BOX_TOLERANCE
+            or y0 < -BOX_TOLERANCE
+            or x1 > width + BOX_TOLERANCE
+            or y1 > height + BOX_TOLERANCE
+        )
+        x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
+        y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
+        dropped = x1 <= x0 or y1 <= y0
+        nonpositive = w <= 0 or h <= 0
+        if outside or dropped or nonpositive:
+            issue_box = (float(bbox[0]), float(bbox[1]), w, h)
+            scan.box_issues.append(
+                BoxIssue(
+                    ann_id, image_id, issue_box, (width, height), nonpositive, outside, dropped
+                )
+            )
+        if dropped:
+            continue
+        objects[image_id].append((x0, y0, x1, y1, cat_id, ann_id))
+        scan.instances[cat_id] += 1
+        scan.box_sizes[_size_range((x1 - x0) * (y1 - y0))] += 1
+
+    for boxes in objects.values():
+        scan.images_per_category.update({box[4] for box in boxes})
+    scan.image_ids = np.fromiter(images, dtype=np.int64, count=len(images))
+    scan.annotations_per_image = np.array([annotation_counts[i] for i in images], dtype=np.int64)
+    scan.objects_per_image = np.array([len(objects[i]) for i in images], dtype=np.int64)
+    return scan, AnnotationIndex(images=images, objects=objects)
