@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "BOX_TOLERANCE",
+    "EVALUATION_KEYS",
     "IMAGE_KEYS",
     "LARGE_AREA",
     "SMALL_AREA",
@@ -40,6 +41,9 @@ BOX_TOLERANCE = 1.0
 SMALL_AREA = 32**2
 LARGE_AREA = 96**2
 IMAGE_KEYS = ("id", "file_name", "width", "height")
+# pycocotools indexes ground truth by "id" and reads "area" (size ranges) and "iscrowd" of
+# every annotation: without them, evaluation fails with a KeyError.
+EVALUATION_KEYS = ("id", "area", "iscrowd")
 
 
 def category_names(categories: list[dict[str, Any]]) -> dict[int, str]:
@@ -71,8 +75,11 @@ class AnnotationScan:
 
     categories: dict[int, str]
     image_ids: np.ndarray  # int64 [N]
+    image_sizes: np.ndarray  # int64 [N, 2] (height, width) from the image entries
     annotations_per_image: np.ndarray  # int64 [N], every annotation of the image (crowd too)
     objects_per_image: np.ndarray  # int64 [N]
+    object_areas: np.ndarray  # float64 [M] box areas in pixels of the original image
+    object_images: np.ndarray  # int64 [M] position of each object's image in image_ids
     num_annotations: int = 0
     num_crowd: int = 0
     incomplete_images: list[tuple[Any, list[str]]] = field(default_factory=list)  # (id, keys)
@@ -82,10 +89,10 @@ class AnnotationScan:
     unknown_images: list[tuple[Any, Any]] = field(default_factory=list)  # (ann id, image id)
     malformed_boxes: list[tuple[Any, Any]] = field(default_factory=list)  # (ann id, bbox)
     box_issues: list[BoxIssue] = field(default_factory=list)
-    without_area: list[Any] = field(default_factory=list)  # annotation ids lacking 'area'
+    # (annotation id, keys) of annotations lacking keys that COCO evaluation reads
+    lacking_evaluation_keys: list[tuple[Any, list[str]]] = field(default_factory=list)
     instances: Counter = field(default_factory=Counter)  # category id -> objects
     images_per_category: Counter = field(default_factory=Counter)  # category id -> images
-    box_sizes: Counter = field(default_factory=Counter)  # "small"/"medium"/"large" -> objects
 
     @property
     def num_images(self) -> int:
@@ -98,6 +105,18 @@ class AnnotationScan:
     def images_without_annotations(self) -> list[int]:
         """Ids of the images that no annotation (crowd included) refers to."""
         return self.image_ids[self.annotations_per_image == 0].tolist()
+
+    def size_counts(self, scales: np.ndarray | None = None) -> dict[str, int]:
+        """Objects per COCO size range ("small" < 32², "medium", "large" > 96² px).
+
+        ``scales`` (float [N], one per image) measures the boxes in resized images instead
+        (areas scale with its square); by default in the original pixels.
+        """
+        areas = self.object_areas
+        if scales is not None:
+            areas = areas * np.asarray(scales, dtype=np.float64)[self.object_images] ** 2
+        small, large = int((areas < SMALL_AREA).sum()), int((areas > LARGE_AREA).sum())
+        return {"small": small, "medium": len(areas) - small - large, "large": large}
 
 
 @dataclass
@@ -113,10 +132,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _size_range(area: float) -> str:
-    return "small" if area < SMALL_AREA else "large" if area > LARGE_AREA else "medium"
-
-
 def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, AnnotationIndex]:
     """Check a parsed instances dict (see :func:`~detr_lightning.data.coco.load_coco_json`).
 
@@ -125,12 +140,8 @@ def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, Annotatio
     statistics.
     """
     categories = category_names(dataset["categories"])
-    scan = AnnotationScan(
-        categories=categories,
-        image_ids=np.zeros(0, np.int64),
-        annotations_per_image=np.zeros(0, np.int64),
-        objects_per_image=np.zeros(0, np.int64),
-    )
+    empty = np.zeros(0, np.int64)
+    scan = AnnotationScan(categories, empty, empty.reshape(0, 2), empty, empty, empty, empty)
     images: dict[int, dict[str, Any]] = {}
     for entry in dataset["images"]:
         missing = [key for key in IMAGE_KEYS if key not in entry]
@@ -142,6 +153,9 @@ def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, Annotatio
             images[int(entry["id"])] = entry
 
     objects: dict[int, list] = {image_id: [] for image_id in images}
+    position = {image_id: i for i, image_id in enumerate(images)}
+    areas: list[float] = []
+    object_images: list[int] = []
     annotation_counts: Counter = Counter()
     seen_annotation_ids: set = set()
     for ann in dataset["annotations"]:
@@ -151,6 +165,9 @@ def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, Annotatio
             if ann_id in seen_annotation_ids:
                 scan.duplicate_annotation_ids.append(ann_id)
             seen_annotation_ids.add(ann_id)
+        lacking = [key for key in EVALUATION_KEYS if key not in ann]
+        if lacking:
+            scan.lacking_evaluation_keys.append((ann_id, lacking))
         cat_id, image_id = ann.get("category_id"), ann.get("image_id")
         known = True
         if cat_id not in categories:
@@ -162,8 +179,6 @@ def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, Annotatio
         if not known:
             continue
         annotation_counts[image_id] += 1
-        if "area" not in ann:
-            scan.without_area.append(ann_id)
         if ann.get("iscrowd", 0):
             scan.num_crowd += 1
             continue
@@ -195,11 +210,16 @@ def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, Annotatio
             continue
         objects[image_id].append((x0, y0, x1, y1, cat_id, ann_id))
         scan.instances[cat_id] += 1
-        scan.box_sizes[_size_range((x1 - x0) * (y1 - y0))] += 1
+        areas.append((x1 - x0) * (y1 - y0))
+        object_images.append(position[image_id])
 
     for boxes in objects.values():
         scan.images_per_category.update({box[4] for box in boxes})
     scan.image_ids = np.fromiter(images, dtype=np.int64, count=len(images))
+    sizes = [(int(e["height"]), int(e["width"])) for e in images.values()]
+    scan.image_sizes = np.array(sizes, dtype=np.int64).reshape(-1, 2)
+    scan.object_areas = np.array(areas, dtype=np.float64)
+    scan.object_images = np.array(object_images, dtype=np.int64)
     scan.annotations_per_image = np.array([annotation_counts[i] for i in images], dtype=np.int64)
     scan.objects_per_image = np.array([len(objects[i]) for i in images], dtype=np.int64)
     return scan, AnnotationIndex(images=images, objects=objects)
