@@ -14,6 +14,7 @@ import pytest
 
 from data_fixtures import write_coco
 from detr_lightning.data import CocoDataModule
+from detr_lightning.data.annotations import scan_annotations
 from detr_lightning.data.report import (
     ERROR,
     INFO,
@@ -21,6 +22,7 @@ from detr_lightning.data.report import (
     DatasetReport,
     Finding,
     TrainingPlan,
+    annotation_findings,
     check_dataset,
 )
 from detr_lightning.data.validate import format_report, main
@@ -136,6 +138,21 @@ def test_each_problem_is_reported_with_its_id_or_file(tmp_path: Path) -> None:
     assert finding(report, "no_annotations").items == ["image 2", "image 3"]
     assert text.splitlines()[-1] == "FAILED: 5 errors, 3 warnings, 1 note"
     assert "corrupt.jpg (image 3): " in text and "gone.jpg (image 2)" in text
+
+
+@pytest.mark.parametrize("bbox", [[1, 2, 3], "1234", [0, 0, float("nan"), 1], None, [0, 0, "w", 1]])
+def test_malformed_boxes(bbox: object) -> None:
+    dataset = {
+        "images": [{"id": 1, "file_name": "1.jpg", "width": 10, "height": 10}],
+        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": bbox}],
+        "categories": CATEGORIES,
+    }
+    scan, index = scan_annotations(dataset)
+    assert scan.malformed_boxes == [(5, bbox)] and index.objects == {1: []}
+    found = annotation_findings("val", scan, Path("val.json"))
+    assert [(f.code, f.items) for f in found if f.severity == ERROR] == [
+        ("malformed_bbox", [f"annotation 5: bbox {bbox!r}"])
+    ]
 
 
 def test_exit_status_and_no_decode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -128,10 +128,6 @@ class AnnotationIndex:
     objects: dict[int, list[tuple[float, float, float, float, int, Any]]]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, AnnotationIndex]:
     """Check a parsed instances dict (see :func:`~detr_lightning.data.coco.load_coco_json`).
 
@@ -154,40 +150,43 @@ def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, Annotatio
 
     objects: dict[int, list] = {image_id: [] for image_id in images}
     position = {image_id: i for i, image_id in enumerate(images)}
+    sizes = {image_id: (entry["width"], entry["height"]) for image_id, entry in images.items()}
     areas: list[float] = []
     object_images: list[int] = []
     annotation_counts: Counter = Counter()
+    instances: Counter = Counter()
     seen_annotation_ids: set = set()
-    for ann in dataset["annotations"]:
-        scan.num_annotations += 1
+    scan.num_annotations = len(dataset["annotations"])
+    num_crowd = 0
+    for ann in dataset["annotations"]:  # a hot loop: 860k annotations in COCO train
         ann_id = ann.get("id")
-        if ann_id is not None:
-            if ann_id in seen_annotation_ids:
-                scan.duplicate_annotation_ids.append(ann_id)
-            seen_annotation_ids.add(ann_id)
-        lacking = [key for key in EVALUATION_KEYS if key not in ann]
-        if lacking:
+        if ann_id in seen_annotation_ids and ann_id is not None:
+            scan.duplicate_annotation_ids.append(ann_id)
+        seen_annotation_ids.add(ann_id)
+        if "id" not in ann or "area" not in ann or "iscrowd" not in ann:
+            lacking = [key for key in EVALUATION_KEYS if key not in ann]
             scan.lacking_evaluation_keys.append((ann_id, lacking))
         cat_id, image_id = ann.get("category_id"), ann.get("image_id")
-        known = True
-        if cat_id not in categories:
-            scan.unknown_categories.append((ann_id, cat_id))
-            known = False
-        if image_id not in images:
-            scan.unknown_images.append((ann_id, image_id))
-            known = False
-        if not known:
+        if cat_id not in categories or image_id not in images:
+            if cat_id not in categories:
+                scan.unknown_categories.append((ann_id, cat_id))
+            if image_id not in images:
+                scan.unknown_images.append((ann_id, image_id))
             continue
         annotation_counts[image_id] += 1
         if ann.get("iscrowd", 0):
-            scan.num_crowd += 1
+            num_crowd += 1
             continue
         bbox = ann.get("bbox")
-        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(map(_is_number, bbox)):
+        try:
+            x0, y0, w, h = (float(v) for v in bbox)
+            finite = isinstance(bbox, (list, tuple)) and math.isfinite(x0 + y0 + w + h)
+        except (TypeError, ValueError):  # not 4 values, or not numbers
+            finite = False
+        if not finite:
             scan.malformed_boxes.append((ann_id, bbox))
             continue
-        width, height = int(images[image_id]["width"]), int(images[image_id]["height"])
-        x0, y0, w, h = (float(v) for v in bbox)
+        width, height = sizes[image_id]
         x1, y1 = x0 + w, y0 + h
         outside = (
             x0 < -BOX_TOLERANCE
@@ -197,22 +196,26 @@ def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, Annotatio
         )
         x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
         y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-        dropped = x1 <= x0 or y1 <= y0
-        nonpositive = w <= 0 or h <= 0
-        if outside or dropped or nonpositive:
-            issue_box = (float(bbox[0]), float(bbox[1]), w, h)
-            scan.box_issues.append(
-                BoxIssue(
-                    ann_id, image_id, issue_box, (width, height), nonpositive, outside, dropped
-                )
+        dropped = x1 <= x0 or y1 <= y0  # includes every box with width or height <= 0
+        if outside or dropped:
+            issue = BoxIssue(
+                ann_id,
+                image_id,
+                (float(bbox[0]), float(bbox[1]), w, h),
+                (int(width), int(height)),
+                nonpositive=w <= 0 or h <= 0,
+                outside=outside,
+                dropped=dropped,
             )
-        if dropped:
-            continue
+            scan.box_issues.append(issue)
+            if dropped:
+                continue
         objects[image_id].append((x0, y0, x1, y1, cat_id, ann_id))
-        scan.instances[cat_id] += 1
+        instances[cat_id] += 1
         areas.append((x1 - x0) * (y1 - y0))
         object_images.append(position[image_id])
 
+    scan.instances, scan.num_crowd = instances, num_crowd
     for boxes in objects.values():
         scan.images_per_category.update({box[4] for box in boxes})
     scan.image_ids = np.fromiter(images, dtype=np.int64, count=len(images))
