@@ -163,6 +163,17 @@ def test_exit_status_and_no_decode(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "gone.jpg (image 2)" in out and "images not decoded (decode=false)" in out
 
 
+def test_image_size_differing_from_the_json(tmp_path: Path) -> None:
+    write_clean(tmp_path)
+    path = tmp_path / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["images"][0]["width"] = 81  # the file is 80x60
+    path.write_text(json.dumps(data))
+    found = finding(check(tmp_path), "size_mismatch", "val")
+    assert found.severity == WARNING
+    assert found.items == ["10.jpg (image 10): 'images' says 81x60, the file is 80x60"]
+
+
 def test_strict_makes_box_problems_errors(tmp_path: Path) -> None:
     write_broken(tmp_path)
     report = check(tmp_path, plan=TrainingPlan(strict=True), decode=False)
