@@ -4,6 +4,8 @@ All checks that can fail for a whole run happen at construction, before any trai
 missing files, unparsable JSON, unknown categories, images listed but absent on disk, and
 boxes outside their image (clamped, dropped when empty, reported in one warning). Labels are
 checked against the label map here, once, so no training step needs to look at them again.
+The JSON-level checks are :func:`~detr_lightning.data.annotations.scan_annotations`, shared
+with the dataset report (``python -m detr_lightning.data.validate``).
 
 The only per-sample failure is an image that does not decode. One bad file out of 118k should
 not stop a multi-day run, and under DDP a rank must never skip a step that the other ranks run:
@@ -31,16 +33,13 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
+from detr_lightning.data.annotations import AnnotationScan, BoxIssue, scan_annotations
 from detr_lightning.data.labels import LabelMap
 from detr_lightning.data.transforms import boxes_to_normalized_cxcywh
 
 __all__ = ["CocoDetection", "load_coco_json"]
 
 log = logging.getLogger(__name__)
-
-# Boxes may overshoot their image by this many pixels (float rounding in real annotation files)
-# without being reported; they are clamped all the same.
-BOX_TOLERANCE = 1.0
 
 
 def load_coco_json(annotation_file: str | os.PathLike) -> dict[str, Any]:
@@ -110,17 +109,31 @@ def _read_rgb(path: Path, short_side: int | None = None) -> tuple[Tensor, tuple[
                 image.draft("RGB", (-(-width // factor), -(-height // factor)))
                 pixels = torch.from_numpy(np.asarray(image.convert("RGB")))
                 return pixels.permute(2, 0, 1), (height, width)
-    image = _decode_rgb(path)
+    image = read_rgb(path)
     return image, (int(image.shape[-2]), int(image.shape[-1]))
 
 
-def _decode_rgb(path: Path) -> Tensor:
+# What decoding a broken image file raises (torchvision or PIL).
+DECODE_ERRORS = (OSError, RuntimeError, ValueError, SyntaxError)
+
+
+def read_rgb(path: Path) -> Tensor:
+    """Decode an image file to uint8 [3, H, W] RGB as training reads it (grey and RGBA
+    converted, no EXIF rotation: annotations refer to the stored pixels)."""
     try:
         return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError:
         # formats torchvision cannot decode (BMP, TIFF, ...): let PIL try
         with Image.open(path) as image:
             return F.pil_to_tensor(image.convert("RGB"))
+
+
+def missing_image_files(image_dir: Path, file_names: list[str]) -> list[str]:
+    """The names of ``file_names`` (relative to ``image_dir``) that are not files there."""
+    # One directory listing instead of one stat per image (118k for COCO train).
+    with os.scandir(image_dir) as it:
+        present = {e.name for e in it}
+    return [name for name in file_names if not (name in present or (image_dir / name).is_file())]
 
 
 class CocoDetection(Dataset):
@@ -140,7 +153,8 @@ class CocoDetection(Dataset):
     (``iscrowd=1``) are not objects to detect and are left out of the targets, as in the
     official code; COCO evaluation reads them from the annotation file. Boxes overshooting their
     image are clamped and empty ones dropped with one summary warning; ``strict=True`` makes that
-    a ``ValueError`` instead.
+    a ``ValueError`` instead. ``scan`` keeps the file's
+    :class:`~detr_lightning.data.annotations.AnnotationScan` (statistics, problems found).
     """
 
     def __init__(
@@ -176,100 +190,11 @@ class CocoDetection(Dataset):
         self._records = self._build_records(dataset)
 
     def _build_records(self, dataset: dict[str, Any]) -> list[_ImageRecord]:
-        file = self.annotation_file
-        declared = {int(c["id"]) for c in dataset["categories"]}
-        images: dict[int, dict[str, Any]] = {}
-        for entry in dataset["images"]:
-            missing = [k for k in ("id", "file_name", "width", "height") if k not in entry]
-            if missing:
-                raise ValueError(
-                    f"image entry {entry.get('id', entry)} in {file} lacks {missing}; every "
-                    "image needs id, file_name, width and height"
-                )
-            if int(entry["id"]) in images:
-                raise ValueError(
-                    f"image id {entry['id']} is listed twice in {file} ('images'); image ids "
-                    "must be unique"
-                )
-            images[int(entry["id"])] = entry
-        self._check_files_exist(list(images.values()))
-
-        per_image: dict[int, tuple[list, list]] = {image_id: ([], []) for image_id in images}
-        flagged: list[int] = []
-        num_dropped = 0
-        for ann in dataset["annotations"]:
-            ann_id = ann.get("id")
-            cat_id = ann.get("category_id")
-            if cat_id not in declared:
-                raise ValueError(
-                    f"annotation {ann_id} in {file} has category_id {cat_id}, which is not among "
-                    f"the file's categories {sorted(declared)}; add the category to "
-                    "'categories' or fix the annotation"
-                )
-            image_id = ann.get("image_id")
-            if image_id not in images:
-                raise ValueError(
-                    f"annotation {ann_id} in {file} refers to image_id {image_id}, which is "
-                    "not in 'images'; remove the annotation or add the image"
-                )
-            if ann.get("iscrowd", 0):
-                continue
-            bbox = ann.get("bbox")
-            if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-                raise ValueError(
-                    f"annotation {ann_id} in {file} has bbox {bbox!r}; expected "
-                    "[x, y, width, height] in pixels"
-                )
-            height, width = images[image_id]["height"], images[image_id]["width"]
-            x0, y0, w, h = (float(v) for v in bbox)
-            x1, y1 = x0 + w, y0 + h
-            outside = (
-                x0 < -BOX_TOLERANCE
-                or y0 < -BOX_TOLERANCE
-                or x1 > width + BOX_TOLERANCE
-                or y1 > height + BOX_TOLERANCE
-            )
-            x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
-            y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-            degenerate = x1 <= x0 or y1 <= y0
-            if outside or degenerate:
-                flagged.append(ann_id)
-            if degenerate:
-                num_dropped += 1
-                continue
-            boxes, labels = per_image[image_id]
-            boxes.append((x0, y0, x1, y1))
-            try:
-                labels.append(self.label_map.category_to_label(cat_id))
-            except ValueError as err:
-                raise ValueError(f"annotation {ann_id} in {file}: {err}") from None
-        if flagged:
-            self._report_bad_boxes(flagged, num_dropped)
-
-        records = []
-        for image_id, entry in images.items():
-            boxes, labels = per_image[image_id]
-            records.append(
-                _ImageRecord(
-                    image_id=image_id,
-                    path=self.image_dir / entry["file_name"],
-                    height=int(entry["height"]),
-                    width=int(entry["width"]),
-                    boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-                    labels=np.asarray(labels, dtype=np.int64),
-                )
-            )
-        return records
-
-    def _check_files_exist(self, entries: list[dict[str, Any]]) -> None:
-        # One directory listing instead of one stat per image (118k for COCO train).
-        with os.scandir(self.image_dir) as it:
-            present = {e.name for e in it}
-        missing = [
-            e["file_name"]
-            for e in entries
-            if not (e["file_name"] in present or (self.image_dir / e["file_name"]).is_file())
-        ]
+        scan, index = scan_annotations(dataset)
+        self._raise_on_errors(scan)
+        missing = missing_image_files(
+            self.image_dir, [e["file_name"] for e in index.images.values()]
+        )
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} image(s) listed in {self.annotation_file} are missing from "
@@ -277,8 +202,71 @@ class CocoDetection(Dataset):
                 "the annotation file (train2017 with instances_train2017.json, ...), or remove "
                 "those images from the JSON"
             )
+        if scan.box_issues:
+            self._report_bad_boxes(scan.box_issues)
+        self.scan = scan
 
-    def _report_bad_boxes(self, flagged: list[Any], num_dropped: int) -> None:
+        records = []
+        for image_id, entry in index.images.items():
+            objects = index.objects[image_id]
+            labels = []
+            for *_, cat_id, ann_id in objects:
+                try:
+                    labels.append(self.label_map.category_to_label(cat_id))
+                except ValueError as err:
+                    raise ValueError(
+                        f"annotation {ann_id} in {self.annotation_file}: {err}"
+                    ) from None
+            records.append(
+                _ImageRecord(
+                    image_id=image_id,
+                    path=self.image_dir / entry["file_name"],
+                    height=int(entry["height"]),
+                    width=int(entry["width"]),
+                    boxes=np.asarray([o[:4] for o in objects], dtype=np.float32).reshape(-1, 4),
+                    labels=np.asarray(labels, dtype=np.int64),
+                )
+            )
+        return records
+
+    def _raise_on_errors(self, scan: AnnotationScan) -> None:
+        """The first problem that makes the file unusable, as a ValueError naming it."""
+        file = self.annotation_file
+        if scan.incomplete_images:
+            image, missing = scan.incomplete_images[0]
+            raise ValueError(
+                f"image entry {image} in {file} lacks {missing}; every image needs id, "
+                "file_name, width and height"
+            )
+        if scan.duplicate_image_ids:
+            raise ValueError(
+                f"image id {scan.duplicate_image_ids[0]} is listed twice in {file} ('images'); "
+                "image ids must be unique"
+            )
+        more = lambda problems: f" ({len(problems) - 1} more like it)" if len(problems) > 1 else ""
+        if scan.unknown_categories:
+            ann_id, cat_id = scan.unknown_categories[0]
+            raise ValueError(
+                f"annotation {ann_id} in {file} has category_id {cat_id}, which is not among "
+                f"the file's categories {sorted(scan.categories)}{more(scan.unknown_categories)}; "
+                "add the category to 'categories' or fix the annotation"
+            )
+        if scan.unknown_images:
+            ann_id, image_id = scan.unknown_images[0]
+            raise ValueError(
+                f"annotation {ann_id} in {file} refers to image_id {image_id}, which is not in "
+                f"'images'{more(scan.unknown_images)}; remove the annotation or add the image"
+            )
+        if scan.malformed_boxes:
+            ann_id, bbox = scan.malformed_boxes[0]
+            raise ValueError(
+                f"annotation {ann_id} in {file} has bbox {bbox!r}{more(scan.malformed_boxes)}; "
+                "expected [x, y, width, height] in pixels"
+            )
+
+    def _report_bad_boxes(self, issues: list[BoxIssue]) -> None:
+        flagged = [issue.annotation_id for issue in issues]
+        num_dropped = sum(issue.dropped for issue in issues)
         message = (
             f"{len(flagged)} annotation(s) in {self.annotation_file} have boxes outside their "
             f"image or with width/height <= 0 (annotation ids {flagged[:5]}"
@@ -381,7 +369,7 @@ class CocoDetection(Dataset):
             try:
                 image, size = _read_rgb(record.path, short_side)
                 return image, candidate, size
-            except (OSError, RuntimeError, ValueError, SyntaxError) as err:
+            except DECODE_ERRORS as err:
                 self.unreadable.add(candidate)
                 log.warning(
                     "image %s (image_id %s) does not decode (%s); a readable image stands in "

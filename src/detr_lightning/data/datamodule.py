@@ -8,10 +8,16 @@ division is not exact, so changing the number of GPUs never silently changes the
 Only what a stage needs is built: evaluation never touches the training split or its
 augmentation settings. :meth:`CocoDataModule.evaluation_settings` returns what a checkpoint
 must remember to evaluate the model as it was validated (split, sizes, label mapping).
+
+Each split it builds is summarized in one log line (a warning when it has problems, see
+:mod:`detr_lightning.data.report`); a validation split that COCO evaluation would fail on or
+score wrongly (annotations without ``id``/``area``/``iscrowd``, repeated annotation ids) is a
+``ValueError`` at setup rather than after the first training epoch.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 from collections.abc import Mapping, Sequence
@@ -22,15 +28,19 @@ import pytorch_lightning as pl
 from lightning_fabric.utilities.data import suggested_max_num_workers
 from torch.utils.data import DataLoader
 
+from detr_lightning.data.annotations import category_names
 from detr_lightning.data.coco import CocoDetection, load_coco_json
 from detr_lightning.data.collate import collate_detection
 from detr_lightning.data.labels import LabelMap
 from detr_lightning.data.presets import DEFAULT_SCALES, make_train_transforms, make_val_transforms
+from detr_lightning.data.report import ERROR, WARNING, SplitReport, split_report, summary_line
 from detr_lightning.data.sampler import EpochSeededSampler
 from detr_lightning.data.synthetic import ensure_synthetic_coco
 from detr_lightning.errors import SetupError
 
-__all__ = ["CocoDataModule", "check_data_source"]
+__all__ = ["CocoDataModule", "check_data_source", "dataset_root", "split_path"]
+
+log = logging.getLogger(__name__)
 
 
 def _per_device(global_size: int, world_size: int, name: str) -> int:
@@ -81,8 +91,19 @@ def _worker_context(method: str | None) -> Any:
     return context
 
 
-def _categories_by_id(categories: list[dict[str, Any]]) -> dict[int, str]:
-    return {int(c["id"]): str(c.get("name", c["id"])) for c in categories}
+def dataset_root(root: str | os.PathLike | None, synthetic: Mapping | None) -> Path:
+    """The dataset folder: ``root``, or else the synthetic dataset of the ``synthetic``
+    parameters (generated into the cache once). SetupError when neither is usable."""
+    check_data_source(root, synthetic)
+    if root is None:
+        return ensure_synthetic_coco(**synthetic)  # check_data_source: synthetic is given
+    return Path(root).expanduser()
+
+
+def split_path(root: Path, path: str | os.PathLike) -> Path:
+    """An image directory or annotation file setting: relative to ``root`` unless absolute."""
+    path = Path(path)
+    return path if path.is_absolute() else root / path
 
 
 class CocoDataModule(pl.LightningDataModule):
@@ -127,17 +148,12 @@ class CocoDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_data_source(root, synthetic)
-        # check_data_source: without a root there are synthetic parameters
-        self.synthetic = dict(synthetic) if root is None else None
-        if self.synthetic is not None:
-            self.root = ensure_synthetic_coco(**self.synthetic)
-        else:
-            self.root = Path(root).expanduser()
-        self.train_image_dir = self._resolve(train_images)
-        self.val_image_dir = self._resolve(val_images)
-        self.train_annotation_file = self._resolve(train_annotations)
-        self.val_annotation_file = self._resolve(val_annotations)
+        self.synthetic = dict(synthetic) if root is None and synthetic is not None else None
+        self.root = dataset_root(root, synthetic)
+        self.train_image_dir = split_path(self.root, train_images)
+        self.val_image_dir = split_path(self.root, val_images)
+        self.train_annotation_file = split_path(self.root, train_annotations)
+        self.val_annotation_file = split_path(self.root, val_annotations)
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size if val_batch_size is not None else batch_size)
         self.num_workers = num_workers
@@ -166,17 +182,13 @@ class CocoDataModule(pl.LightningDataModule):
         self.val_transforms = make_val_transforms(val_size=self.val_size, max_size=self.max_size)
         # Only the categories are needed now; setup() builds the datasets.
         val_json = load_coco_json(self.val_annotation_file)
-        self._val_categories = _categories_by_id(val_json["categories"])
+        self._val_categories = category_names(val_json["categories"])
         self.label_map = LabelMap.from_coco(val_json, label_mapping)
         del val_json
         self.per_device_batch_size = self.batch_size
         self.per_device_val_batch_size = self.val_batch_size
         self.train_dataset: CocoDetection | None = None
         self.val_dataset: CocoDetection | None = None
-
-    def _resolve(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        return path if path.is_absolute() else self.root / path
 
     @property
     def num_classes(self) -> int:
@@ -246,13 +258,14 @@ class CocoDataModule(pl.LightningDataModule):
                 label_map=self.label_map,
                 strict=self.strict,
             )
-            train_categories = _categories_by_id(dataset.categories)
+            train_categories = category_names(dataset.categories)
             if train_categories != self._val_categories:
                 raise ValueError(
                     f"the categories of {self.train_annotation_file} differ from those of "
                     f"{self.val_annotation_file} ({train_categories} vs "
                     f"{self._val_categories}); both splits must declare the same 'categories'"
                 )
+            _log_summary(split_report("train", dataset))
             self.train_dataset = dataset
         return self.train_dataset
 
@@ -260,13 +273,15 @@ class CocoDataModule(pl.LightningDataModule):
         if self.val_dataset is None:
             # COCO evaluation takes its ground truth (crowd regions and areas included) from the
             # annotation file; the samples only feed the model and its validation loss.
-            self.val_dataset = CocoDetection(
+            dataset = CocoDetection(
                 self.val_image_dir,
                 self.val_annotation_file,
                 transforms=self.val_transforms,
                 label_map=self.label_map,
                 strict=self.strict,
             )
+            _log_summary(split_report("val", dataset, evaluated=True))
+            self.val_dataset = dataset
         return self.val_dataset
 
     def _loader(
@@ -320,3 +335,17 @@ class CocoDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The validation split, for writing predictions."""
         return self.val_dataloader()
+
+
+def _log_summary(report: SplitReport) -> None:
+    """Log one line about a built split; raise on what CocoDetection leaves to evaluation
+    (annotation ids or keys that COCO evaluation would trip over after a whole epoch)."""
+    errors = [f for f in report.findings if f.severity == ERROR]
+    if errors:
+        details = "; ".join(f"{f.message} (e.g. {', '.join(f.items[:3])})" for f in errors)
+        raise ValueError(
+            f"{report.annotation_file}: {details}. python -m detr_lightning.data.validate "
+            "lists every problem of the dataset"
+        )
+    warned = any(f.severity == WARNING for f in report.findings)
+    log.log(logging.WARNING if warned else logging.INFO, "%s", summary_line(report))
