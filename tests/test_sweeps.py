@@ -1,5 +1,5 @@
 """Scaling out through Hydra: the submitit launchers (local processes, SLURM jobs wired for
-Lightning)."""
+Lightning) and Optuna sweeps over the value train.py returns."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline_fixtures import CONF_DIR, tiny_overrides
+from detr_lightning.errors import SetupError
+from detr_lightning.sweeps import check_optimized_metric, objective, save_best_trial
+from detr_lightning.train import train
+from pipeline_fixtures import CONF_DIR, compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +29,11 @@ def _with_hydra(overrides: list[str]):
         return compose("train", overrides, return_hydra_config=True)
 
 
-def _multirun_overrides(*extra: str) -> list[str]:
-    """Tiny CPU training overrides for train.py -m: each job keeps Hydra's own run dir."""
-    dropped = ("run_dir=", "trainer.max_epochs=")
+def _multirun_overrides(*extra: str, searched: tuple[str, ...] = ()) -> list[str]:
+    """Tiny CPU training overrides for train.py -m: each job keeps Hydra's own run dir. The
+    ``searched`` keys are left out: the Optuna sweeper holds a key given on the command line
+    fixed, out of the search."""
+    dropped = ("run_dir=", "trainer.max_epochs=", *(f"{key}=" for key in searched))
     overrides = [o for o in tiny_overrides(Path("unused")) if not o.startswith(dropped)]
     return [*overrides, "trainer.max_epochs=1", "cpu_threads=1", *extra]
 
@@ -39,6 +44,47 @@ def _run_train_py(arguments: list[str], cwd: Path) -> subprocess.CompletedProces
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+# ---- the value a sweeper optimizes -------------------------------------------------------
+
+
+def test_objective_is_the_named_statistic_of_the_final_evaluation():
+    metrics = {"map": 0.25, "map_50": 0.5, "mar_100": 0.75}
+    cfg = compose_config("train", ["run_dir=x", "optimized_metric=val/map_50"])
+    assert objective(cfg, metrics) == 0.5
+    assert objective(compose_config("train", ["run_dir=x"]), metrics) is None  # not asked for
+    cfg = compose_config("train", ["run_dir=x", "optimized_metric=test/map",
+                                   "test_after_fit=true"])  # fmt: skip
+    assert objective(cfg, metrics) == 0.25
+    # more queries than 100: COCOeval's last maxDets and the recall's name follow them
+    cfg = compose_config("train", ["run_dir=x", "model.num_queries=150",
+                                   "optimized_metric=val/mar_150"])  # fmt: skip
+    assert objective(cfg, {"mar_150": 0.125}) == 0.125
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimized_metric=val/AP"], r"optimized_metric=val/AP is not .* val/map, val/map_50"),
+        (["optimized_metric=map"], r"optimized_metric=map is not .*choose one of: val/map"),
+        (["optimized_metric=test/map"], r"test/\* metrics exist with test_after_fit=true"),
+        (["optimized_metric=val/map", "test_after_fit=true"], r"logs test/\*.*test/map"),
+    ],
+)
+def test_unknown_optimized_metric_is_refused_before_training(overrides, message, tmp_path):
+    cfg = compose_config("train", tiny_overrides(tmp_path, *overrides))
+    with pytest.raises(SetupError, match=message):
+        check_optimized_metric(cfg)
+    with pytest.raises(SetupError, match=message):
+        train(cfg)  # before any data or model work
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_objective_without_an_evaluation_fails_the_trial():
+    cfg = compose_config("train", ["run_dir=x", "optimized_metric=val/map"])
+    with pytest.raises(ValueError, match=r"optimized_metric=val/map: .*without a val evaluation"):
+        objective(cfg, {})
 
 
 # ---- launchers ------------------------------------------------------------------------------
@@ -105,3 +151,64 @@ def test_two_job_multirun_through_the_submitit_local_launcher(tmp_path):
         assert len(metrics["history"]) == 1 and "map" in metrics
         learning_rates.append(OmegaConf.load(run_dir / "config.yaml").optimizer.lr)
     assert learning_rates == [1e-4, 3e-4]
+
+
+# ---- Optuna ---------------------------------------------------------------------------------
+
+
+def _fake_trial(sweep_dir: Path, number: int, overrides: list[str]) -> None:
+    hydra_dir = sweep_dir / str(number) / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), hydra_dir / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"trial": number}), hydra_dir / "config.yaml")
+
+
+def test_best_trial_file_names_the_trial_with_the_best_parameters(tmp_path):
+    lr = 1.2345678901234567e-05  # written by the sweeper as str(float)
+    _fake_trial(tmp_path, 0, ["optimizer.lr=0.0001", "model.num_queries=50", "hparams_search=x"])
+    _fake_trial(tmp_path, 1, [f"optimizer.lr={lr}", "model.num_queries=100", "hparams_search=x"])
+    _fake_trial(tmp_path, 2, [f"optimizer.lr={lr}", "model.num_queries=50", "hparams_search=x"])
+    assert save_best_trial(tmp_path) is None  # no results: not an Optuna sweep
+    results = {"name": "optuna", "best_params": {"optimizer.lr": lr, "model.num_queries": 50},
+               "best_value": 0.5}  # fmt: skip
+    OmegaConf.save(OmegaConf.create(results), tmp_path / "optimization_results.yaml")
+    best = OmegaConf.load(save_best_trial(tmp_path))
+    assert best.trial_dir == str(tmp_path / "2") and best.config == {"trial": 2}
+    assert best.best_value == 0.5
+    assert list(best.overrides) == [f"optimizer.lr={lr}", "model.num_queries=50"]
+
+
+@pytest.mark.slow
+def test_two_trial_optuna_sweep_maximizes_the_validation_map(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = _run_train_py(
+        [
+            "hparams_search=detr_optuna",
+            *_multirun_overrides(searched=("backbone.lr", "model.num_queries")),
+            "hydra.sweeper.n_trials=2",
+            "model.num_queries=choice(4,8)",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    values = {}
+    for trial in ("0", "1"):
+        run_dir = sweep_dir / trial
+        values[trial] = json.loads((run_dir / "metrics.json").read_text())["map"]
+        config = OmegaConf.load(run_dir / "config.yaml")
+        assert config.model.num_queries in (4, 8) and 3e-5 <= config.optimizer.lr <= 3e-4
+        assert 3e-6 <= config.backbone.lr <= 3e-5  # searched, not the tiny model's 1e-4
+        assert config.optimized_metric == "val/map"
+    assert not (sweep_dir / "2").exists()
+    results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert set(results.best_params) == {
+        "optimizer.lr", "backbone.lr", "loss.eos_coef", "loss.set_cost_class",
+        "loss.set_cost_bbox", "loss.set_cost_giou", "model.num_queries",
+    }  # fmt: skip
+    assert results.best_value == max(values.values())  # the returned value is val/map
+    best = OmegaConf.load(sweep_dir / "best_trial.yaml")
+    best_config = OmegaConf.load(Path(best.trial_dir) / "config.yaml")
+    assert values[Path(best.trial_dir).name] == results.best_value
+    for key, value in results.best_params.items():
+        assert OmegaConf.select(best_config, key) == value
+    assert "Best value" in result.stdout + result.stderr

@@ -22,6 +22,7 @@ from .evaluation import report, result_from_metrics
 from .models.backbone_weights import ensure_imagenet_weights
 from .module import DETRModule, padded_label_map
 from .pretrained import load_state_into, read_checkpoint
+from .sweeps import check_optimized_metric
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     check_data_source(cfg.data.get("root"), cfg.data.get("synthetic"))
+    check_optimized_metric(cfg)
     ensure_backbone_weights(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir)
