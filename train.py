@@ -5,11 +5,13 @@ from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns ``optimized_metric``'s value (or None) for sweepers such as Optuna."""
     from detr_lightning.errors import exit_on_setup_error
+    from detr_lightning.sweeps import objective
     from detr_lightning.train import train
 
-    exit_on_setup_error(train, cfg)
+    return objective(cfg, exit_on_setup_error(train, cfg))
 
 
 if __name__ == "__main__":

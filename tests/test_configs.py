@@ -219,3 +219,54 @@ def test_unknown_override_key_is_an_error(override):
     with pytest.raises(ConfigCompositionException) as info:
         compose_config("train", ["run_dir=x", override])
     assert override.split("=")[0] in str(info.value) + str(info.value.__cause__)
+
+
+LAUNCHERS = sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml"))
+SEARCHES = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
+
+
+def _compose_with_hydra(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides, return_hydra_config=True)
+
+
+def test_plain_training_needs_no_launcher_or_sweeper_plugin():
+    hydra_cfg = _compose_with_hydra(["run_dir=x"]).hydra
+    assert (
+        hydra_cfg.launcher._target_ == "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    )
+    assert hydra_cfg.sweeper._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+    assert compose_config("train", ["run_dir=x"]).optimized_metric is None
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_launcher_configs_follow_the_trainer(launcher):
+    cfg = _compose_with_hydra([f"hydra/launcher={launcher}", "trainer.devices=4",
+                               "trainer.num_nodes=2", "run_dir=x"])  # fmt: skip
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params["_target_"].startswith("hydra_plugins.hydra_submitit_launcher.")
+    assert params["gpus_per_node"] == 4
+    if launcher == "slurm":  # one SLURM task per GPU, as Lightning's SLURM detection wants
+        assert (params["nodes"], params["tasks_per_node"]) == (2, 4)
+    else:  # one local process; Lightning starts the DDP processes
+        assert params["tasks_per_node"] == 1
+    # the training config itself is untouched
+    assert compose_config("train", [f"hydra/launcher={launcher}", "run_dir=x"]) == compose_config(
+        "train", ["run_dir=x"]
+    )
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_hparams_search_configs_search_existing_keys(search):
+    cfg = _compose_with_hydra([f"hparams_search={search}", "run_dir=x"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.startswith("hydra_plugins.hydra_optuna_sweeper.")
+    assert sweeper.direction == "maximize" and cfg.optimized_metric == "val/map"
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    for key in sweeper.params:  # every searched key exists, so no trial fails on a typo
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", key
+    searched = {"optimizer.lr", "backbone.lr", "loss.eos_coef", "loss.set_cost_class",
+                "loss.set_cost_bbox", "loss.set_cost_giou", "model.num_queries"}  # fmt: skip
+    assert searched <= set(sweeper.params)

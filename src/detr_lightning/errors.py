@@ -15,12 +15,12 @@ class SetupError(Exception):
     """
 
 
-def exit_on_setup_error(function: Callable[[Any], Any], cfg: Any) -> None:
-    """Run an entry point's ``function(cfg)``; a SetupError prints ``error: <message>`` to
-    stderr and exits with status 1. SystemExit passes through Hydra's error handler, so the
-    user sees the message alone, without a traceback."""
+def exit_on_setup_error(function: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run an entry point's ``function(cfg)`` and return its result; a SetupError prints
+    ``error: <message>`` to stderr and exits with status 1. SystemExit passes through Hydra's
+    error handler, so the user sees the message alone, without a traceback."""
     try:
-        function(cfg)
+        return function(cfg)
     except SetupError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

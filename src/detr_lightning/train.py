@@ -22,6 +22,7 @@ from .evaluation import report, resolve_backend, result_from_metrics
 from .models.backbone_weights import ensure_imagenet_weights
 from .module import DETRModule, padded_label_map
 from .pretrained import load_state_into, read_checkpoint
+from .sweeps import check_optimized_metric
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,20 @@ def check_resume(module: DETRModule, ckpt_path: str) -> None:
         )
 
 
+def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` itself, or for ``ckpt_path=last`` this run
+    directory's ``checkpoints/last.ckpt`` if it exists (a requeued cluster job that reruns in
+    the same directory), else None (a first start)."""
+    if ckpt_path != "last":
+        return ckpt_path or None
+    path = run_dir / "checkpoints" / "last.ckpt"
+    if path.is_file():
+        log.info("ckpt_path=last: resuming from %s", path)
+        return str(path)
+    log.info("ckpt_path=last: no %s yet, starting from the beginning", path)
+    return None
+
+
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
@@ -193,12 +208,14 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     check_data_source(cfg.data.get("root"), cfg.data.get("synthetic"))
+    check_optimized_metric(cfg)
     ensure_backbone_weights(cfg)
     run_dir = Path(cfg.run_dir)
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir)
     datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule)
-    if cfg.get("ckpt_path"):
-        check_resume(module, cfg.ckpt_path)
+    if ckpt_path:
+        check_resume(module, ckpt_path)
     trainer = build_trainer(cfg, callbacks)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +228,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             module.model.num_classes,
             run_dir,
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = result_from_metrics(trainer.callback_metrics, "val")
     history = next((c for c in trainer.callbacks if isinstance(c, MetricsHistory)), None)
     if cfg.get("test_after_fit"):
@@ -237,5 +254,6 @@ __all__ = [
     "ensure_backbone_weights",
     "instantiate_data",
     "model_settings",
+    "resume_checkpoint",
     "train",
 ]
