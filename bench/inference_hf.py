@@ -1,0 +1,116 @@
+"""Inference against transformers' DetrForObjectDetection with the same weights, same process.
+
+    PYTHONPATH=src python bench/inference_hf.py [--model R101] [--size 800 1066] \
+        [--precisions fp32 bf16] [--warmup 2] [--iters 7] [--json bench/results/hf_cpu.json]
+
+The reference is built with random weights and random frozen-BN statistics (timm ResNet, no
+download), written with ``save_pretrained`` and loaded into ours with ``load_pretrained``, the
+path users take. Batch 1, one normalized random image of ``--size``. Timed passes alternate
+ours / transformers under ``torch.inference_mode`` (and ``torch.autocast`` for bf16), so
+background load hits both; the median seconds per image and the ratio are reported, with the
+largest box difference and the share of queries whose top label (no-object excluded) agrees,
+both against transformers' fp32 output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import environment, print_table, write_json
+
+from hf_reference import build_hf_detr
+
+BACKBONES = {"R50": "resnet50", "R101": "resnet101", "R101-DC5": "resnet101"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="R101", choices=sorted(BACKBONES))
+    parser.add_argument("--size", type=int, nargs=2, default=[800, 1066])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import detr_lightning as dl
+
+    reference = build_hf_detr(BACKBONES[args.model], dilation=args.model.endswith("DC5"))
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        ours = dl.load_pretrained(folder).model.eval()
+    height, width = args.size
+    images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    pixel_mask = torch.ones(1, height, width, dtype=torch.long)
+    runs = {
+        "transformers": lambda: reference(pixel_values=images, pixel_mask=pixel_mask),
+        "detr-lightning": lambda: ours(images),
+    }
+    with torch.inference_mode():
+        truth = reference(pixel_values=images, pixel_mask=pixel_mask)
+    rows, records = [], []
+    for precision in args.precisions:
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        outputs = {}
+        with torch.inference_mode(), autocast:
+            for step in range(args.warmup + args.iters):
+                for name, run in runs.items():
+                    started = time.perf_counter()
+                    outputs[name] = run()
+                    if step >= args.warmup:
+                        times[name].append(time.perf_counter() - started)
+        ours_out = outputs["detr-lightning"]
+        boxes_diff = (ours_out["pred_boxes"].float() - truth.pred_boxes).abs().max().item()
+        ours_top = ours_out["pred_logits"].float()[..., :-1].argmax(-1)
+        agree = (ours_top == truth.logits[..., :-1].argmax(-1)).float().mean().item()
+        base = statistics.median(times["transformers"])
+        for name, values in times.items():
+            median = statistics.median(values)
+            row = {
+                "precision": precision,
+                "code": name,
+                "s_per_img": median,
+                "min": min(values),
+                "max": max(values),
+                "speedup": base / median,
+            }
+            if name == "detr-lightning":
+                row.update(max_box_diff=boxes_diff, top_label_agreement=agree)
+            records.append({**row, "times": values})
+            rows.append([
+                precision, name, f"{median:.3f} ({min(values):.3f}-{max(values):.3f})",
+                f"{base / median:.2f}x",
+                f"{boxes_diff:.1e}" if name == "detr-lightning" else "",
+                f"{agree:.0%}" if name == "detr-lightning" else "",
+            ])  # fmt: skip
+    table = print_table(
+        f"Inference {args.model} {height}x{width}, batch 1, CPU, {torch.get_num_threads()} threads",
+        ["precision", "code", "s/img median (min-max)", "speedup", "max |box diff| vs HF fp32",
+         "top labels = HF fp32"],
+        rows,
+    )  # fmt: skip
+    write_json(args.json, {"environment": environment(), "rows": records, "table": table})
+
+
+if __name__ == "__main__":
+    main()
