@@ -35,8 +35,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix $(PY_SOURCES)
 	$(VENV)/bin/ruff format $(PY_SOURCES)
 
+# Every benchmark against the official code (a facebookresearch/detr checkout: OFFICIAL=path
+# or REF_DETR_DIR) and transformers; run it on an otherwise idle machine.
 bench: $(STAMP)
-	$(PY) bench/inference.py $(ARGS)
+	PYTHONPATH=src $(PY) bench/run_all.py $(if $(OFFICIAL),--official $(OFFICIAL)) $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -82,6 +82,11 @@ def run_ours(log_path: str, overrides: list[str]) -> None:
 
         def on_train_epoch_start(self, trainer, module) -> None:
             self.started, self.train_s = time.perf_counter(), None
+            self.padded = self.pixels = 0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self.padded += int(batch[1].sum())  # the padding mask: True on padding
+            self.pixels += batch[1].numel()
 
         def on_validation_epoch_start(self, trainer, module) -> None:
             if trainer.training and self.train_s is None and self.started is not None:
@@ -97,6 +102,7 @@ def run_ours(log_path: str, overrides: list[str]) -> None:
                 "train_s": round(train_s, 2),
                 "img_per_s": round(images / train_s, 3),
                 "loss": float(trainer.callback_metrics["train/loss"]),
+                "padding_fraction": round(self.padded / max(self.pixels, 1), 4),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
             with open(log_path, "a") as log:
@@ -140,6 +146,7 @@ def summarize(name: str, run: dict[str, Any]) -> dict[str, Any]:
         "img_per_s_max": max(speeds),
         "losses": [round(e["loss"], 4) for e in run["epochs"]],
         "final_loss": run["epochs"][-1]["loss"],
+        "padding_fraction": run["epochs"][-1].get("padding_fraction"),
         **{k: run[k] for k in ("wall_s", "peak_rss_main_mb", "peak_rss_worker_mb")},
     }
 
@@ -195,12 +202,13 @@ def main() -> None:
             f"{summary['img_per_s_median'] / baseline['img_per_s_median']:.2f}x",
             summary["peak_rss_main_mb"],
             summary["peak_rss_worker_mb"],
+            "" if summary["padding_fraction"] is None else f"{summary['padding_fraction']:.0%}",
             " / ".join(f"{x:.2f}" for x in summary["losses"]),
         ])  # fmt: skip
     results["table"] = print_table(
         f"Training, small config, {args.epochs} epochs, {data.name}",
         ["code", "img/s median (min-max)", "ratio", "peak RSS main MB", "peak RSS worker MB",
-         "train loss per epoch"],
+         "padding", "train loss per epoch"],
         rows,
     )  # fmt: skip
     write_json(args.json, results)

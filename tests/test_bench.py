@@ -58,3 +58,46 @@ def test_quick_benchmark_against_official_formulation(tmp_path: Path, fuse_bn: b
         else:  # bf16 autocast: reported, loosely bounded
             assert row["outputs_agree"] is None
             assert row["max_abs_diff_logits"] < 0.5
+
+
+def _bench(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    python_path = [str(ROOT / "src"), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, python_path))}
+    command = [sys.executable, str(ROOT / "bench" / script), *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_evaluation_benchmark_backends_agree(tmp_path: Path) -> None:
+    out = tmp_path / "evaluation.json"
+    _bench("evaluation.py", "--images", "40", "--rounds", "1", "--json", str(out))
+    report = json.loads(out.read_text())
+    assert set(report["seconds"]) == {"pycocotools", "faster_coco_eval"}
+    assert all(len(times) == 1 and times[0] > 0 for times in report["seconds"].values())
+    assert report["max_stat_difference"] < 1e-12
+    assert 0.05 < report["stats"]["pycocotools"]["map"] < 0.95  # a non-trivial AP
+
+
+def test_inference_benchmark_against_transformers(tmp_path: Path) -> None:
+    out = tmp_path / "hf.json"
+    _bench("inference_hf.py", "--model", "R50", "--size", "96", "128", "--precisions", "fp32",
+           "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out))  # fmt: skip
+    rows = {row["code"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"transformers", "detr-lightning"}
+    assert rows["detr-lightning"]["max_box_diff"] < 1e-4
+    assert rows["detr-lightning"]["top_label_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_training_benchmark_runs_ours_on_a_generated_dataset(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _bench("make_dataset.py", str(data), "--train", "8", "--val", "4")
+    annotations = json.loads((data / "annotations/instances_train2017.json").read_text())
+    assert len(annotations["images"]) == 8 and annotations["annotations"]
+    out = tmp_path / "train.json"
+    result = _bench("train.py", "--skip-official", "--data", str(data), "--epochs", "1",
+                    "--variants", "default", "--json", str(out))  # fmt: skip
+    assert "detr-lightning (default)" in result.stdout
+    (epoch,) = json.loads(out.read_text())["runs"]["default"]["epochs"]
+    assert epoch["img_per_s"] > 0 and epoch["loss"] > 0 and 0 <= epoch["padding_fraction"] < 1

@@ -1,0 +1,111 @@
+"""Every benchmark, one after the other, and one summary table against the targets.
+
+    make bench OFFICIAL=/path/to/detr-checkout        # or REF_DETR_DIR=...
+    PYTHONPATH=src python bench/run_all.py --official PATH [--out bench/results/NAME] [--quick]
+
+Runs bench/train.py (with and without size grouping, and the official code), bench/data.py,
+bench/evaluation.py and bench/inference_hf.py, each writing its JSON under ``--out``, then
+prints the summary (ratios with their targets) and writes ``summary.json`` there. Run it with
+nothing else busy on the machine: on a small CPU a parallel job makes every figure meaningless.
+``--quick`` shrinks every run (1 epoch, fewer images and passes) to check the suite works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from statistics import median
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, environment, print_table, write_json
+
+
+def _run(script: str, args: list[str], out: Path) -> dict:
+    path = out / f"{Path(script).stem}.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
+    command = [sys.executable, str(ROOT / "bench" / script), *args, "--json", str(path)]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--official", default=os.environ.get("REF_DETR_DIR"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / platform.node())
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if not (args.official and Path(args.official, "main.py").is_file()):
+        parser.error(
+            "give the official DETR checkout: --official PATH, OFFICIAL=PATH or REF_DETR_DIR"
+        )
+    quick = args.quick
+    official = ["--official", args.official]
+    train = _run("train.py", [*official, "--epochs", "1" if quick else "3"], args.out)
+    data = _run("data.py", [*official, *(["--images", "40", "--rounds", "2"] if quick else [])],
+                args.out)  # fmt: skip
+    evaluation = _run("evaluation.py", ["--images", "300", "--rounds", "1"] if quick else [],
+                      args.out)  # fmt: skip
+    inference = _run(
+        "inference_hf.py",
+        ["--model", "R50", "--size", "320", "416", "--warmup", "1", "--iters", "2"]
+        if quick
+        else [],
+        args.out,
+    )
+
+    runs = {name: run["summary"] for name, run in train["runs"].items()}
+    ours, plain, ref = runs["default"], runs.get("no-group"), runs["official"]
+    speed = ours["img_per_s_median"] / ref["img_per_s_median"]
+    rows = [
+        ["training img/s vs official", f"{speed:.2f}x", ">= 1.33x",
+         f"{ours['img_per_s_median']:.2f} vs {ref['img_per_s_median']:.2f}"],
+        ["training peak RSS, main process", f"{ours['peak_rss_main_mb']:.0f} MB", "< official",
+         f"official {ref['peak_rss_main_mb']:.0f} MB"],
+        ["training peak RSS, a worker", f"{ours['peak_rss_worker_mb']:.0f} MB", "< official",
+         f"official {ref['peak_rss_worker_mb']:.0f} MB"],
+        ["final-epoch training loss", f"{ours['final_loss']:.3f}", "<= official",
+         f"official {ref['final_loss']:.3f}"],
+    ]  # fmt: skip
+    if plain:
+        rows.append([
+            "size grouping (padding, img/s)",
+            f"{ours['padding_fraction']:.0%} vs {plain['padding_fraction']:.0%}",
+            "less padding",
+            f"{ours['img_per_s_median'] / plain['img_per_s_median']:.2f}x img/s; peak main "
+            f"{ours['peak_rss_main_mb']:.0f} vs {plain['peak_rss_main_mb']:.0f} MB",
+        ])  # fmt: skip
+    ours_data = median(data["images_per_s"]["detr-lightning"])
+    official_data = median(data["images_per_s"]["official"])
+    rows.append(["data pipeline per worker", f"{ours_data / official_data:.2f}x", ">= 1.5x",
+                 f"{ours_data:.0f} vs {official_data:.0f} img/s"])  # fmt: skip
+    slow = median(evaluation["seconds"]["pycocotools"])
+    fast = median(evaluation["seconds"]["faster_coco_eval"])
+    rows.append(["COCO evaluation (faster_coco_eval)", f"{slow / fast:.2f}x", ">= 5x",
+                 f"{fast:.1f} vs {slow:.1f} s; statistics differ by "
+                 f"{evaluation['max_stat_difference']:.0e}"])  # fmt: skip
+    for row in inference["rows"]:
+        if row["code"] == "detr-lightning":
+            target = ">= 1.5x, boxes 1e-4" if row["precision"] == "fp32" else ">= 3x, boxes 5e-3"
+            detail = (f"{row['s_per_img']:.3f} s/img; box diff {row['max_box_diff']:.0e}; "
+                      f"top labels {row['top_label_agreement']:.0%}")  # fmt: skip
+            rows.append([f"inference {row['precision']} vs transformers",
+                         f"{row['speedup']:.2f}x", target, detail])  # fmt: skip
+    env = environment()
+    table = print_table(
+        f"Summary ({env['cpu']}, {env['cores']} cores, torch {env['torch']})",
+        ["benchmark", "measured", "target", "detail"],
+        rows,
+    )
+    write_json(args.out / "summary.json", {"environment": env, "rows": rows, "table": table})
+
+
+if __name__ == "__main__":
+    main()
