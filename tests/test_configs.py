@@ -52,6 +52,7 @@ PAPER_RECIPE = {
     "model.pre_norm": False,
     "model.aux_loss": True,
     "model.position_embedding": "sine",
+    "model.batch_invariant": False,  # the padded batch through the backbone, as official
     "loss.set_cost_class": 1.0,
     "loss.set_cost_bbox": 5.0,
     "loss.set_cost_giou": 2.0,

@@ -105,8 +105,10 @@ class ExactMaskBackbone(nn.Module):
 class DeployableDETR(nn.Module):
     """DETR with the exported signature: (images, padding_mask) -> (pred_logits, pred_boxes).
 
-    Holds a float32 CPU copy of the model in eval mode without auxiliary outputs; the caller's
-    model is left as it was. images [B, 3, H, W] float32, padding_mask [B, H, W] bool (True on
+    Holds a float32 CPU copy of the model in eval mode without auxiliary outputs and with the
+    backbone on the padded batch (``batch_invariant`` off: its per-image loop would be traced
+    for the example's sizes; one image per call gives the same results); the caller's model is
+    left as it was. images [B, 3, H, W] float32, padding_mask [B, H, W] bool (True on
     padding) -> pred_logits [B, Q, C + 1], pred_boxes [B, Q, 4] cxcywh in [0, 1].
     """
 
@@ -114,6 +116,9 @@ class DeployableDETR(nn.Module):
         super().__init__()
         model = copy.deepcopy(model).float().cpu().eval()
         model.aux_loss = False  # nothing to drop after tracing, no tracer warnings about it
+        if model.batch_invariant:
+            log.info("exporting the padded-batch backbone: batch_invariant is not exported")
+            model.batch_invariant = False
         model.backbone = ExactMaskBackbone(model.backbone)
         self.model = model
 

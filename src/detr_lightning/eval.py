@@ -4,7 +4,8 @@ Only what evaluation needs is built: the model from the checkpoint, the validati
 trainer. The split, its preprocessing (``val_size``, ``max_size``), batch size and label map
 default to what the checkpoint stores from its training run, so ``eval.py ckpt_path=...``
 repeats the run's validation with no other argument; each non-null ``data.*`` key of the
-config overrides the stored value. Official and Hugging Face checkpoints store no data
+config overrides the stored value; ``batch_invariant`` (null: as trained) sets
+:attr:`DETR.batch_invariant`. Official and Hugging Face checkpoints store no data
 settings: they need ``data.root`` and take the paper's preprocessing (800 / 1333).
 """
 
@@ -71,6 +72,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module.postprocess = PostProcess(**OmegaConf.to_container(cfg.postprocess, resolve=True))
     if cfg.get("eval_backend"):
         module.hparams.eval_backend = cfg.eval_backend
+    if cfg.get("batch_invariant") is not None:
+        module.model.batch_invariant = bool(cfg.batch_invariant)
 
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
     data = evaluation_data(module.hparams.get("data"), overrides)
@@ -94,6 +97,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             annotations=str(datamodule.val_annotation_file),
             predictions=str(predictions_path),
             data=data,
+            batch_invariant=module.model.batch_invariant,
         )
         write_json_atomic(run_dir / "metrics.json", payload)
         print(report(metrics, module.label_map), flush=True)

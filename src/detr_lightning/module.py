@@ -10,6 +10,7 @@ evaluation and prediction they come from the checkpoint.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ from .models.criterion import SetCriterion
 from .models.detr import build_detr
 from .models.matcher import HungarianMatcher
 from .models.postprocess import PostProcess
+
+log = logging.getLogger(__name__)
 
 LOSS_LOG_KEYS = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
 # loss.* keys of the matcher, and the HungarianMatcher argument each one sets
@@ -59,7 +62,8 @@ class DETRModule(pl.LightningModule):
         label_map: ``{"category_ids": [...], "names": [...]}``, one entry per label; labels
             beyond it (a model with more classes than the data) stand for no category.
         data: the data module's ``evaluation_settings()`` (stored so evaluation can repeat the
-            validation without the training config).
+            validation without the training config); fitting adds
+            ``train_per_device_batch_size``, the images per device of the training batches.
         eval_backend: COCO evaluation backend: "auto" (faster_coco_eval when installed),
             "pycocotools" or "faster_coco_eval".
     """
@@ -116,6 +120,8 @@ class DETRModule(pl.LightningModule):
         self.evaluator: CocoEvaluator | None = None
         # Where test epochs write their COCO results file (set by the evaluation entry point).
         self.results_file: str | None = None
+        # A test after fitting repeats the run's own validation: its batch size is no news.
+        self._fitted = False
 
     # ------------------------------------------------------------------------------ inference
     def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None):
@@ -169,6 +175,14 @@ class DETRModule(pl.LightningModule):
                     "train with the data's labels (build_module / pretrained=... re-initializes "
                     "the class head) or relabel the data with datamodule.use_label_map(...)"
                 )
+        if stage == "fit" and getattr(datamodule, "per_device_batch_size", None) is not None:
+            # what evaluation compares its own batch with: padding depends on the batch
+            data = dict(self.hparams.get("data") or {})
+            data["train_per_device_batch_size"] = int(datamodule.per_device_batch_size)
+            self.hparams["data"] = data
+            self._fitted = True
+        elif stage in ("validate", "test") and not self._fitted:
+            self._check_eval_batch_size(getattr(datamodule, "per_device_val_batch_size", None))
         annotation_file = getattr(datamodule, "val_annotation_file", None)
         if stage in ("fit", "validate", "test") and annotation_file is not None:
             self.evaluator = CocoEvaluator(
@@ -177,6 +191,29 @@ class DETRModule(pl.LightningModule):
                 max_dets=self.model.num_queries,
                 backend=self.hparams.eval_backend,
             )
+
+    def _check_eval_batch_size(self, per_device: int | None) -> None:
+        """Warn when evaluation pads batches of another size than training did.
+
+        Convolutions near a smaller image's border see the padding its batch adds, so outputs
+        depend on the batch; checkpoints without the training batch size are not checked.
+        """
+        trained = (self.hparams.get("data") or {}).get("train_per_device_batch_size")
+        if trained is None or per_device is None or per_device == trained:
+            return
+        if self.model.batch_invariant or self.global_rank != 0:
+            return
+        log.warning(
+            "evaluating with %d images per device but the model was trained with %d: batches "
+            "pad their images to other sizes than in training, and the padding changes the "
+            "results of the smaller images. Evaluate with %d images per device "
+            "(data.val_batch_size = %d x devices), or set batch_invariant=true to give each "
+            "image the result it gets alone",
+            per_device,
+            trained,
+            trained,
+            trained,
+        )
 
     def category_ids(self) -> list[int]:
         """Dataset category id of each label (-1: no category); identity without a label map."""

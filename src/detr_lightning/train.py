@@ -147,7 +147,8 @@ def check_resume(module: DETRModule, ckpt_path: str) -> None:
             "training run from its Lightning .ckpt. To start from these weights use "
             f"pretrained={ckpt_path}"
         )
-    ignored = {"pretrained_backbone", "backbone_weights"}  # how the weights were first loaded
+    # how the weights were first loaded, and how batches run (neither changes a weight)
+    ignored = {"pretrained_backbone", "backbone_weights", "batch_invariant"}
     saved, ours = info["model"], module.hparams["model"]
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, config {ours.get(key)!r}"

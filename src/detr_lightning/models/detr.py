@@ -43,6 +43,11 @@ class DETR(nn.Module):
         num_queries: number of object queries (max detections per image).
         aux_loss: also return predictions of every earlier decoder layer.
         position_encoding: defaults to the normalized sine encoding.
+        batch_invariant: run the backbone on each image's own unpadded pixels, so that an
+            image's predictions do not depend on the other images of its batch (see
+            :meth:`forward`). Off by default: the official checkpoints were trained and
+            evaluated on padded batches. An attribute too, to switch at evaluation time; it
+            holds no weights.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class DETR(nn.Module):
         num_queries: int = 100,
         aux_loss: bool = True,
         position_encoding: nn.Module | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         super().__init__()
         hidden_dim = transformer.d_model
@@ -66,6 +72,7 @@ class DETR(nn.Module):
         self.num_classes = num_classes
         self.num_queries = num_queries
         self.aux_loss = aux_loss
+        self.batch_invariant = batch_invariant
 
     def forward(
         self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None
@@ -81,6 +88,12 @@ class DETR(nn.Module):
             ``pred_boxes`` [B, Q, 4] cxcywh in [0, 1] relative to each unpadded image, and
             ``aux_outputs``: a list with the same two keys for decoder layers 1..L-1 when
             ``aux_loss`` is on.
+
+        By default the backbone runs on the padded batch: convolutions near the bottom/right
+        border of a smaller image see the padding, so its outputs depend on its batch (as in
+        the official code). With ``batch_invariant`` each image goes through the backbone
+        alone (images of one size together), and only its feature map is padded: every
+        image gets the predictions it would get in a batch of one, up to float rounding.
         """
         if not isinstance(images, Tensor):
             if padding_mask is not None:
@@ -93,7 +106,10 @@ class DETR(nn.Module):
         if self.input_proj.weight.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
 
-        features, mask = self.backbone(images, padding_mask)
+        if self.batch_invariant:
+            features, mask = self._backbone_per_image(images, padding_mask)
+        else:
+            features, mask = self.backbone(images, padding_mask)
         pos = self.position_encoding(mask).to(features.dtype)
         hidden, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
         # The heads run in fp32 even under autocast: bf16 keeps 8 bits of mantissa, which moves
@@ -110,6 +126,47 @@ class DETR(nn.Module):
                 for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
             ]
         return out
+
+    def _backbone_per_image(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Backbone features of each image's own pixels, padded to the batch's largest map.
+
+        images [B, 3, H, W] with each image's valid pixels in its top-left corner (as
+        ``pad_images`` leaves them), padding_mask [B, H, W] -> features [B, C, h, w] (zero
+        beyond each image's own feature size) and mask [B, h, w] (True there).
+        """
+        valid = ~padding_mask
+        heights, widths = valid.any(2).sum(1), valid.any(1).sum(1)
+        rows = torch.arange(valid.shape[1], device=valid.device)
+        cols = torch.arange(valid.shape[2], device=valid.device)
+        rectangles = (rows < heights[:, None])[:, :, None] & (cols < widths[:, None])[:, None, :]
+        sizes = torch.stack((heights, widths), 1).tolist()
+        if not torch.equal(rectangles, valid) or min(h for h, _ in sizes) == 0:
+            raise ValueError(
+                "batch_invariant needs every image's valid pixels (padding_mask False) to fill "
+                "a non-empty rectangle in its top-left corner; pad bottom/right as pad_images"
+            )
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (height, width) in enumerate(sizes):
+            groups.setdefault((height, width), []).append(index)
+        channels_last = self.input_proj.weight.is_contiguous(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        by_index: dict[int, Tensor] = {}
+        for (height, width), indices in groups.items():
+            # images of one size share a backbone call: no padding among them
+            crops = images[indices, :, :height, :width].contiguous(memory_format=memory_format)
+            features, _ = self.backbone(crops, padding_mask.new_zeros(len(indices), height, width))
+            by_index.update(zip(indices, features))
+        maps = [by_index[index] for index in range(len(sizes))]
+        map_height = max(int(m.shape[1]) for m in maps)
+        map_width = max(int(m.shape[2]) for m in maps)
+        padded = [F.pad(m, (0, map_width - m.shape[2], 0, map_height - m.shape[1])) for m in maps]
+        features = torch.stack(padded)
+        # the mask follows each image's own feature size, as in a batch of one
+        map_sizes = torch.tensor([tuple(m.shape[1:]) for m in maps], device=images.device)
+        rows = torch.arange(map_height, device=images.device)
+        cols = torch.arange(map_width, device=images.device)
+        mask = (rows >= map_sizes[:, :1])[:, :, None] | (cols >= map_sizes[:, 1:])[:, None, :]
+        return features, mask
 
 
 def build_detr(
@@ -133,6 +190,7 @@ def build_detr(
     dropout: float = 0.1,
     pre_norm: bool = False,
     aux_loss: bool = True,
+    batch_invariant: bool = False,
 ) -> DETR:
     """Build DETR from plain settings; the defaults are DETR-R50 on COCO (91 = max id + 1).
 
@@ -164,4 +222,5 @@ def build_detr(
         num_queries=num_queries,
         aux_loss=aux_loss,
         position_encoding=build_position_encoding(position_embedding, hidden_dim),
+        batch_invariant=batch_invariant,
     )
