@@ -55,10 +55,16 @@ class MetricsHistory(pl.Callback):
 
     # -- bookkeeping -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        # plain floats and lists: checkpoints load with weights_only=True
+        return {"history": self.history, "final_metrics": self.final_metrics}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.final_metrics = dict(state_dict.get("final_metrics", {}))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run resumed mid-epoch continues that epoch without on_train_epoch_start
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()

@@ -7,6 +7,7 @@ with configs from Hydra's compose API.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks import MetricsHistory
+from .checkpointing import AtomicCheckpointIO, find_resume_checkpoint, last_checkpoint_path
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
+from .errors import SetupError
 from .evaluation import report, result_from_metrics
+from .loggers import ResumableLogs
 from .models.backbone_weights import ensure_imagenet_weights
 from .module import DETRModule, padded_label_map
 from .pretrained import load_state_into, read_checkpoint
@@ -164,6 +168,70 @@ def check_resume(module: DETRModule, ckpt_path: str) -> None:
         )
 
 
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint that this run resumes, or None to start a new run.
+
+    ``ckpt_path=<file>`` resumes that file; ``ckpt_path=last`` the run dir's
+    ``checkpoints/last.ckpt``; ``resume=auto`` the newest checkpoint of the run dir that loads
+    (:func:`~detr_lightning.checkpointing.find_resume_checkpoint`), or nothing (a new run, with a
+    log line) when there is none yet, so that one command serves the first start and every
+    restart.
+    """
+    ckpt_path, resume = cfg.get("ckpt_path"), cfg.get("resume")
+    run_dir = Path(cfg.run_dir)
+    if resume not in (None, "auto"):
+        raise SetupError(f"resume={resume!r}: the only value is auto (null: do not resume)")
+    if ckpt_path and resume:
+        raise SetupError(
+            f"ckpt_path={ckpt_path} and resume=auto both say what to resume; pass one of them"
+        )
+    if ckpt_path == "last":
+        path = last_checkpoint_path(run_dir)
+        if not path.is_file():
+            raise SetupError(
+                f"ckpt_path=last: {path} does not exist. ckpt_path=last resumes the run in "
+                "run_dir: pass the interrupted run's directory as run_dir=... (or "
+                "hydra.run.dir=...), or give the checkpoint file as ckpt_path=PATH"
+            )
+        return str(path)
+    if ckpt_path:
+        return str(ckpt_path)
+    if resume is None:
+        return None
+    _check_fixed_run_dir(cfg)
+    found = find_resume_checkpoint(run_dir)
+    if found is None:
+        log.info("resume=auto: no checkpoint in %s yet, starting a new run there", run_dir)
+        return None
+    path, progress = found
+    log.info(
+        "resuming %s (epoch %d, global step %d)", path, progress["epoch"], progress["global_step"]
+    )
+    return str(path)
+
+
+def _check_fixed_run_dir(cfg: DictConfig) -> None:
+    """resume=auto looks in run_dir: refuse the default run dir, which is new at every start
+    (outputs/train/<date>_<time>; under SLURM it is named after the job id and stays)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():  # called from Python: run_dir is what the caller gave
+        return
+    hydra = HydraConfig.get()
+    if Path(cfg.run_dir).resolve() != Path(hydra.runtime.output_dir).resolve():
+        return  # run_dir=... given
+    node = "sweep" if hydra.mode == RunMode.MULTIRUN else "run"
+    pattern = str(OmegaConf.to_container(hydra[node], resolve=False)["dir"])
+    if "${now:" in pattern and not ("SLURM_JOB_ID" in pattern and os.environ.get("SLURM_JOB_ID")):
+        raise SetupError(
+            f"resume=auto resumes the run in its run dir, but the run dir {cfg.run_dir} is new "
+            f"at every start (hydra.{node}.dir={pattern}). Name the run's directory, the same "
+            "on the first start and on every restart: run_dir=outputs/train/<name> or "
+            "hydra.run.dir=outputs/train/<name>"
+        )
+
+
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
@@ -173,20 +241,31 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    """The configured Trainer, with crash-safe checkpoint files that load with
+    ``weights_only=True``."""
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks or [])
+    plugins: list[Any] = [AtomicCheckpointIO()]
     return instantiate(
         cfg.trainer,
         callbacks=all_callbacks,
         logger=loggers or False,
         default_root_dir=cfg.run_dir,
+        plugins=plugins,
     )
+
+
+def run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Callbacks that every training run has, whatever the ``callbacks`` group says: loggers
+    flushed into each checkpoint."""
+    return [ResumableLogs()]
 
 
 def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Fit DETR as configured; returns the final validation metrics (+ ``run_dir``).
 
-    ``callbacks`` are added to the configured ones (for scripts and tests).
+    ``callbacks`` are added to the configured ones (for scripts and tests). ``ckpt_path`` or
+    ``resume=auto`` resume a run (:func:`resume_checkpoint`).
     """
     quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
@@ -195,11 +274,12 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     check_data_source(cfg.data.get("root"), cfg.data.get("synthetic"))
     ensure_backbone_weights(cfg)
     run_dir = Path(cfg.run_dir)
+    ckpt_path = resume_checkpoint(cfg)
     datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule)
-    if cfg.get("ckpt_path"):
-        check_resume(module, cfg.ckpt_path)
-    trainer = build_trainer(cfg, callbacks)
+    if ckpt_path:
+        check_resume(module, ckpt_path)
+    trainer = build_trainer(cfg, run_callbacks(cfg) + list(callbacks or []))
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -211,12 +291,14 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             module.model.num_classes,
             run_dir,
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = result_from_metrics(trainer.callback_metrics, "val")
     history = next((c for c in trainer.callbacks if isinstance(c, MetricsHistory)), None)
     if cfg.get("test_after_fit"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", None) or None
-        (logged,) = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        (logged,) = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True
+        )
         metrics = result_from_metrics(logged, "test")
         if trainer.is_global_zero and history:
             history.final_metrics = metrics
@@ -235,5 +317,7 @@ __all__ = [
     "ensure_backbone_weights",
     "instantiate_data",
     "model_settings",
+    "resume_checkpoint",
+    "run_callbacks",
     "train",
 ]
