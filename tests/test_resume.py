@@ -1,4 +1,4 @@
-"""Long runs: crash-safe checkpoints, resume=auto after a SIGKILL."""
+"""Long runs: crash-safe checkpoints, resume=auto after a SIGKILL, SIGTERM, SLURM requeueing."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
 
 import detr_lightning.io
 from detr_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from detr_lightning.errors import SetupError
 from detr_lightning.pretrained import CheckpointError
-from detr_lightning.train import resume_checkpoint
+from detr_lightning.train import build_trainer, resume_checkpoint
 from pipeline_fixtures import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,31 @@ def test_resume_settings_are_checked(tmp_path, caplog):
     assert resolve("resume=auto") == str(tmp_path / "checkpoints" / "last.ckpt")
 
 
+# what srun sets for a one-task job
+SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "detr", "SLURM_JOB_ID": "42",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+
+
+def test_slurm_requeue_settings_reach_lightning(tmp_path, monkeypatch):
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    monkeypatch.delenv("SLURM_NNODES", raising=False)
+    cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.requeue_signal=USR2"))
+    environment = build_trainer(cfg)._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment)
+    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR2
+    cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.auto_requeue=false"))
+    assert not build_trainer(cfg)._accelerator_connector.cluster_environment.auto_requeue
+    cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.requeue_signal=USR9"))
+    with pytest.raises(SetupError, match=r"slurm.requeue_signal=USR9"):
+        build_trainer(cfg)
+
+    # a requeued job (Lightning saved hpc_ckpt_<n>.ckpt) resumes without being told
+    hpc = _write(tmp_path / "hpc_ckpt_1.ckpt", _training_state(5), 1000)
+    assert resume_checkpoint(compose_config("train", tiny_overrides(tmp_path))) == str(hpc)
+
+
 # ------------------------------------------------------------------------ real processes
 def _command(*extra: str) -> list[str]:
     overrides = [o for o in tiny_overrides(Path("unused")) if not o.startswith("run_dir")]
@@ -201,6 +227,23 @@ def test_sigkill_mid_epoch_then_resume_auto_continues_the_same_run(tmp_path):
     entries = json.loads(history.read_text())["history"]
     assert [entry["epoch"] for entry in entries] == [0, 1, 2]
     assert entries[: len(first_epochs)] == first_epochs
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_and_exits(tmp_path):
+    run_dir = tmp_path / "run"
+    command = _command(f"run_dir={run_dir}", "trainer.max_epochs=50",
+                       "trainer.limit_val_batches=0")  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_for((run_dir / "metrics.json").exists, process)  # epoch 0 is done
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] >= 2  # 2 steps per epoch, epoch 0 done
+    assert f"SIGTERM: stopped at global step {state['global_step']}" in output
+    assert "Traceback" not in output
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries.
+"""Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries,
+and the checkpoint written when a run is stopped (SIGTERM).
 
 They read validation results from Lightning's logged metrics (``val/map``, ...), the same values
 every logger and ``ModelCheckpoint`` sees.
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .evaluation import max_detections, metric_keys, metrics_payload, result_from_metrics
 from .io import write_json_atomic
@@ -168,3 +170,31 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+class SigtermCheckpoint(pl.Callback):
+    """Saves ``path`` (the run's last.ckpt) when the run stops on SIGTERM.
+
+    Lightning's own handler notes a SIGTERM and stops at the next step boundary (all ranks
+    together) by raising ``SIGTERMException``; this callback saves the state at that boundary,
+    so a restart with ``resume=auto`` loses no step. Other exceptions save nothing: their state
+    may be half-way through a step.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        if trainer.is_global_zero:
+            log.warning(
+                "SIGTERM: stopped at global step %d and saved %s; to continue, run the same "
+                "command with resume=auto (and run_dir=%s if it does not name the run dir)",
+                trainer.global_step,
+                self.path,
+                trainer.default_root_dir,
+            )

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .callbacks import MetricsHistory
+from .callbacks import MetricsHistory, SigtermCheckpoint
 from .checkpointing import AtomicCheckpointIO, find_resume_checkpoint, last_checkpoint_path
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
@@ -175,7 +178,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     ``checkpoints/last.ckpt``; ``resume=auto`` the newest checkpoint of the run dir that loads
     (:func:`~detr_lightning.checkpointing.find_resume_checkpoint`), or nothing (a new run, with a
     log line) when there is none yet, so that one command serves the first start and every
-    restart.
+    restart. Under SLURM a requeued job resumes as with ``resume=auto`` when the run dir holds
+    Lightning's ``hpc_ckpt_<n>.ckpt`` (Lightning would load it anyway; here it is checked first).
     """
     ckpt_path, resume = cfg.get("ckpt_path"), cfg.get("resume")
     run_dir = Path(cfg.run_dir)
@@ -196,9 +200,11 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         return str(path)
     if ckpt_path:
         return str(ckpt_path)
-    if resume is None:
+    requeued = SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt"))
+    if resume is None and not requeued:
         return None
-    _check_fixed_run_dir(cfg)
+    if resume == "auto":
+        _check_fixed_run_dir(cfg)
     found = find_resume_checkpoint(run_dir)
     if found is None:
         log.info("resume=auto: no checkpoint in %s yet, starting a new run there", run_dir)
@@ -242,10 +248,12 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
     """The configured Trainer, with crash-safe checkpoint files that load with
-    ``weights_only=True``."""
+    ``weights_only=True`` and, under SLURM, the ``slurm.*`` requeue settings."""
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks or [])
     plugins: list[Any] = [AtomicCheckpointIO()]
+    if cfg.get("slurm") is not None and SLURMEnvironment.detect():
+        plugins.append(_slurm_environment(cfg.slurm))
     return instantiate(
         cfg.trainer,
         callbacks=all_callbacks,
@@ -255,17 +263,33 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -
     )
 
 
+def _slurm_environment(settings: DictConfig) -> SLURMEnvironment:
+    """Lightning's SLURM environment: with auto_requeue, the requeue signal saves
+    ``<run_dir>/hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``."""
+    name = str(settings.requeue_signal).upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if not hasattr(signal.Signals, name):
+        raise SetupError(
+            f"slurm.requeue_signal={settings.requeue_signal} is not a signal name; use the one "
+            "of sbatch --signal (e.g. USR1 for --signal=USR1@90)"
+        )
+    return SLURMEnvironment(
+        auto_requeue=bool(settings.auto_requeue), requeue_signal=signal.Signals[name]
+    )
+
+
 def run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """Callbacks that every training run has, whatever the ``callbacks`` group says: loggers
-    flushed into each checkpoint."""
-    return [ResumableLogs()]
+    flushed into each checkpoint, last.ckpt on SIGTERM."""
+    return [ResumableLogs(), SigtermCheckpoint(last_checkpoint_path(cfg.run_dir))]
 
 
 def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Fit DETR as configured; returns the final validation metrics (+ ``run_dir``).
 
     ``callbacks`` are added to the configured ones (for scripts and tests). ``ckpt_path`` or
-    ``resume=auto`` resume a run (:func:`resume_checkpoint`).
+    ``resume=auto`` resume a run (:func:`resume_checkpoint`). A SIGTERM stops the run at the
+    next step boundary, saves ``<run_dir>/checkpoints/last.ckpt`` and raises SystemExit(143).
     """
     quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
@@ -291,7 +315,12 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             module.model.num_classes,
             run_dir,
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        # SigtermCheckpoint saved last.ckpt; 128 + 15, as for a process that SIGTERM ended, so
+        # that schedulers and scripts see an interrupted run, not a finished one
+        raise SystemExit(128 + signal.SIGTERM) from None
     metrics = result_from_metrics(trainer.callback_metrics, "val")
     history = next((c for c in trainer.callbacks if isinstance(c, MetricsHistory)), None)
     if cfg.get("test_after_fit"):
