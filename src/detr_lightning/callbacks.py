@@ -1,5 +1,5 @@
 """Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries,
-and the checkpoint written when a run is stopped (SIGTERM).
+and the checkpoints written when a run stops early (SIGTERM, a loss that stays non-finite).
 
 They read validation results from Lightning's logged metrics (``val/map``, ...), the same values
 every logger and ``ModelCheckpoint`` sees.
@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from .errors import TrainingStopped
 from .evaluation import max_detections, metric_keys, metrics_payload, result_from_metrics
 from .io import write_json_atomic
 
@@ -198,3 +199,43 @@ class SigtermCheckpoint(pl.Callback):
                 self.path,
                 trainer.default_root_dir,
             )
+
+
+class NonFiniteStop(pl.Callback):
+    """Stops the run after ``max_consecutive`` training steps in a row were skipped because the
+    loss or the gradients were NaN/Inf, with a checkpoint of the last good state.
+
+    :class:`~detr_lightning.module.DETRModule` skips such steps on every rank (the weights,
+    optimizer and BatchNorm statistics stay as they were) and counts them in
+    ``nonfinite_streak``; this callback ends the run when the count reaches the limit. The state
+    saved to ``path`` is therefore the one after the last finite step (it is not saved if the
+    weights themselves are no longer finite). Raises TrainingStopped.
+    """
+
+    def __init__(self, max_consecutive: int, path: str | os.PathLike) -> None:
+        if int(max_consecutive) < 1:
+            raise ValueError(
+                f"nonfinite.max_consecutive={max_consecutive}: give a number of steps >= 1 "
+                "(null never stops the run)"
+            )
+        self.max_consecutive = int(max_consecutive)
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "nonfinite_streak", 0) < self.max_consecutive:
+            return
+        state = [*pl_module.parameters(), *pl_module.buffers()]
+        finite = all(bool(torch.isfinite(t).all()) for t in state if t.is_floating_point())
+        if finite:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            saved = f"saved the last good state (weights before these steps) to {self.path}"
+        else:
+            saved = f"the weights are no longer finite, so nothing was saved; {self.path} is older"
+        images = getattr(pl_module, "nonfinite_images", [])
+        raise TrainingStopped(
+            f"the loss or its gradients were NaN/Inf in {self.max_consecutive} consecutive "
+            f"training steps (up to global step {trainer.global_step}; last images {images}); "
+            f"{saved}. Check those images and their annotations (or set "
+            "trainer.gradient_clip_val), then continue with resume=auto, or start anew with a "
+            "lower optimizer.lr; nonfinite.max_consecutive sets the limit"
+        )

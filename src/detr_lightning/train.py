@@ -19,7 +19,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .callbacks import MetricsHistory, SigtermCheckpoint
+from .callbacks import MetricsHistory, NonFiniteStop, SigtermCheckpoint
 from .checkpointing import AtomicCheckpointIO, find_resume_checkpoint, last_checkpoint_path
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
@@ -280,8 +280,13 @@ def _slurm_environment(settings: DictConfig) -> SLURMEnvironment:
 
 def run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """Callbacks that every training run has, whatever the ``callbacks`` group says: loggers
-    flushed into each checkpoint, last.ckpt on SIGTERM."""
-    return [ResumableLogs(), SigtermCheckpoint(last_checkpoint_path(cfg.run_dir))]
+    flushed into each checkpoint, last.ckpt on SIGTERM, the non-finite loss limit."""
+    last = last_checkpoint_path(cfg.run_dir)
+    callbacks: list[pl.Callback] = [ResumableLogs(), SigtermCheckpoint(last)]
+    limit = cfg.get("nonfinite", {}).get("max_consecutive")
+    if limit is not None:
+        callbacks.append(NonFiniteStop(limit, last))
+    return callbacks
 
 
 def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
