@@ -125,22 +125,21 @@ def test_resume_gives_identical_next_steps(tmp_path):
     assert state["epoch"] == 1 and state["global_step"] == 2 * steps_per_epoch
 
 
-def test_ckpt_path_last_resumes_the_run_directory_it_trains_in(tmp_path):
+def test_resume_auto_starts_then_continues_the_run_directory(tmp_path):
     """A requeued job reruns its own command in its own run directory: the first start finds
     no checkpoint and trains from the beginning, the rerun continues from last.ckpt."""
     run_dir = tmp_path / "run"
-    assert resume_checkpoint("last", run_dir) is None
-    assert resume_checkpoint(None, run_dir) is None
-    assert resume_checkpoint("some.ckpt", run_dir) == "some.ckpt"
     common = ["callbacks=default", "callbacks.progress_bar=null",
-              "callbacks.metrics_history.plot=false", "ckpt_path=last"]  # fmt: skip
-    train(compose_config("train", tiny_overrides(run_dir, *common, "trainer.max_epochs=1")))
+              "callbacks.metrics_history.plot=false", "resume=auto"]  # fmt: skip
+    first_cfg = compose_config("train", tiny_overrides(run_dir, *common, "trainer.max_epochs=1"))
+    assert resume_checkpoint(first_cfg) is None
+    train(first_cfg)
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    first = torch.load(checkpoint, weights_only=False)
-    assert resume_checkpoint("last", run_dir) == str(checkpoint)
-
-    train(compose_config("train", tiny_overrides(run_dir, *common, "trainer.max_epochs=2")))
-    second = torch.load(checkpoint, weights_only=False)
+    first = torch.load(checkpoint, weights_only=True)
+    second_cfg = compose_config("train", tiny_overrides(run_dir, *common, "trainer.max_epochs=2"))
+    assert resume_checkpoint(second_cfg) == str(checkpoint)
+    train(second_cfg)
+    second = torch.load(checkpoint, weights_only=True)
     assert second["epoch"] == 1 and second["global_step"] == 2 * first["global_step"]
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert [entry["epoch"] for entry in history] == [0, 1]  # one epoch per start

@@ -1,4 +1,5 @@
-"""Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries.
+"""Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries,
+and the checkpoints written when a run stops early (SIGTERM, a loss that stays non-finite).
 
 They read validation results from Lightning's logged metrics (``val/map``, ...), the same values
 every logger and ``ModelCheckpoint`` sees.
@@ -17,7 +18,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from .errors import TrainingStopped
 from .evaluation import max_detections, metric_keys, metrics_payload, result_from_metrics
 from .io import write_json_atomic
 
@@ -55,10 +58,16 @@ class MetricsHistory(pl.Callback):
 
     # -- bookkeeping -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        # plain floats and lists: checkpoints load with weights_only=True
+        return {"history": self.history, "final_metrics": self.final_metrics}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        self.final_metrics = dict(state_dict.get("final_metrics", {}))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a run resumed mid-epoch continues that epoch without on_train_epoch_start
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
@@ -162,3 +171,71 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+class SigtermCheckpoint(pl.Callback):
+    """Saves ``path`` (the run's last.ckpt) when the run stops on SIGTERM.
+
+    Lightning's own handler notes a SIGTERM and stops at the next step boundary (all ranks
+    together) by raising ``SIGTERMException``; this callback saves the state at that boundary,
+    so a restart with ``resume=auto`` loses no step. Other exceptions save nothing: their state
+    may be half-way through a step.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        if trainer.is_global_zero:
+            log.warning(
+                "SIGTERM: stopped at global step %d and saved %s; to continue, run the same "
+                "command with resume=auto (and run_dir=%s if it does not name the run dir)",
+                trainer.global_step,
+                self.path,
+                trainer.default_root_dir,
+            )
+
+
+class NonFiniteStop(pl.Callback):
+    """Stops the run after ``max_consecutive`` training steps in a row were skipped because the
+    loss or the gradients were NaN/Inf, with a checkpoint of the last good state.
+
+    :class:`~detr_lightning.module.DETRModule` skips such steps on every rank (the weights,
+    optimizer and BatchNorm statistics stay as they were) and counts them in
+    ``nonfinite_streak``; this callback ends the run when the count reaches the limit. The state
+    saved to ``path`` is therefore the one after the last finite step (it is not saved if the
+    weights themselves are no longer finite). Raises TrainingStopped.
+    """
+
+    def __init__(self, max_consecutive: int, path: str | os.PathLike) -> None:
+        if int(max_consecutive) < 1:
+            raise ValueError(
+                f"nonfinite.max_consecutive={max_consecutive}: give a number of steps >= 1 "
+                "(null never stops the run)"
+            )
+        self.max_consecutive = int(max_consecutive)
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "nonfinite_streak", 0) < self.max_consecutive:
+            return
+        state = [*pl_module.parameters(), *pl_module.buffers()]
+        finite = all(bool(torch.isfinite(t).all()) for t in state if t.is_floating_point())
+        if finite:
+            trainer.save_checkpoint(self.path, weights_only=False)
+            saved = f"saved the last good state (weights before these steps) to {self.path}"
+        else:
+            saved = f"the weights are no longer finite, so nothing was saved; {self.path} is older"
+        images = getattr(pl_module, "nonfinite_images", [])
+        raise TrainingStopped(
+            f"the loss or its gradients were NaN/Inf in {self.max_consecutive} consecutive "
+            f"training steps (up to global step {trainer.global_step}; last images {images}); "
+            f"{saved}. Check those images and their annotations (or set "
+            "trainer.gradient_clip_val), then continue with resume=auto, or start anew with a "
+            "lower optimizer.lr; nonfinite.max_consecutive sets the limit"
+        )

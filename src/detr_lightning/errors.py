@@ -15,12 +15,19 @@ class SetupError(Exception):
     """
 
 
+class TrainingStopped(Exception):
+    """A run that stopped on purpose for a reason the user must act on (e.g. a loss that stayed
+    NaN). Entry points report it like a SetupError; the message says what happened, what was
+    saved and what to do."""
+
+
 def exit_on_setup_error(function: Callable[[Any], Any], cfg: Any) -> Any:
-    """Run an entry point's ``function(cfg)`` and return its result; a SetupError prints
-    ``error: <message>`` to stderr and exits with status 1. SystemExit passes through Hydra's
-    error handler, so the user sees the message alone, without a traceback."""
+    """Run an entry point's ``function(cfg)`` and return its result; a SetupError or
+    TrainingStopped prints ``error: <message>`` to stderr and exits with status 1. SystemExit
+    passes through Hydra's error handler, so the user sees the message alone, without a
+    traceback."""
     try:
         return function(cfg)
-    except SetupError as err:
+    except (SetupError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

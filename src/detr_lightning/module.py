@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data.labels import LabelMap
 from .evaluation import CocoEvaluator
@@ -25,6 +25,7 @@ from .models.criterion import SetCriterion
 from .models.detr import build_detr
 from .models.matcher import HungarianMatcher
 from .models.postprocess import PostProcess
+from .ops.distributed import any_rank, gather_to_main
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,13 @@ class DETRModule(pl.LightningModule):
         self.results_file: str | None = None
         # A test after fitting repeats the run's own validation: its batch size is no news.
         self._fitted = False
+        # Training steps skipped in a row for a NaN/Inf loss or gradient, and the image ids of
+        # the last one (read by callbacks.NonFiniteStop).
+        self.nonfinite_streak = 0
+        self.nonfinite_images: list[int] = []
+        self._step_images: list[int] = []
+        self._skipping = False  # the current step is skipped: drop its (zero) update
+        self._running_stats: list[tuple[Tensor, Tensor]] = []
 
     # ------------------------------------------------------------------------------ inference
     def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None):
@@ -229,8 +237,29 @@ class DETRModule(pl.LightningModule):
         return self.criterion.weighted_total(losses), losses, outputs
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        total, losses, _ = self._losses(batch)
-        targets = batch[2]
+        """The weighted total loss of ``batch``, or a zero stand-in when the predictions or
+        the loss are NaN/Inf on any rank: that step is then skipped on every rank.
+
+        The ranks decide together (an all-reduce of the flag): under DDP every rank must run
+        the backward pass and its gradient all-reduce, so a skipped step backpropagates zero
+        (Lightning refuses a None under DDP) and :meth:`on_before_optimizer_step` drops the
+        update. The BatchNorm statistics that the forward pass changed are put back, so a
+        skipped step changes nothing.
+        """
+        images, padding_mask, targets = batch
+        self._step_images = [int(target["image_id"]) for target in targets]
+        self._save_running_stats()
+        outputs = self.model(images, padding_mask)
+        # before the criterion, which cannot match non-finite boxes (and all-reduces num_boxes)
+        nonfinite = ~_all_finite(outputs)
+        if any_rank(nonfinite):
+            return self._skipped("the predictions are NaN/Inf" if bool(nonfinite) else None)
+        losses = self.criterion(outputs, targets)
+        total = self.criterion.weighted_total(losses)
+        nonfinite = ~torch.isfinite(total.detach())
+        if any_rank(nonfinite):
+            reason = f"the loss is {float(total.detach())}"
+            return self._skipped(reason if bool(nonfinite) else None)
         batch_size = len(targets)
         # The step value is this rank's; the epoch values are averaged over ranks once.
         self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True,
@@ -249,6 +278,72 @@ class DETRModule(pl.LightningModule):
         self.log("train/stand_in_images", float(stand_ins), on_step=False, on_epoch=True,
                  reduce_fx="sum", sync_dist=True, batch_size=batch_size)  # fmt: skip
         return total
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the update of a skipped step, and skip one whose gradients are NaN/Inf.
+
+        The gradients are already all-reduced, so every rank sees the same ones and decides
+        alike. Under 16-bit mixed precision the gradient scaler skips inf gradients itself.
+        """
+        if self._skipping:
+            self._skipping = False
+            optimizer.zero_grad(set_to_none=True)  # an optimizer leaves gradient-less weights
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]  # fmt: skip
+        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            norms = torch.stack([torch.linalg.vector_norm(grad.detach()) for grad in grads])
+            if not bool(torch.isfinite(norms).all()):
+                self._note_skip("a gradient is NaN/Inf")
+                optimizer.zero_grad(set_to_none=True)
+                return
+        self.nonfinite_streak = 0
+
+    def _save_running_stats(self) -> None:
+        """Copy the BatchNorm running statistics that this step's forward pass will update."""
+        self._running_stats = [
+            (buffer, buffer.detach().clone())
+            for module in self.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+            if buffer is not None
+        ]
+
+    def _skipped(self, reason: str | None) -> Tensor:
+        """The zero loss that stands in for a skipped step (see :meth:`training_step`)."""
+        self._note_skip(reason)
+        self._skipping = True
+        # a zero gradient for every trainable weight, whatever the weights' values
+        weights = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([w.sum() for w in weights]).sum() * 0
+
+    def _note_skip(self, reason: str | None) -> None:
+        """Undo this step's BatchNorm updates, count the step, and warn (on rank 0) naming its
+        images.
+
+        ``reason``: what is wrong with this rank's batch, None if it is fine here but not on
+        another rank. Every rank must call this.
+        """
+        with torch.no_grad():
+            for buffer, saved in self._running_stats:
+                buffer.copy_(saved)
+        self.nonfinite_streak += 1
+        gathered = gather_to_main((reason, self._step_images) if reason else None)
+        if gathered is None:  # not rank 0
+            return
+        affected = [(rank, *entry) for rank, entry in enumerate(gathered) if entry is not None]
+        self.nonfinite_images = [image_id for _, _, ids in affected for image_id in ids]
+        ranked = len(gathered) > 1
+        batches = "; ".join(
+            f"{reason} for the batch of images {ids}" + (f" on rank {rank}" if ranked else "")
+            for rank, reason, ids in affected
+        )
+        log.warning(
+            "global step %d: %s; skipping the step on every rank (%d in a row)",
+            self.trainer.global_step,
+            batches,
+            self.nonfinite_streak,
+        )
 
     def _eval_step(self, batch, prefix: str) -> None:
         images, _, targets = batch
@@ -348,6 +443,15 @@ class DETRModule(pl.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = instantiate(self.hparams.schedule)(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def _all_finite(outputs: Mapping[str, Any]) -> Tensor:
+    """Whether every prediction (final and auxiliary logits and boxes) is finite: a bool
+    tensor on the predictions' device."""
+    layers = [outputs, *outputs.get("aux_outputs", [])]
+    checks = [torch.isfinite(layer[key].detach()).all() for layer in layers
+              for key in ("pred_logits", "pred_boxes")]  # fmt: skip
+    return torch.stack(checks).all()
 
 
 def padded_label_map(

@@ -49,8 +49,9 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------------- reading
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` that never unpickles code; argparse.Namespace (official ``args``) allowed."""
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` onto the CPU that never unpickles code (argparse.Namespace, the official
+    ``args``, allowed); a refused or unreadable file raises CheckpointError naming it."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -310,7 +311,7 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
     state = (
         _safetensors_load(weights)
         if weights.suffix == ".safetensors"
-        else _tensor_dict(_torch_load(weights), weights, "the file")
+        else _tensor_dict(load_torch_file(weights), weights, "the file")
     )
     state = _strip_norm_counters(state)
     if config.get("format") == EXPORT_FORMAT:
@@ -347,7 +348,7 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
 
 
 def _read_torch_file(path: Path) -> dict[str, Any]:
-    obj = _torch_load(path)
+    obj = load_torch_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
         hparams = obj["hyper_parameters"]
         if not isinstance(hparams, Mapping) or "model" not in hparams:

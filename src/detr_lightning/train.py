@@ -7,18 +7,25 @@ with configs from Hydra's compose API.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .callbacks import MetricsHistory
+from .callbacks import MetricsHistory, NonFiniteStop, SigtermCheckpoint
+from .checkpointing import AtomicCheckpointIO, find_resume_checkpoint, last_checkpoint_path
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
+from .errors import SetupError
 from .evaluation import report, resolve_backend, result_from_metrics
+from .loggers import ResumableLogs
 from .models.backbone_weights import ensure_imagenet_weights
 from .module import DETRModule, padded_label_map
 from .pretrained import load_state_into, read_checkpoint
@@ -166,18 +173,71 @@ def check_resume(module: DETRModule, ckpt_path: str) -> None:
         )
 
 
-def resume_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path`` itself, or for ``ckpt_path=last`` this run
-    directory's ``checkpoints/last.ckpt`` if it exists (a requeued cluster job that reruns in
-    the same directory), else None (a first start)."""
-    if ckpt_path != "last":
-        return ckpt_path or None
-    path = run_dir / "checkpoints" / "last.ckpt"
-    if path.is_file():
-        log.info("ckpt_path=last: resuming from %s", path)
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint that this run resumes, or None to start a new run.
+
+    ``ckpt_path=<file>`` resumes that file; ``ckpt_path=last`` the run dir's
+    ``checkpoints/last.ckpt``; ``resume=auto`` the newest checkpoint of the run dir that loads
+    (:func:`~detr_lightning.checkpointing.find_resume_checkpoint`), or nothing (a new run, with a
+    log line) when there is none yet, so that one command serves the first start and every
+    restart. Under SLURM a requeued job resumes as with ``resume=auto`` when the run dir holds
+    Lightning's ``hpc_ckpt_<n>.ckpt`` (Lightning would load it anyway; here it is checked first).
+    """
+    ckpt_path, resume = cfg.get("ckpt_path"), cfg.get("resume")
+    run_dir = Path(cfg.run_dir)
+    if resume not in (None, "auto"):
+        raise SetupError(f"resume={resume!r}: the only value is auto (null: do not resume)")
+    if ckpt_path and resume:
+        raise SetupError(
+            f"ckpt_path={ckpt_path} and resume=auto both say what to resume; pass one of them"
+        )
+    if ckpt_path == "last":
+        path = last_checkpoint_path(run_dir)
+        if not path.is_file():
+            raise SetupError(
+                f"ckpt_path=last: {path} does not exist. ckpt_path=last resumes the run in "
+                "run_dir: pass the interrupted run's directory as run_dir=... (or "
+                "hydra.run.dir=...), or give the checkpoint file as ckpt_path=PATH"
+            )
         return str(path)
-    log.info("ckpt_path=last: no %s yet, starting from the beginning", path)
-    return None
+    if ckpt_path:
+        return str(ckpt_path)
+    requeued = SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt"))
+    if resume is None and not requeued:
+        return None
+    if resume == "auto":
+        _check_fixed_run_dir(cfg)
+    found = find_resume_checkpoint(run_dir)
+    if found is None:
+        log.info("resume=auto: no checkpoint in %s yet, starting a new run there", run_dir)
+        return None
+    path, progress = found
+    log.info(
+        "resuming %s (epoch %d, global step %d)", path, progress["epoch"], progress["global_step"]
+    )
+    return str(path)
+
+
+def _check_fixed_run_dir(cfg: DictConfig) -> None:
+    """resume=auto looks in run_dir: refuse the default run dir, which is new at every start
+    (outputs/train/<date>_<time>; under SLURM it is named after the job id and stays)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():  # called from Python: run_dir is what the caller gave
+        return
+    hydra = HydraConfig.get()
+    if Path(cfg.run_dir).resolve() != Path(hydra.runtime.output_dir).resolve():
+        return  # run_dir=... given
+    node = "sweep" if hydra.mode == RunMode.MULTIRUN else "run"
+    pattern = str(OmegaConf.to_container(hydra[node], resolve=False)["dir"])
+    if "${now:" in pattern and not ("SLURM_JOB_ID" in pattern and os.environ.get("SLURM_JOB_ID")):
+        raise SetupError(
+            f"resume=auto resumes the run in its run dir, but the run dir {cfg.run_dir} is new "
+            f"at every start (hydra.{node}.dir={pattern}). Name the run's directory, the same "
+            "on the first start and on every restart: run_dir=outputs/train/<name> or "
+            "hydra.run.dir=outputs/train/<name>"
+        )
 
 
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
@@ -189,20 +249,54 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> pl.Trainer:
+    """The configured Trainer, with crash-safe checkpoint files that load with
+    ``weights_only=True`` and, under SLURM, the ``slurm.*`` requeue settings."""
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks or [])
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if cfg.get("slurm") is not None and SLURMEnvironment.detect():
+        plugins.append(_slurm_environment(cfg.slurm))
     return instantiate(
         cfg.trainer,
         callbacks=all_callbacks,
         logger=loggers or False,
         default_root_dir=cfg.run_dir,
+        plugins=plugins,
     )
+
+
+def _slurm_environment(settings: DictConfig) -> SLURMEnvironment:
+    """Lightning's SLURM environment: with auto_requeue, the requeue signal saves
+    ``<run_dir>/hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``."""
+    name = str(settings.requeue_signal).upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if not hasattr(signal.Signals, name):
+        raise SetupError(
+            f"slurm.requeue_signal={settings.requeue_signal} is not a signal name; use the one "
+            "of sbatch --signal (e.g. USR1 for --signal=USR1@90)"
+        )
+    return SLURMEnvironment(
+        auto_requeue=bool(settings.auto_requeue), requeue_signal=signal.Signals[name]
+    )
+
+
+def run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Callbacks that every training run has, whatever the ``callbacks`` group says: loggers
+    flushed into each checkpoint, last.ckpt on SIGTERM, the non-finite loss limit."""
+    last = last_checkpoint_path(cfg.run_dir)
+    callbacks: list[pl.Callback] = [ResumableLogs(), SigtermCheckpoint(last)]
+    limit = cfg.get("nonfinite", {}).get("max_consecutive")
+    if limit is not None:
+        callbacks.append(NonFiniteStop(limit, last))
+    return callbacks
 
 
 def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Fit DETR as configured; returns the final validation metrics (+ ``run_dir``).
 
-    ``callbacks`` are added to the configured ones (for scripts and tests).
+    ``callbacks`` are added to the configured ones (for scripts and tests). ``ckpt_path`` or
+    ``resume=auto`` resume a run (:func:`resume_checkpoint`). A SIGTERM stops the run at the
+    next step boundary, saves ``<run_dir>/checkpoints/last.ckpt`` and raises SystemExit(143).
     """
     quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
@@ -212,12 +306,12 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     check_optimized_metric(cfg)
     ensure_backbone_weights(cfg)
     run_dir = Path(cfg.run_dir)
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), run_dir)
+    ckpt_path = resume_checkpoint(cfg)
     datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule)
     if ckpt_path:
         check_resume(module, ckpt_path)
-    trainer = build_trainer(cfg, callbacks)
+    trainer = build_trainer(cfg, run_callbacks(cfg) + list(callbacks or []))
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -229,12 +323,19 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             module.model.num_classes,
             run_dir,
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        # SigtermCheckpoint saved last.ckpt; 128 + 15, as for a process that SIGTERM ended, so
+        # that schedulers and scripts see an interrupted run, not a finished one
+        raise SystemExit(128 + signal.SIGTERM) from None
     metrics = result_from_metrics(trainer.callback_metrics, "val")
     history = next((c for c in trainer.callbacks if isinstance(c, MetricsHistory)), None)
     if cfg.get("test_after_fit"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", None) or None
-        (logged,) = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        (logged,) = trainer.test(
+            module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True
+        )
         metrics = result_from_metrics(logged, "test")
         if trainer.is_global_zero and history:
             history.final_metrics = metrics
@@ -256,5 +357,6 @@ __all__ = [
     "instantiate_data",
     "model_settings",
     "resume_checkpoint",
+    "run_callbacks",
     "train",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -24,6 +25,17 @@ def all_reduce_mean(value: Tensor) -> Tensor:
     return value / dist.get_world_size()
 
 
+def any_rank(flag: Tensor) -> bool:
+    """Whether ``flag`` (a bool tensor of any shape, on the rank's device) is True anywhere on
+    any rank. Every rank must call it: ranks decide together (e.g. to skip a step)."""
+    value = flag.any()
+    if not is_distributed():
+        return bool(value)
+    value = value.to(torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
 def gather_to_main(obj: object) -> list | None:
     """Every rank's picklable ``obj`` on rank 0, in rank order; None on the other ranks."""
     if not is_distributed():
@@ -42,4 +54,11 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return holder[0]
 
 
-__all__ = ["all_reduce_mean", "broadcast_object", "gather_to_main", "is_distributed", "rank"]
+__all__ = [
+    "all_reduce_mean",
+    "any_rank",
+    "broadcast_object",
+    "gather_to_main",
+    "is_distributed",
+    "rank",
+]

@@ -1,0 +1,118 @@
+"""Checkpoint files of a training run: crash-safe writes, safe loads, and which one to resume.
+
+A run's checkpoints live in ``<run_dir>/checkpoints/`` (``last.ckpt``: the newest training
+state; ``best-*.ckpt``: the best validation mAP); under SLURM, Lightning adds
+``<run_dir>/hpc_ckpt_<n>.ckpt`` when a job is requeued. Every one is a complete training state
+(weights, optimizer, scheduler, loop counters, callbacks, random state) that loads with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from .errors import SetupError
+from .io import TMP_SUFFIX, atomic_write
+from .pretrained import CheckpointError, load_torch_file
+
+log = logging.getLogger(__name__)
+
+# what a checkpoint needs to resume training (a weights-only save lacks the rest)
+TRAINING_STATE_KEYS = ("state_dict", "optimizer_states", "loops", "global_step", "epoch")
+
+
+def last_checkpoint_path(run_dir: str | os.PathLike) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt``: the run's newest training state."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with crash-safe writes and loads that never unpickle code.
+
+    A local checkpoint is written to a temporary file in its own directory, flushed to disk and
+    renamed over the target (:func:`~detr_lightning.io.atomic_write`), so a kill during a save
+    leaves the previous file intact; Lightning's own writer goes through a temporary file in
+    the system's temp directory, whose move to another file system is a plain copy. Loads use
+    ``weights_only=True`` whatever the caller asks.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):  # remote storage: fsspec's transaction
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return load_torch_file(path)
+
+
+def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoint files, newest first (``checkpoints/*.ckpt``, ``hpc_ckpt_*.ckpt``)."""
+    run_dir = Path(run_dir)
+    files = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    return sorted(
+        (path for path in files if path.is_file()),
+        key=lambda path: path.stat().st_mtime_ns,
+        reverse=True,
+    )
+
+
+def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, int]] | None:
+    """The newest checkpoint of ``run_dir`` that loads as a complete training state.
+
+    Returns ``(path, {"epoch": ..., "global_step": ...})``, or None when the run has no
+    checkpoint. Files that fail to load (a crash during a save of another program, a disk
+    error) are skipped with a warning; if every one fails, SetupError names them. Temporary
+    files of saves that a kill interrupted are removed.
+    """
+    run_dir = Path(run_dir)
+    for folder in (run_dir / "checkpoints", run_dir):
+        for stale in folder.glob(f".*.ckpt.*{TMP_SUFFIX}"):
+            log.info("removing %s, left by a save that was interrupted", stale)
+            stale.unlink(missing_ok=True)
+    candidates = run_checkpoints(run_dir)
+    failures = []
+    for path in candidates:
+        try:
+            state = load_torch_file(path)
+        except CheckpointError as err:
+            failures.append(f"{path}: {err}")
+            log.warning("resume=auto: skipping %s, which does not load (%s)", path, err)
+            continue
+        missing = [key for key in TRAINING_STATE_KEYS if key not in state]
+        if missing:
+            failures.append(f"{path}: no {', '.join(missing)} (not a training checkpoint)")
+            log.warning("resume=auto: skipping %s: it lacks %s", path, ", ".join(missing))
+            continue
+        return path, {"epoch": int(state["epoch"]), "global_step": int(state["global_step"])}
+    if candidates:
+        raise SetupError(
+            f"resume=auto: none of the {len(candidates)} checkpoints of {run_dir} loads:\n  "
+            + "\n  ".join(failures)
+            + "\nRemove or replace them, or resume a given file with ckpt_path=PATH"
+        )
+    return None
+
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "find_resume_checkpoint",
+    "last_checkpoint_path",
+    "run_checkpoints",
+]

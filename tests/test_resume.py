@@ -1,0 +1,256 @@
+"""Long runs: crash-safe checkpoints, resume=auto after a SIGKILL, SIGTERM, SLURM requeueing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
+
+import detr_lightning.io
+from detr_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from detr_lightning.errors import SetupError
+from detr_lightning.pretrained import CheckpointError
+from detr_lightning.train import build_trainer, resume_checkpoint
+from pipeline_fixtures import compose_config, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _training_state(step: int) -> dict:
+    """A stand-in for a Lightning training checkpoint (the keys resume=auto requires)."""
+    return {"state_dict": {"w": torch.full((2,), float(step))}, "optimizer_states": [],
+            "loops": {}, "global_step": step, "epoch": 0}  # fmt: skip
+
+
+def _write(path: Path, obj: object, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+class _Opaque:
+    """Pickled as a class reference: a weights_only load refuses it."""
+
+
+def test_resume_auto_takes_the_newest_checkpoint_that_loads(tmp_path, caplog):
+    checkpoints = tmp_path / "checkpoints"
+    older = _write(checkpoints / "best-epoch000.ckpt", _training_state(4), 1000)
+    _write(checkpoints / "last.ckpt", _training_state(6), 2000)
+    # newer, but cut short by a crash (not by our writer, which never leaves one)
+    truncated = _write(tmp_path / "hpc_ckpt_1.ckpt", _training_state(8), 3000)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    code = _write(checkpoints / "odd.ckpt", {**_training_state(9), "x": _Opaque()}, 4000)
+    weights_only = _write(checkpoints / "weights.ckpt", {"state_dict": {}}, 5000)
+    stale = checkpoints / ".last.ckpt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+
+    with caplog.at_level("WARNING"):
+        path, progress = find_resume_checkpoint(tmp_path)
+    assert path == checkpoints / "last.ckpt" and progress == {"epoch": 0, "global_step": 6}
+    for skipped in (truncated, code, weights_only):
+        assert str(skipped) in caplog.text
+    assert not stale.exists()
+
+    # an hpc checkpoint (SLURM requeue) that is newest and loads wins
+    _write(tmp_path / "hpc_ckpt_2.ckpt", _training_state(10), 6000)
+    assert find_resume_checkpoint(tmp_path)[0] == tmp_path / "hpc_ckpt_2.ckpt"
+
+    # nothing at all: a new run; checkpoints that all fail: an error naming them
+    assert find_resume_checkpoint(tmp_path / "new") is None
+    for path in (older, checkpoints / "last.ckpt", tmp_path / "hpc_ckpt_2.ckpt"):
+        path.unlink()
+    with pytest.raises(SetupError, match=r"none of the 3 checkpoints(.|\n)*hpc_ckpt_1\.ckpt"):
+        find_resume_checkpoint(tmp_path)
+
+
+def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint(_training_state(1), path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+
+    def killed_mid_save(obj, target):
+        Path(target).write_bytes(b"PK\x03\x04 the first bytes of a zip")
+        raise KeyboardInterrupt  # stands in for the process dying during the write
+
+    monkeypatch.setattr(torch, "save", killed_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint(_training_state(2), path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["global_step"] == 1  # the previous file, intact
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+    # the data reach the disk before the rename makes them visible
+    synced = []
+    monkeypatch.setattr(detr_lightning.io.os, "fsync", lambda fd: synced.append(fd))
+    io.save_checkpoint(_training_state(3), path)
+    assert len(synced) >= 1
+    monkeypatch.undo()
+
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({**_training_state(1), "x": _Opaque()}, unsafe)
+    with pytest.raises(CheckpointError, match=r"refused to load"):
+        io.load_checkpoint(unsafe, weights_only=False)  # the caller cannot turn it off
+
+
+def test_resume_settings_are_checked(tmp_path, caplog):
+    def resolve(*overrides: str):
+        return resume_checkpoint(compose_config("train", tiny_overrides(tmp_path, *overrides)))
+
+    assert resolve() is None
+    with caplog.at_level("INFO"):
+        assert resolve("resume=auto") is None  # nothing to resume yet: a new run
+    assert f"no checkpoint in {tmp_path} yet, starting a new run" in caplog.text
+    with pytest.raises(SetupError, match=r"ckpt_path=last: .*checkpoints/last\.ckpt does not "):
+        resolve("ckpt_path=last")
+    with pytest.raises(SetupError, match=r"pass one of them"):
+        resolve("ckpt_path=last", "resume=auto")
+    with pytest.raises(SetupError, match=r"resume='yes'"):
+        resolve("resume=yes")
+    _write(tmp_path / "checkpoints" / "last.ckpt", _training_state(3), 1000)
+    assert resolve("ckpt_path=last") == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert resolve("resume=auto") == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
+# what srun sets for a one-task job
+SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "detr", "SLURM_JOB_ID": "42",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+
+
+def test_slurm_requeue_settings_reach_lightning(tmp_path, monkeypatch):
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    monkeypatch.delenv("SLURM_NNODES", raising=False)
+    cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.requeue_signal=USR2"))
+    environment = build_trainer(cfg)._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment)
+    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR2
+    cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.auto_requeue=false"))
+    assert not build_trainer(cfg)._accelerator_connector.cluster_environment.auto_requeue
+    cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.requeue_signal=USR9"))
+    with pytest.raises(SetupError, match=r"slurm.requeue_signal=USR9"):
+        build_trainer(cfg)
+
+    # a requeued job (Lightning saved hpc_ckpt_<n>.ckpt) resumes without being told
+    hpc = _write(tmp_path / "hpc_ckpt_1.ckpt", _training_state(5), 1000)
+    assert resume_checkpoint(compose_config("train", tiny_overrides(tmp_path))) == str(hpc)
+
+
+# ------------------------------------------------------------------------ real processes
+def _command(*extra: str) -> list[str]:
+    overrides = [o for o in tiny_overrides(Path("unused")) if not o.startswith("run_dir")]
+    return [sys.executable, str(ROOT / "train.py"), *overrides, "cpu_threads=1", *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"train.py ended early:\n{process.communicate()[0][-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for train.py")
+        time.sleep(0.05)
+
+
+def _loss_rows(run_dir: Path) -> dict[int, str]:
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("train/loss_step")]
+    steps = [int(row["step"]) for row in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {int(row["step"]): row["train/loss_step"] for row in rows}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto_continues_the_same_run(tmp_path):
+    run_dir = tmp_path / "run"
+    command = _command(
+        f"hydra.run.dir={run_dir}",  # the documented way to fix the run dir
+        "trainer.max_epochs=3",
+        "data.synthetic.num_train=16",  # 4 steps per epoch, 12 in all
+        "callbacks=default",
+        "callbacks.progress_bar=null",
+        "callbacks.metrics_history.plot=false",
+        "callbacks.checkpoint.every_n_train_steps=2",
+    )
+    last, history = run_dir / "checkpoints" / "last.ckpt", run_dir / "metrics.json"
+    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    # kill as soon as a step checkpoint of epoch 1 exists (epoch 0 is in metrics.json)
+    seen = {"mtime": 0, "step": 0}
+
+    def checkpoint_in_epoch_1() -> bool:
+        if last.exists() and last.stat().st_mtime_ns != seen["mtime"]:
+            seen["mtime"] = last.stat().st_mtime_ns
+            seen["step"] = torch.load(last, weights_only=True, mmap=True)["global_step"]
+        return seen["step"] > 4
+
+    _wait_for(checkpoint_in_epoch_1, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    killed = torch.load(last, weights_only=True)  # the newest complete one
+    step, epoch = killed["global_step"], killed["epoch"]
+    assert 4 < step < 12 and step % 2 == 0 and epoch == (step - 1) // 4, (step, epoch)
+    before = _loss_rows(run_dir)
+    assert set(range(step)) <= set(before)
+    first_epochs = json.loads(history.read_text())["history"]
+    assert [entry["epoch"] for entry in first_epochs] == list(range(len(first_epochs)))
+    assert first_epochs
+
+    result = subprocess.run([*command, "resume=auto"], cwd=tmp_path, env=ENV, text=True,
+                            capture_output=True, timeout=300)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"resuming {last} (epoch {epoch}, global step {step})" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the same run dir
+    assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["hparams.yaml", "metrics.csv"]
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+    after = _loss_rows(run_dir)
+    # every step logged once: the killed run's rows up to its checkpoint, then the resumed run's
+    assert sorted(after) == list(range(12))
+    assert {s: after[s] for s in range(step)} == {s: before[s] for s in range(step)}
+    entries = json.loads(history.read_text())["history"]
+    assert [entry["epoch"] for entry in entries] == [0, 1, 2]
+    assert entries[: len(first_epochs)] == first_epochs
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_and_exits(tmp_path):
+    run_dir = tmp_path / "run"
+    command = _command(f"run_dir={run_dir}", "trainer.max_epochs=50",
+                       "trainer.limit_val_batches=0")  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    _wait_for((run_dir / "metrics.json").exists, process)  # epoch 0 is done
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] >= 2  # 2 steps per epoch, epoch 0 done
+    assert f"SIGTERM: stopped at global step {state['global_step']}" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_resume_auto_needs_a_run_dir_that_stays(tmp_path):
+    command = [c for c in _command("resume=auto") if not c.startswith("hydra.run")]
+    result = subprocess.run(command, cwd=tmp_path, env=ENV, text=True, capture_output=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 1
+    assert "error: resume=auto resumes the run in its run dir" in result.stderr
+    assert "hydra.run.dir=outputs/train/<name>" in result.stderr
