@@ -25,13 +25,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, environment, print_table, write_json
 
 
-def _run(script: str, args: list[str], out: Path) -> dict:
+def _run(script: str, args: list[str], out: Path, reuse: bool = False) -> dict:
     path = out / f"{Path(script).stem}.json"
+    if reuse:
+        return json.loads(path.read_text())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
     command = [sys.executable, str(ROOT / "bench" / script), *args, "--json", str(path)]
     print("$", " ".join(command), flush=True)
     subprocess.run(command, cwd=ROOT, env=env, check=True)
     return json.loads(path.read_text())
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AMX or AVX512-BF16), or a GPU is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def main() -> None:
@@ -41,6 +56,7 @@ def main() -> None:
     parser.add_argument("--official", default=os.environ.get("REF_DETR_DIR"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / platform.node())
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--summarize", action="store_true", help="summarize the JSON in --out")
     args = parser.parse_args()
     if not (args.official and Path(args.official, "main.py").is_file()):
         parser.error(
@@ -98,6 +114,10 @@ def main() -> None:
                       f"top labels {row['top_label_agreement']:.0%}")  # fmt: skip
             rows.append([f"inference {row['precision']} vs transformers",
                          f"{row['speedup']:.2f}x", target, detail])  # fmt: skip
+    if not native_bf16():
+        rows.append(["inference bf16 vs transformers", "not measured", ">= 3x",
+                     "this CPU has no bf16 arithmetic (no AMX / AVX512-BF16): autocast emulates "
+                     "it, many times slower than fp32"])  # fmt: skip
     env = environment()
     table = print_table(
         f"Summary ({env['cpu']}, {env['cores']} cores, torch {env['torch']})",
