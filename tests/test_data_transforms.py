@@ -233,3 +233,54 @@ def test_invalid_arguments() -> None:
         RandomSizeCrop(50, 10)
     with pytest.raises(ValueError, match="crop_probability"):
         make_train_transforms(crop_probability=1.5)
+
+
+def test_normalize_image_equals_todtype_and_normalize() -> None:
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from detr_lightning.data.presets import IMAGENET_MEAN, IMAGENET_STD
+    from detr_lightning.data.transforms import NormalizeImage
+
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 17, 23), dtype=torch.uint8))
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)  # fmt: skip
+    ours = NormalizeImage(IMAGENET_MEAN, IMAGENET_STD)(image)
+    assert isinstance(ours, tv_tensors.Image) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-6)
+    as_float = NormalizeImage(IMAGENET_MEAN, IMAGENET_STD)(tv_tensors.Image(image / 255.0))
+    torch.testing.assert_close(as_float, reference, atol=1e-5, rtol=1e-6)
+
+
+def test_clamp_and_drop_tiny_boxes_equals_torchvision() -> None:
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from detr_lightning.data.transforms import ClampAndDropTinyBoxes
+
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(200, 2, generator=generator) * 70 - 10
+    sizes = torch.rand(200, 2, generator=generator) * 30 - 2
+    boxes = tv_tensors.BoundingBoxes(torch.cat([corners, corners + sizes], 1), format="XYXY",
+                                     canvas_size=(40, 50))  # fmt: skip
+    target = {"boxes": boxes, "labels": torch.arange(200)}
+    image = tv_tensors.Image(torch.zeros(3, 40, 50))
+    _, expected = v2.Compose([v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()])(image, target)
+    _, ours = ClampAndDropTinyBoxes()(image, target)
+    assert 20 < len(ours["labels"]) < 200  # some boxes dropped, some kept
+    assert torch.equal(ours["labels"], expected["labels"])
+    torch.testing.assert_close(ours["boxes"].as_subclass(torch.Tensor),
+                               expected["boxes"].as_subclass(torch.Tensor))  # fmt: skip
+    assert ours["boxes"].canvas_size == (40, 50)
+
+
+def test_random_select_takes_the_second_branch_with_probability_p() -> None:
+    from detr_lightning.data.transforms import RandomSelect
+
+    select = RandomSelect(lambda x: 0, lambda x: 1, p=0.3)
+    torch.manual_seed(0)
+    share = sum(select(None) for _ in range(4000)) / 4000
+    assert abs(share - 0.3) < 0.03
+    assert RandomSelect(lambda x: 0, lambda x: 1, p=0.0)(None) == 0
+    with pytest.raises(ValueError, match="p must lie"):
+        RandomSelect(lambda x: 0, lambda x: 1, p=1.5)

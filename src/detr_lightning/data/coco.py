@@ -107,7 +107,8 @@ def _read_rgb(path: Path, short_side: int | None = None) -> tuple[Tensor, tuple[
             factor = jpeg_reduction(height, width, short_side)
             if image.format == "JPEG" and factor > 1:
                 image.draft("RGB", (-(-width // factor), -(-height // factor)))
-                pixels = torch.from_numpy(np.asarray(image.convert("RGB")))
+                rgb = image if image.mode == "RGB" else image.convert("RGB")
+                pixels = torch.from_numpy(np.asarray(rgb))
                 return pixels.permute(2, 0, 1), (height, width)
     image = read_rgb(path)
     return image, (int(image.shape[-2]), int(image.shape[-1]))

@@ -21,7 +21,13 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from detr_lightning.data.transforms import RandomShortSideResize, RandomSizeCrop
+from detr_lightning.data.transforms import (
+    ClampAndDropTinyBoxes,
+    NormalizeImage,
+    RandomSelect,
+    RandomShortSideResize,
+    RandomSizeCrop,
+)
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -47,7 +53,7 @@ class DetectionAugmentation(v2.Compose):
 
     def __init__(
         self,
-        transforms: Sequence[v2.Transform],
+        transforms: Sequence[torch.nn.Module],
         num_geometric: int,
         source_short_side: int | None = None,
     ) -> None:
@@ -70,7 +76,7 @@ class DetectionAugmentation(v2.Compose):
 
 
 def _normalize() -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD)]
 
 
 def make_train_transforms(
@@ -95,7 +101,7 @@ def make_train_transforms(
             "must both lie in [0, 1]"
         )
     multi_scale = RandomShortSideResize(scales, max_size=max_size)
-    steps: list[v2.Transform] = [v2.RandomHorizontalFlip(p=flip_probability)]
+    steps: list[torch.nn.Module] = [v2.RandomHorizontalFlip(p=flip_probability)]
     if crop and crop_probability > 0.0:
         crop_branch = v2.Compose(
             [
@@ -107,15 +113,11 @@ def make_train_transforms(
         if crop_probability >= 1.0:
             steps.append(crop_branch)
         else:
-            steps.append(
-                v2.RandomChoice(
-                    [multi_scale, crop_branch], p=[1 - crop_probability, crop_probability]
-                )
-            )
+            steps.append(RandomSelect(multi_scale, crop_branch, p=crop_probability))
     else:
         steps.append(multi_scale)
     geometric = len(steps)
-    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(), *_normalize()]
+    steps += [ClampAndDropTinyBoxes(), *_normalize()]
     resized_to = [*scales, *(crop_resize if crop and crop_probability > 0.0 else [])]
     return DetectionAugmentation(steps, num_geometric=geometric, source_short_side=max(resized_to))
 

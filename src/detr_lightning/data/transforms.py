@@ -18,7 +18,15 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["RandomShortSideResize", "RandomSizeCrop", "boxes_to_normalized_cxcywh", "spatial_size"]
+__all__ = [
+    "ClampAndDropTinyBoxes",
+    "NormalizeImage",
+    "RandomSelect",
+    "RandomShortSideResize",
+    "RandomSizeCrop",
+    "boxes_to_normalized_cxcywh",
+    "spatial_size",
+]
 
 
 def spatial_size(flat_inputs: list[Any]) -> tuple[int, int]:
@@ -126,4 +134,62 @@ class RandomShortSideResize(v2.Transform):
         )
 
     _get_params = make_params
+    _transform = transform
+
+
+class RandomSelect(torch.nn.Module):
+    """Apply ``first`` with probability ``1 - p``, else ``second`` (one uniform draw).
+
+    ``v2.RandomChoice`` draws with ``torch.multinomial``, which costs more than the resize it
+    selects on small images."""
+
+    def __init__(self, first: Any, second: Any, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must lie in [0, 1], got {p}")
+        self.first, self.second, self.p = first, second, p
+
+    def forward(self, *inputs: Any) -> Any:
+        branch = self.second if float(torch.rand(())) < self.p else self.first
+        return branch(*inputs)
+
+
+class ClampAndDropTinyBoxes(torch.nn.Module):
+    """Clamp ``target["boxes"]`` (XYXY) to the image and drop boxes under 1 pixel wide or
+    high, with their labels: ``v2.ClampBoundingBoxes`` + ``v2.SanitizeBoundingBoxes`` in one
+    step, without their generic input handling (a sizeable share of a small sample's time)."""
+
+    def forward(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        boxes = target["boxes"]
+        height, width = boxes.canvas_size
+        plain = boxes.as_subclass(Tensor)
+        limits = plain.new_tensor([width, height, width, height])
+        clamped = torch.minimum(plain.clamp(min=0), limits)
+        keep = ((clamped[:, 2] - clamped[:, 0]) >= 1) & ((clamped[:, 3] - clamped[:, 1]) >= 1)
+        target = dict(target)
+        target["boxes"] = tv_tensors.wrap(clamped[keep], like=boxes)
+        target["labels"] = target["labels"][keep]
+        return image, target
+
+
+class NormalizeImage(v2.Transform):
+    """uint8 image -> float32 ``(x / 255 - mean) / std`` in one conversion and one fused
+    multiply-add (``v2.ToDtype(scale=True)`` + ``v2.Normalize`` take four passes)."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64))
+        self.register_buffer("scale", scale.float().view(-1, 1, 1), persistent=False)
+        shift = -torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)
+        self.register_buffer("shift", shift.float().view(-1, 1, 1), persistent=False)
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Normalize one image (uint8 [3, H, W] in [0, 255], or float in [0, 1])."""
+        image = inpt.as_subclass(Tensor)
+        scale = self.scale if image.dtype == torch.uint8 else self.scale * 255.0
+        out = torch.addcmul(self.shift, image.to(torch.float32), scale)
+        return tv_tensors.wrap(out, like=inpt)
+
     _transform = transform
