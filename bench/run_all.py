@@ -64,18 +64,28 @@ def main() -> None:
         )
     quick = args.quick
     official = ["--official", args.official]
-    train = _run("train.py", [*official, "--epochs", "1" if quick else "3"], args.out)
-    data = _run("data.py", [*official, *(["--images", "40", "--rounds", "2"] if quick else [])],
-                args.out)  # fmt: skip
-    evaluation = _run("evaluation.py", ["--images", "300", "--rounds", "1"] if quick else [],
-                      args.out)  # fmt: skip
-    inference = _run(
-        "inference_hf.py",
-        ["--model", "R50", "--size", "320", "416", "--warmup", "1", "--iters", "2"]
-        if quick
-        else [],
-        args.out,
-    )
+    reuse = args.summarize
+    train = _run("train.py", [*official, "--epochs", "1" if quick else "3"], args.out, reuse)
+    data_args = ["--images", "40", "--rounds", "2"] if quick else []
+    data = _run("data.py", [*official, *data_args], args.out, reuse)
+    evaluation_args = ["--images", "300", "--rounds", "1"] if quick else ["--rounds", "2"]
+    evaluation = _run("evaluation.py", evaluation_args, args.out, reuse)
+    # bf16 autocast is only worth timing where the CPU computes in bf16 (AMX / AVX512-BF16);
+    # elsewhere it is emulated and many times slower than fp32
+    inference_args = ["--precisions", "fp32", *(["bf16"] if native_bf16() else [])]
+    if quick:
+        inference_args += [
+            "--model",
+            "R50",
+            "--size",
+            "320",
+            "416",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+        ]
+    inference = _run("inference_hf.py", inference_args, args.out, reuse)
 
     runs = {name: run["summary"] for name, run in train["runs"].items()}
     ours, plain, ref = runs["default"], runs.get("no-group"), runs["official"]
