@@ -57,3 +57,12 @@ class PatchBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor):
         return self.conv(images), padding_mask[:, ::32, ::32]
+
+
+def tiny_eval_detr() -> DETR:
+    """:func:`tiny_detr` in eval mode with seeded weights and random frozen-BN statistics."""
+    torch.manual_seed(0)
+    detr = tiny_detr().eval()
+    with torch.no_grad():
+        randomize_frozen_batchnorm(detr, torch.Generator().manual_seed(0))
+    return detr

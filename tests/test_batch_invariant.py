@@ -13,7 +13,7 @@ import torch
 from detr_lightning.eval import evaluate
 from detr_lightning.models import DETR
 from detr_lightning.train import build_module, check_resume, instantiate_data, train
-from model_fixtures import randomize_frozen_batchnorm, tiny_detr
+from model_fixtures import tiny_detr, tiny_eval_detr
 from pipeline_fixtures import compose_config, tiny_overrides
 
 # Four sizes; the first is the largest in both directions, so only it is left unpadded.
@@ -23,11 +23,7 @@ KEYS = ("pred_logits", "pred_boxes")
 
 @pytest.fixture(scope="module")
 def model() -> DETR:
-    torch.manual_seed(0)
-    detr = tiny_detr().eval()
-    with torch.no_grad():
-        randomize_frozen_batchnorm(detr, torch.Generator().manual_seed(0))
-    return detr
+    return tiny_eval_detr()
 
 
 def random_images(sizes: list[tuple[int, int]], seed: int = 1) -> list[torch.Tensor]:

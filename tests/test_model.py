@@ -26,6 +26,7 @@ from model_fixtures import (
     PatchBackbone,
     randomize_frozen_batchnorm,
     tiny_detr,
+    tiny_eval_detr,
 )
 
 
@@ -36,11 +37,7 @@ def assert_same_predictions(actual: dict, expected: dict, atol: float = 1e-4) ->
 
 @pytest.fixture(scope="module")
 def model() -> DETR:
-    torch.manual_seed(0)
-    detr = tiny_detr().eval()
-    with torch.no_grad():
-        randomize_frozen_batchnorm(detr, torch.Generator().manual_seed(0))
-    return detr
+    return tiny_eval_detr()
 
 
 # --- shapes -------------------------------------------------------------------------------
