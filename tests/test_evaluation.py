@@ -117,7 +117,8 @@ def test_unreadable_image_counts_its_objects_as_missed(split, tmp_path):
     # the stand-in is another image's sample; its detections must not count for anyone
     stand_in = {"image_id": targets[0]["image_id"], "stand_in_for": victim}
     kept = [(t, d) for t, d in zip(targets, detections) if t["image_id"] != victim]
-    evaluator = CocoEvaluator(annotation_file, label_map.category_ids)
+    # pycocotools itself, so that the statistics must be equal to the last bit
+    evaluator = CocoEvaluator(annotation_file, label_map.category_ids, backend="pycocotools")
     evaluator.update([stand_in] + [t for t, _ in kept], [detections[0]] + [d for _, d in kept])
     result = evaluator.compute(tmp_path / "results.json")
     results = json.loads((tmp_path / "results.json").read_text())
@@ -131,13 +132,25 @@ def test_unreadable_image_counts_its_objects_as_missed(split, tmp_path):
 def test_max_dets_follows_the_number_of_queries(split, tmp_path):
     annotation_file, data, label_map = split
     targets, detections = fake_detections(data, label_map, per_image=150, seed=2)
-    evaluator = CocoEvaluator(annotation_file, label_map.category_ids, max_dets=150)
+    evaluator = CocoEvaluator(
+        annotation_file, label_map.category_ids, max_dets=150, backend="pycocotools"
+    )
     evaluator.update(targets, detections)
     result = evaluator.compute(tmp_path / "results.json")
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(result.stats) == set(metric_keys(150)) and "mar_150" in result.stats
     reference = reference_stats(annotation_file, results, max_dets=(1, 10, 150))
     assert [result.stats[k] for k in metric_keys(150)] == reference
+    # pycocotools' summarize looks the first AP up at maxDets=100, absent here: -1.
+    # faster_coco_eval takes the last maxDets for it, as for the other eleven statistics.
+    assert reference[0] == -1.0
+    fast = CocoEvaluator(
+        annotation_file, label_map.category_ids, max_dets=150, backend="faster_coco_eval"
+    )
+    fast.update(targets, detections)
+    fast_stats = [fast.compute().stats[k] for k in metric_keys(150)]
+    assert 0.0 < fast_stats[0] < 1.0
+    assert fast_stats[1:] == pytest.approx(reference[1:], rel=1e-14, abs=1e-15)
     assert reference != reference_stats(annotation_file, results)  # 100 would differ
     assert "maxDets=150" in report(result.metrics(), label_map.to_dict())
 
