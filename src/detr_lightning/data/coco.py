@@ -83,14 +83,21 @@ class _ImageRecord:
 
 
 JPEG_REDUCTIONS = (8, 4, 2)  # the scales libjpeg decodes at directly (1/8, 1/4, 1/2)
+JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-def jpeg_reduction(height: int, width: int, short_side: int | None) -> int:
-    """The largest JPEG decode reduction (1, 2, 4 or 8) that keeps the short side at least
-    ``short_side`` pixels (None: 1, full size)."""
-    if short_side is None:
+def jpeg_reduction(path: Path, height: int, width: int, short_side: int | None) -> int:
+    """The largest JPEG decode reduction (1, 2, 4 or 8) that keeps the short side of the
+    (height, width) file ``path`` at least ``short_side`` pixels (1: full size, also for
+    ``short_side=None`` and files that are not JPEGs)."""
+    if short_side is None or path.suffix.lower() not in JPEG_SUFFIXES:
         return 1
     return next((k for k in JPEG_REDUCTIONS if min(height, width) // k >= short_side), 1)
+
+
+def reduced_size(height: int, width: int, factor: int) -> tuple[int, int]:
+    """The (height, width) libjpeg decodes a file at when reducing it by ``factor``."""
+    return -(-height // factor), -(-width // factor)
 
 
 def _read_rgb(path: Path, short_side: int | None = None) -> tuple[Tensor, tuple[int, int]]:
@@ -101,12 +108,12 @@ def _read_rgb(path: Path, short_side: int | None = None) -> tuple[Tensor, tuple[
     (:func:`jpeg_reduction`; libjpeg scales in the DCT, which is both an antialiased
     downsample and several times faster than a full decode): training at small sizes from
     photo-sized files then decodes and resizes a fraction of the pixels."""
-    if short_side is not None and path.suffix.lower() in (".jpg", ".jpeg"):
+    if short_side is not None and path.suffix.lower() in JPEG_SUFFIXES:
         with Image.open(path) as image:
             width, height = image.size
-            factor = jpeg_reduction(height, width, short_side)
+            factor = jpeg_reduction(path, height, width, short_side)
             if image.format == "JPEG" and factor > 1:
-                image.draft("RGB", (-(-width // factor), -(-height // factor)))
+                image.draft("RGB", reduced_size(width, height, factor))
                 rgb = image if image.mode == "RGB" else image.convert("RGB")
                 pixels = torch.from_numpy(np.asarray(rgb))
                 return pixels.permute(2, 0, 1), (height, width)
@@ -316,11 +323,9 @@ class CocoDetection(Dataset):
         height, width = record.height, record.width
         if predict is None:
             return height, width
-        if record.path.suffix.lower() in (".jpg", ".jpeg"):  # see _read_rgb
-            factor = jpeg_reduction(
-                height, width, getattr(self.transforms, "source_short_side", None)
-            )
-            height, width = -(-height // factor), -(-width // factor)
+        short_side = getattr(self.transforms, "source_short_side", None)  # see _read_rgb
+        factor = jpeg_reduction(record.path, height, width, short_side)
+        height, width = reduced_size(height, width, factor)
         if seed is None:
             return predict(height, width)
         with torch.random.fork_rng(devices=[]):
