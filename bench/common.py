@@ -146,8 +146,7 @@ def ensure_dataset(root: str | os.PathLike | None, train: int = 1000, val: int =
         return Path(root)
     target = DATA_CACHE / f"coco-like-{train}-{val}"
     if not (target / "annotations" / "instances_val2017.json").is_file():
-        from make_dataset import write_split
+        from make_dataset import write_dataset
 
-        write_split(target, "train", train, 0, first_id=1)
-        write_split(target, "val", val, 0, first_id=1_000_001)
+        write_dataset(target, train, val)
     return target

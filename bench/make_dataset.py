@@ -99,6 +99,12 @@ def write_split(root: Path, split: str, count: int, seed: int, first_id: int) ->
     (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(coco))
 
 
+def write_dataset(root: Path, train: int, val: int, seed: int = 0) -> None:
+    """Both splits under ``root`` (image ids: train from 1, val from 1000001)."""
+    write_split(root, "train", train, seed, first_id=1)
+    write_split(root, "val", val, seed, first_id=1_000_001)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,8 +114,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    write_split(args.out, "train", args.train, args.seed, first_id=1)
-    write_split(args.out, "val", args.val, args.seed, first_id=1_000_001)
+    write_dataset(args.out, args.train, args.val, args.seed)
     print(f"wrote {args.train} + {args.val} images to {args.out}")
 
 

@@ -282,18 +282,23 @@ def test_train_writes_run_artifacts(trained_run):
     assert any(p.name.startswith("best-") for p in (trained_run / "checkpoints").iterdir())
 
 
-@pytest.mark.slow
-def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_path):
-    """The run used data.* overrides (sizes, synthetic parameters); eval.py needs none."""
-    eval_cfg = compose_config(
+def eval_config(trained_run: Path, run_dir: Path, *overrides: str):
+    """eval.yaml for the trained run's last checkpoint, results in ``run_dir``."""
+    return compose_config(
         "eval",
         [
+            *overrides,
             "trainer.enable_progress_bar=false",
-            f"run_dir={tmp_path}",
+            f"run_dir={run_dir}",
             f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
         ],
     )
-    evaluated = evaluate(eval_cfg)
+
+
+@pytest.mark.slow
+def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_path):
+    """The run used data.* overrides (sizes, synthetic parameters); eval.py needs none."""
+    evaluated = evaluate(eval_config(trained_run, tmp_path))
     trained = json.loads((trained_run / "metrics.json").read_text())
     for key in COCO_METRIC_KEYS:
         assert evaluated[key] == trained[key], key
@@ -306,17 +311,14 @@ def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_pat
 def test_eval_on_the_training_images_matches_pycocotools(trained_run, tmp_path):
     """On the images it was trained on the metrics are far from zero, so the comparison with
     pycocotools on the written results file means something."""
-    eval_cfg = compose_config(
-        "eval",
-        [
+    evaluated = evaluate(
+        eval_config(
+            trained_run,
+            tmp_path,
             "data.val_images=train2017",
             "data.val_annotations=annotations/instances_train2017.json",
-            "trainer.enable_progress_bar=false",
-            f"run_dir={tmp_path}",
-            f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
-        ],
+        )
     )
-    evaluated = evaluate(eval_cfg)
     written = json.loads((tmp_path / "metrics.json").read_text())
     predictions = json.loads((tmp_path / "predictions.json").read_text())
     assert predictions and {"image_id", "category_id", "bbox", "score"} == set(predictions[0])
