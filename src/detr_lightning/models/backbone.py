@@ -6,9 +6,13 @@ is also what the official DETR checkpoints hold under ``backbone.0.body``.
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +162,10 @@ class Backbone(nn.Module):
             if not train_backbone or not param_name.startswith(trainable):
                 param.requires_grad_(False)
 
+    # CPU inference through a frozen TorchScript graph of the trunk (see InferenceGraphs);
+    # False: always the eager modules.
+    inference_graph: bool = True
+
     def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Features of the last stage and the padding mask at their resolution.
 
@@ -168,12 +176,137 @@ class Backbone(nn.Module):
             features: [B, num_channels, H/stride, W/stride].
             mask: [B, H/stride, W/stride] bool, True on padding (nearest resize, as official).
         """
+        graph = INFERENCE_GRAPHS.get(self, images) if self.inference_graph else None
+        x = self.trunk(images) if graph is None else graph(images)
+        return x, resize_mask(padding_mask, x.shape[-2:])
+
+    def train(self, mode: bool = True) -> Backbone:
+        if mode:  # weights change in training: free the inference graph's copy of them
+            INFERENCE_GRAPHS.discard(self)
+        return super().train(mode)
+
+    def trunk(self, images: Tensor) -> Tensor:
+        """The ResNet stages: [B, 3, H, W] -> [B, num_channels, H/stride, W/stride]."""
         body = self.body
         x = body.maxpool(F.relu(conv_norm(images, body.conv1, body.bn1), inplace=True))
         for stage in STAGES[: self.num_stages]:
             for block in getattr(body, stage):
                 x = residual_block(block, x)
-        return x, resize_mask(padding_mask, x.shape[-2:])
+        return x
+
+
+class _Trunk(nn.Module):
+    """What is traced: a backbone's :meth:`Backbone.trunk` as a module's forward."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone.trunk(images)
+
+
+@dataclass
+class _GraphEntry:
+    weights: list[Tensor]  # copies of the trunk's tensors that the graph was built from
+    graph: Any  # the frozen TorchScript module
+
+
+class InferenceGraphs:
+    """Frozen TorchScript graphs of backbone trunks for CPU inference, one per backbone.
+
+    In eager mode every oneDNN convolution reorders its weights into oneDNN's blocked layout
+    and converts its input and output between that layout and PyTorch's, at every call. A
+    trunk traced, frozen and passed through ``torch.jit.optimize_for_inference`` has its frozen
+    BatchNorm folded into the convolutions, weights packed once, ReLU and residual additions
+    fused into the convolutions, and activations kept in the blocked layout from the first
+    convolution to the last: the same arithmetic, about 1.3-1.5x faster for ResNet-50/101 at
+    800 pixels on a CPU. The graph holds no shapes (convolutions, pooling and ReLU only), so one
+    graph serves every image size and batch.
+
+    It is used only where it computes what the eager trunk computes: float32 CPU tensors, the
+    module in eval mode, no gradient, no autocast, no forward hooks in the trunk, not while
+    tracing or exporting. Its results differ from the eager trunk's by float32 rounding (about
+    1e-6 relative), so whether it is used depends only on those conditions, never on earlier
+    calls: every image gets the same result in one process or many, first or last. A graph is
+    built at the first call (about 1.6 s for ResNet-101 on 2 cores, 0.2 s for ResNet-18) and
+    rebuilt whenever the weights differ from those it was built from. Every call compares them
+    with a copy (one pass over the weights, ~1% of a ResNet-101 forward at 800 pixels): version
+    counters would be cheaper but miss updates such as fused AdamW's. Graphs live here, not on
+    the module, so that state dicts, copies and pickles of a backbone are unaffected; a graph
+    goes with its backbone, and ``backbone.train()`` drops it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: weakref.WeakKeyDictionary[Backbone, _GraphEntry] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @staticmethod
+    def applies(backbone: Backbone, images: Tensor) -> bool:
+        """Whether the graph computes what the eager trunk would, and may be used."""
+        weight = backbone.body.conv1.weight
+        for tensor in (images, weight):
+            if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
+                return False
+        if backbone.training:
+            return False
+        if torch.is_grad_enabled() and (images.requires_grad or _needs_grad(backbone)):
+            return False
+        if torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.is_available():
+            return False
+        if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return False
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in backbone.body.modules())
+
+    def get(self, backbone: Backbone, images: Tensor) -> Any:
+        """The graph to run ``images`` through, or None for the eager trunk."""
+        if not self.applies(backbone, images):
+            return None
+        tensors = _trunk_tensors(backbone)
+        entry = self._entries.get(backbone)
+        if entry is None or not _all_equal(tensors, entry.weights):
+            self._entries.pop(backbone, None)  # the old copies go before the new ones come
+            copies = [tensor.detach().clone() for tensor in tensors]
+            entry = self._entries[backbone] = _GraphEntry(copies, _freeze_trunk(backbone))
+        return entry.graph
+
+    def discard(self, backbone: Backbone) -> None:
+        """Drop ``backbone``'s graph (and the weight copy it holds)."""
+        self._entries.pop(backbone, None)
+
+    def __contains__(self, backbone: Backbone) -> bool:
+        """Whether a graph of ``backbone`` is held."""
+        return backbone in self._entries
+
+
+def _trunk_tensors(backbone: Backbone) -> list[Tensor]:
+    return [*backbone.body.parameters(), *backbone.body.buffers()]
+
+
+def _all_equal(tensors: list[Tensor], saved: list[Tensor]) -> bool:
+    return len(tensors) == len(saved) and all(map(torch.equal, tensors, saved))
+
+
+def _needs_grad(backbone: Backbone) -> bool:
+    return any(p.requires_grad for p in backbone.body.parameters())
+
+
+@torch.no_grad()
+def _freeze_trunk(backbone: Backbone) -> Any:
+    """``backbone.trunk`` traced on a small example, frozen and optimized for inference."""
+    clone = copy.deepcopy(backbone).eval()
+    clone.inference_graph = False
+    fuse_frozen_batchnorm(clone.body)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notices
+        traced = torch.jit.trace(_Trunk(clone).eval(), torch.zeros(1, 3, 64, 64), check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+
+INFERENCE_GRAPHS = InferenceGraphs()
 
 
 def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tensor:

@@ -1,0 +1,201 @@
+"""The frozen TorchScript graph that runs the backbone trunk in CPU inference
+(``detr_lightning.models.backbone.InferenceGraphs``): same outputs as the eager modules, used
+only where it may be, rebuilt whenever the weights change."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from detr_lightning.models import DETR
+from detr_lightning.models.backbone import INFERENCE_GRAPHS
+from model_fixtures import randomize_frozen_batchnorm, tiny_detr, tiny_eval_detr
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="the inference graph needs oneDNN"
+)
+
+
+def _batch(height: int = 96, width: int = 128, pad: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images, the second padded on the right by ``pad`` pixels."""
+    images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, height, width, dtype=torch.bool)
+    mask[1, :, width - pad :] = True
+    images[1, :, :, width - pad :] = 0
+    return images, mask
+
+
+def _eager(model: DETR, *inputs: torch.Tensor) -> dict:
+    model.backbone.inference_graph = False
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    finally:
+        model.backbone.inference_graph = True
+
+
+def _close(actual: dict, expected: dict) -> None:
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"num_stages": 3},
+        {"backbone": "resnet50", "dilation": True, "hidden_dim": 32},
+    ],
+    ids=["resnet18", "resnet18-3-stages", "resnet50-dc5"],
+)
+def test_graph_gives_the_eager_outputs_at_every_size(settings: dict) -> None:
+    torch.manual_seed(0)
+    model = tiny_detr(**settings).eval()
+    randomize_frozen_batchnorm(model, torch.Generator().manual_seed(0))
+    images, mask = _batch()
+    with torch.no_grad():
+        first = model(images, mask)
+        assert model.backbone in INFERENCE_GRAPHS
+        second = model(images, mask)
+    # the same graph for every call: the results of one input never depend on earlier calls
+    assert torch.equal(first["pred_boxes"], second["pred_boxes"])
+    expected = _eager(model, images, mask)
+    _close(first, expected)
+    # one graph serves other sizes and batch sizes than the one it was built at
+    other = torch.randn(1, 3, 70, 150, generator=torch.Generator().manual_seed(2))
+    other_mask = torch.zeros(1, 70, 150, dtype=torch.bool)
+    with torch.inference_mode():
+        graph_out = model(other, other_mask)
+    assert model.backbone in INFERENCE_GRAPHS
+    _close(graph_out, _eager(model, other, other_mask))
+
+
+def test_weight_changes_rebuild_the_graph() -> None:
+    model = tiny_eval_detr()
+    images, mask = _batch()
+    with torch.no_grad():
+        before = model(images, mask)
+        assert model.backbone in INFERENCE_GRAPHS
+        model.backbone.body.layer3[0].conv1.weight.mul_(-2.0)  # an in-place edit
+        changed = model(images, mask)  # a new graph of the new weights
+    expected = _eager(model, images, mask)
+    assert (before["pred_boxes"] - expected["pred_boxes"]).abs().max() > 1e-4
+    _close(changed, expected)
+    assert model.backbone in INFERENCE_GRAPHS
+
+    state = copy.deepcopy(model.state_dict())
+    other = tiny_detr().eval()  # other random weights, loaded over this model's
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict())
+        loaded = model(images, mask)
+    _close(loaded, _eager(other, images, mask))
+    model.load_state_dict(state)
+
+
+def test_graph_leaves_state_dict_and_copies_alone() -> None:
+    model = tiny_eval_detr()
+    keys = list(model.state_dict())
+    images, mask = _batch()
+    with torch.no_grad():
+        model(images, mask)
+    assert model.backbone in INFERENCE_GRAPHS
+    assert list(model.state_dict()) == keys
+    clone = copy.deepcopy(model)
+    assert clone.backbone not in INFERENCE_GRAPHS
+    with torch.no_grad():
+        _close(clone(images, mask), _eager(model, images, mask))
+
+
+def test_training_discards_the_graph_and_runs_eager() -> None:
+    model = tiny_eval_detr()
+    images, mask = _batch()
+    with torch.no_grad():
+        model(images, mask)
+    assert model.backbone in INFERENCE_GRAPHS
+    model.train()
+    assert model.backbone not in INFERENCE_GRAPHS
+    outputs = model(images, mask)
+    outputs = model(images, mask)  # a second call in training builds nothing
+    assert model.backbone not in INFERENCE_GRAPHS
+    outputs["pred_boxes"].sum().backward()
+    assert model.backbone.body.layer4[0].conv1.weight.grad is not None
+
+
+def test_eval_with_gradients_runs_eager() -> None:
+    """Eval mode with autograd on (e.g. saliency maps): gradients must reach the weights."""
+    model = tiny_eval_detr()
+    images, mask = _batch()
+    for _ in range(2):
+        outputs = model(images, mask)
+    assert model.backbone not in INFERENCE_GRAPHS
+    outputs["pred_logits"].sum().backward()
+    assert model.backbone.body.layer2[0].conv1.weight.grad is not None
+
+
+def test_autocast_and_other_dtypes_run_eager() -> None:
+    model = tiny_eval_detr()
+    images, mask = _batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            model(images, mask)
+    assert model.backbone not in INFERENCE_GRAPHS
+    backbone = copy.deepcopy(model.backbone).double()
+    with torch.no_grad():
+        for _ in range(2):
+            features, _ = backbone(images.double(), mask)
+    assert backbone not in INFERENCE_GRAPHS
+    assert features.dtype == torch.float64
+
+
+def test_forward_hooks_in_the_trunk_keep_firing() -> None:
+    """The eager trunk calls the stem's pooling module (the convolutions go through
+    ``conv_norm``); a hook there sees every call."""
+    model = tiny_eval_detr()
+    images, mask = _batch()
+    seen: list[tuple[int, ...]] = []
+    handle = model.backbone.body.maxpool.register_forward_hook(
+        lambda module, args, output: seen.append(tuple(output.shape))
+    )
+    with torch.no_grad():
+        for _ in range(3):
+            model(images, mask)
+    handle.remove()
+    assert len(seen) == 3
+    assert model.backbone not in INFERENCE_GRAPHS
+
+
+def test_the_option_turns_it_off() -> None:
+    model = tiny_eval_detr()
+    model.backbone.inference_graph = False
+    images, mask = _batch()
+    with torch.no_grad():
+        for _ in range(2):
+            model(images, mask)
+    assert model.backbone not in INFERENCE_GRAPHS
+
+
+@pytest.mark.parametrize("kind", ["for-loop", "foreach", "fused"])
+def test_optimizer_steps_rebuild_the_graph(kind: str) -> None:
+    """Each AdamW implementation updates the weights in place; the next evaluation must see
+    the new weights, not the graph of the old ones."""
+    model = tiny_eval_detr()
+    images, mask = _batch()
+    with torch.no_grad():
+        model(images, mask)
+    assert model.backbone in INFERENCE_GRAPHS
+    options = {
+        "for-loop": {"foreach": False},
+        "foreach": {"foreach": True},
+        "fused": {"fused": True},
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, **options[kind])
+    # still in eval mode (train() alone would drop the graph): only the version check sees it
+    model(images, mask)["pred_boxes"].sum().backward()
+    optimizer.step()
+    assert model.backbone in INFERENCE_GRAPHS
+    with torch.no_grad():
+        outputs = model(images, mask)
+    _close(outputs, _eager(model, images, mask))
