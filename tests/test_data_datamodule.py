@@ -13,6 +13,7 @@ from torch import Tensor
 
 from data_fixtures import TINY_SYNTHETIC, make_tiny_synthetic
 from detr_lightning.data import CocoDataModule, collate_detection
+from detr_lightning.data.datamodule import default_num_workers
 
 SMALL_AUGMENT = {
     "scales": [48, 64],
@@ -209,3 +210,17 @@ def test_use_label_map_from_a_checkpoint(root: Path) -> None:
     assert set(labels.tolist()) <= {1, 2, 5, 6, 9}
     with pytest.raises(ValueError, match=r"category ids \[6, 9\] that the given label map"):
         dm.use_label_map({"category_ids": [1, 2, 5], "names": ["a", "b", "c"]})
+
+
+@pytest.mark.parametrize(
+    "cores, devices, expected",
+    [(1, 1, 0), (2, 1, 0), (4, 2, 0), (3, 1, 2), (16, 1, 15), (16, 4, 3), (16, 8, 0)],
+)
+def test_default_num_workers_leaves_small_machines_to_the_training_process(
+    cores: int, devices: int, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to 2 cores per device: no workers. Otherwise Lightning's cores / devices - 1."""
+    import lightning_fabric.utilities.data as fabric_data
+
+    monkeypatch.setattr(fabric_data, "_num_cpus_available", lambda: cores)
+    assert default_num_workers(devices, cores=cores) == expected
