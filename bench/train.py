@@ -63,6 +63,8 @@ SMALL = [
 VARIANTS = {
     "default": [],
     "no-group": ["data.group_by_aspect_ratio=false"],
+    # what the default was on 2 cores before data.num_workers=null meant no worker there
+    "one-worker": ["data.num_workers=1"],
 }
 
 
@@ -160,7 +162,7 @@ def main() -> None:
     parser.add_argument("--skip-official", action="store_true")
     parser.add_argument("--data", help="COCO-format root (default: the generated benchmark set)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=["default", "no-group"],
+    parser.add_argument("--variants", nargs="+", default=["default", "no-group", "one-worker"],
                         choices=sorted(VARIANTS))  # fmt: skip
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for our runs")
     parser.add_argument("--json")
