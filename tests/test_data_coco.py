@@ -241,3 +241,25 @@ def test_train_preset_on_synthetic(tmp_path: Path) -> None:
         assert ((boxes >= 0) & (boxes <= 1)).all()
         assert (boxes[:, 2:] > 0).all()
         assert (target["labels"] < dataset.label_map.num_classes).all()
+
+
+def test_reduced_jpeg_decode_gives_writable_pixels(tmp_path: Path) -> None:
+    """The 1/2..1/8-scale JPEG decode hands torch memory it owns: no read-only NumPy buffer
+    (torch warns about it, and writing into one is undefined)."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from detr_lightning.data.coco import _read_rgb
+
+    path = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(path, quality=90)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pixels, size = _read_rgb(path, short_side=100)
+    assert size == (480, 640)
+    assert tuple(pixels.shape) == (3, 120, 160)  # decoded at 1/4 scale
+    pixels[0, 0, 0] = 7  # the tensor's own memory
+    assert int(pixels[0, 0, 0]) == 7

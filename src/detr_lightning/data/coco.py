@@ -115,7 +115,8 @@ def _read_rgb(path: Path, short_side: int | None = None) -> tuple[Tensor, tuple[
             if image.format == "JPEG" and factor > 1:
                 image.draft("RGB", reduced_size(width, height, factor))
                 rgb = image if image.mode == "RGB" else image.convert("RGB")
-                pixels = torch.from_numpy(np.asarray(rgb))
+                # np.asarray shares PIL's read-only buffer; tensors must own writable memory
+                pixels = torch.from_numpy(np.array(rgb))
                 return pixels.permute(2, 0, 1), (height, width)
     image = read_rgb(path)
     return image, (int(image.shape[-2]), int(image.shape[-1]))
