@@ -136,9 +136,7 @@ class DETR(nn.Module):
         """
         valid = ~padding_mask
         heights, widths = valid.any(2).sum(1), valid.any(1).sum(1)
-        rows = torch.arange(valid.shape[1], device=valid.device)
-        cols = torch.arange(valid.shape[2], device=valid.device)
-        rectangles = (rows < heights[:, None])[:, :, None] & (cols < widths[:, None])[:, None, :]
+        rectangles = _top_left_rectangles(heights, widths, valid.shape[1], valid.shape[2])
         sizes = torch.stack((heights, widths), 1).tolist()
         if not torch.equal(rectangles, valid) or min(h for h, _ in sizes) == 0:
             raise ValueError(
@@ -163,10 +161,15 @@ class DETR(nn.Module):
         features = torch.stack(padded)
         # the mask follows each image's own feature size, as in a batch of one
         map_sizes = torch.tensor([tuple(m.shape[1:]) for m in maps], device=images.device)
-        rows = torch.arange(map_height, device=images.device)
-        cols = torch.arange(map_width, device=images.device)
-        mask = (rows >= map_sizes[:, :1])[:, :, None] | (cols >= map_sizes[:, 1:])[:, None, :]
+        mask = ~_top_left_rectangles(map_sizes[:, 0], map_sizes[:, 1], map_height, map_width)
         return features, mask
+
+
+def _top_left_rectangles(heights: Tensor, widths: Tensor, height: int, width: int) -> Tensor:
+    """[B, height, width] bool, True inside each item's top-left ``heights[i] x widths[i]``."""
+    rows = torch.arange(height, device=heights.device)
+    cols = torch.arange(width, device=heights.device)
+    return (rows < heights[:, None])[:, :, None] & (cols < widths[:, None])[:, None, :]
 
 
 def build_detr(
