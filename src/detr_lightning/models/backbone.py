@@ -318,12 +318,18 @@ def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tensor:
     weights through the (weight-sized) scaling, so this holds in training too.
     """
     if isinstance(norm, FrozenBatchNorm2d):
-        scale, shift = norm.scale_and_shift()
-        weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
-        if conv.bias is not None:
-            shift = shift + conv.bias * scale
-        return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+        weight, bias = folded_conv(conv, norm)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     return norm(conv(x))
+
+
+def folded_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The weight and bias of the one convolution that computes ``norm(conv(x))``."""
+    scale, shift = norm.scale_and_shift()
+    weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return weight, shift
 
 
 def residual_block(block: nn.Module, x: Tensor) -> Tensor:
@@ -362,11 +368,11 @@ def fuse_frozen_batchnorm(module: nn.Module) -> nn.Module:
             norm = getattr(parent, norm_name, None)
             if not (isinstance(conv, nn.Conv2d) and isinstance(norm, FrozenBatchNorm2d)):
                 continue
-            scale, shift = norm.scale_and_shift()
-            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            weight, bias = folded_conv(conv, norm)
+            conv.weight.copy_(weight)
             if conv.bias is None:
-                conv.bias = nn.Parameter(shift.clone(), requires_grad=False)
+                conv.bias = nn.Parameter(bias, requires_grad=False)
             else:
-                conv.bias.mul_(scale).add_(shift)
+                conv.bias.copy_(bias)
             setattr(parent, norm_name, nn.Identity())
     return module
