@@ -44,6 +44,7 @@ IMAGE_KEYS = ("id", "file_name", "width", "height")
 # pycocotools indexes ground truth by "id" and reads "area" (size ranges) and "iscrowd" of
 # every annotation: without them, evaluation fails with a KeyError.
 EVALUATION_KEYS = ("id", "area", "iscrowd")
+_EVALUATION_KEYSET = frozenset(EVALUATION_KEYS)
 
 
 def category_names(categories: list[dict[str, Any]]) -> dict[int, str]:
@@ -163,7 +164,7 @@ def scan_annotations(dataset: dict[str, Any]) -> tuple[AnnotationScan, Annotatio
         if ann_id in seen_annotation_ids and ann_id is not None:
             scan.duplicate_annotation_ids.append(ann_id)
         seen_annotation_ids.add(ann_id)
-        if "id" not in ann or "area" not in ann or "iscrowd" not in ann:
+        if not ann.keys() >= _EVALUATION_KEYSET:
             lacking = [key for key in EVALUATION_KEYS if key not in ann]
             scan.lacking_evaluation_keys.append((ann_id, lacking))
         cat_id, image_id = ann.get("category_id"), ann.get("image_id")

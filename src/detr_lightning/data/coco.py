@@ -145,6 +145,16 @@ def missing_image_files(image_dir: Path, file_names: list[str]) -> list[str]:
     return [name for name in file_names if not (name in present or (image_dir / name).is_file())]
 
 
+def _seeded(seed: int, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` with torch's CPU generator seeded by ``seed``; the caller's random
+    state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        # the CPU generator only: torch.manual_seed also queues a seed per accelerator,
+        # recording a stack trace each time (~1 ms a sample)
+        torch.default_generator.manual_seed(seed)
+        return function(*args)
+
+
 class CocoDetection(Dataset):
     """Detection samples from a COCO image directory and instances JSON.
 
@@ -304,11 +314,7 @@ class CocoDetection(Dataset):
         """
         if isinstance(key, tuple):
             index, seed = key
-            with torch.random.fork_rng(devices=[]):
-                # the CPU generator only: torch.manual_seed also queues a seed per
-                # accelerator, recording a stack trace each time (~1 ms a sample)
-                torch.default_generator.manual_seed(seed)
-                return self._load(index)
+            return _seeded(seed, self._load, index)
         return self._load(key)
 
     def output_size(self, key: int | tuple[int, int]) -> tuple[int, int]:
@@ -329,9 +335,7 @@ class CocoDetection(Dataset):
         height, width = reduced_size(height, width, factor)
         if seed is None:
             return predict(height, width)
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return predict(height, width)
+        return _seeded(seed, predict, height, width)
 
     def _load(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         image, used, (orig_h, orig_w) = self._read_readable(index)

@@ -53,6 +53,7 @@ __all__ = [
     "annotation_findings",
     "check_dataset",
     "check_split",
+    "plural",
     "split_report",
     "summary_line",
 ]
@@ -492,7 +493,7 @@ def check_dataset(
 
 
 # ------------------------------------------------------------------------------ summary
-def _plural(count: int, word: str) -> str:
+def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
@@ -512,4 +513,4 @@ def summary_line(split: SplitReport) -> str:
     if not problems:
         return head
     kinds = ", ".join(f"{f.code} {len(f.items)}" for f in problems)
-    return f"{head}; {_plural(len(problems), 'problem')} ({kinds})"
+    return f"{head}; {plural(len(problems), 'problem')} ({kinds})"

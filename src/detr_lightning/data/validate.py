@@ -32,6 +32,7 @@ from detr_lightning.data.report import (
     SplitReport,
     TrainingPlan,
     check_dataset,
+    plural,
 )
 from detr_lightning.errors import SetupError
 
@@ -107,10 +108,6 @@ _SIZE_NAMES = {
 HISTOGRAM_WIDTH = 20  # characters of the longest bar
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}" + ("" if count == 1 else "s")
-
-
 def _split_lines(split: SplitReport) -> list[str]:
     lines = [f"{split.name}: {split.image_dir}  +  {split.annotation_file}"]
     scan = split.scan
@@ -168,8 +165,8 @@ def format_report(report: DatasetReport, max_examples: int = 10) -> str:
         lines += ["advice:", *(f"  - {text}" for text in report.advice), ""]
     counts = {s: sum(f.severity == s for f in findings) for s in SEVERITIES}
     lines.append(
-        f"{'FAILED' if counts[ERROR] else 'OK'}: {_plural(counts[ERROR], 'error')}, "
-        f"{_plural(counts[WARNING], 'warning')}, {_plural(counts[INFO], 'note')}"
+        f"{'FAILED' if counts[ERROR] else 'OK'}: {plural(counts[ERROR], 'error')}, "
+        f"{plural(counts[WARNING], 'warning')}, {plural(counts[INFO], 'note')}"
     )
     return "\n".join(lines)
 
