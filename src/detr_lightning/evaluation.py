@@ -134,11 +134,11 @@ class CocoEvaluator:
         max_dets: int = 100,
         backend: str = "auto",
     ) -> None:
-        coco_api(backend)  # fail at set-up, not after the first epoch
+        self.backend = resolve_backend(backend)
+        coco_api(self.backend)  # fail at set-up, not after the first epoch
         self.annotation_file = Path(annotation_file)
         self.category_ids = np.asarray(list(category_ids), dtype=np.int64)
         self.max_dets = int(max_dets)
-        self.backend = resolve_backend(backend)
         self.reset()
 
     def reset(self) -> None:
