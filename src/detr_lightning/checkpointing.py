@@ -62,10 +62,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_torch_file(path)
 
 
+# the checkpoints Lightning's SLURM requeue writes into the run dir
+HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
+
+
 def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """The run's checkpoint files, newest first (``checkpoints/*.ckpt``, ``hpc_ckpt_*.ckpt``)."""
     run_dir = Path(run_dir)
-    files = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    files = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob(HPC_CHECKPOINT_GLOB)]
     return sorted(
         (path for path in files if path.is_file()),
         key=lambda path: path.stat().st_mtime_ns,

@@ -20,7 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import MetricsHistory, NonFiniteStop, SigtermCheckpoint
-from .checkpointing import AtomicCheckpointIO, find_resume_checkpoint, last_checkpoint_path
+from .checkpointing import (
+    HPC_CHECKPOINT_GLOB,
+    AtomicCheckpointIO,
+    find_resume_checkpoint,
+    last_checkpoint_path,
+)
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
 from .errors import SetupError
@@ -202,7 +207,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
         return str(path)
     if ckpt_path:
         return str(ckpt_path)
-    requeued = SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt"))
+    requeued = SLURMEnvironment.detect() and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
     if resume is None and not requeued:
         return None
     if resume == "auto":
