@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 import detr_lightning.io
 from detr_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from detr_lightning.errors import SetupError
+from detr_lightning.loggers import CSVLogger, ResumableLogs
 from detr_lightning.pretrained import CheckpointError
 from detr_lightning.train import build_trainer, resume_checkpoint
 from pipeline_fixtures import compose_config, tiny_overrides
@@ -101,6 +104,62 @@ def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):
     torch.save({**_training_state(1), "x": _Opaque()}, unsafe)
     with pytest.raises(CheckpointError, match=r"refused to load"):
         io.load_checkpoint(unsafe, weights_only=False)  # the caller cannot turn it off
+
+
+class _StepLogger(pl.LightningModule):
+    """One weight, one logged value per step; a later hook logs one more value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        loss = (self.w * batch[0]).sum() ** 2
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if batch_idx == 1:  # after the step checkpoint of global step 2
+            self.log("late", 1.0, on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(6, 2)))
+
+
+def test_a_step_checkpoint_lands_after_the_rows_of_every_step_before_it(tmp_path):
+    """A kill right after a checkpoint of global step s leaves metrics.csv with every step
+    before s (a resumed run logs s onwards), though Lightning logs step s-1 after the hook."""
+    metrics = tmp_path / "csv" / "metrics.csv"
+    on_disk: list[tuple[int, set[int]]] = []
+
+    class Recording(AtomicCheckpointIO):
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            steps = _loss_rows(tmp_path) if metrics.exists() else {}
+            on_disk.append((checkpoint["global_step"], set(steps)))
+
+    trainer = pl.Trainer(
+        max_epochs=2, logger=CSVLogger(tmp_path, name="csv", version=""), log_every_n_steps=1,
+        callbacks=[ResumableLogs(), ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2,
+                                                    save_top_k=-1, monitor=None)],
+        plugins=[Recording()], enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(_StepLogger())
+    # steps 2, 4, 6 (6 also ends epoch 0), 8, 10, 12; each with the rows of all steps before
+    assert [s for s, _ in on_disk] == [2, 4, 6, 8, 10, 12]
+    for step, logged in on_disk:
+        assert set(range(step)) <= logged, (step, logged)
+    assert sorted(_loss_rows(tmp_path)) == list(range(12))  # each step once
+    # what the later hook logged for step 1 is kept too, and no value is written twice
+    logged: dict[int, list[str]] = {}
+    for row in csv.DictReader(metrics.open(newline="")):
+        keys = [k for k, v in row.items() if v and k not in ("step", "epoch")]
+        logged.setdefault(int(row["step"]), []).extend(keys)
+    assert sorted(logged[1]) == ["late", "train/loss_step"]
+    assert all(len(keys) == len(set(keys)) for keys in logged.values()), logged
 
 
 def test_resume_settings_are_checked(tmp_path, caplog):

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from lightning_fabric.loggers.logger import rank_zero_experiment
+from lightning_fabric.utilities.apply_func import convert_tensors_to_scalars
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_only
@@ -76,6 +77,8 @@ class CSVLogger(LightningCSVLogger):
     A new run starts the file anew.
     """
 
+    _ahead: tuple[int, dict[str, Any]] | None = None  # the row log_ahead wrote
+
     @property
     @rank_zero_experiment
     def experiment(self) -> _ContinuingWriter:
@@ -89,19 +92,66 @@ class CSVLogger(LightningCSVLogger):
         """Keep the existing metrics.csv up to the step at which this run continues."""
         self.experiment.resumed = True
 
+    @rank_zero_only
+    def log_ahead(self, metrics: dict[str, float], step: int) -> None:
+        """Write ``step``'s row now, before Lightning logs it; its own call for that step then
+        writes only what differs (nothing, unless a later hook logged more)."""
+        self.log_metrics(metrics, step)
+        self.save()
+        self._ahead = (step, dict(metrics))
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        ahead = self._ahead
+        if ahead is not None and step == ahead[0]:
+            self._ahead = None
+            metrics = {k: v for k, v in metrics.items() if ahead[1].get(k, object()) != v}
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
+
+
+def _unlogged_step_row(trainer: pl.Trainer) -> tuple[int, dict[str, float]] | None:
+    """The step metrics of the training batch that a checkpoint ends, when Lightning has yet
+    to log them: a checkpoint every n steps is written in ``on_train_batch_end``, and Lightning
+    logs that batch's row only after the hook. ``None`` when nothing is pending (a checkpoint
+    at the end of an epoch, a step that logs nothing) or when Lightning's internals differ
+    from those this reads (then the row may be lost on a kill, as before)."""
+    try:
+        loop, connector = trainer.fit_loop.epoch_loop, trainer._logger_connector
+        step = loop._batches_that_stepped
+        if not trainer.training or trainer.sanity_checking or step >= trainer.global_step:
+            return None
+        if not connector.should_update_logs:
+            return None
+        metrics = convert_tensors_to_scalars(dict(connector.metrics["log"]))
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if not metrics:
+        return None
+    # what Lightning's own call adds to a row without an explicit step
+    metrics.setdefault("epoch", trainer.current_epoch)
+    return step, metrics
+
 
 class ResumableLogs(pl.Callback):
     """Flushes the loggers into their files with every checkpoint, and tells
     :class:`CSVLogger` when a run resumes.
 
     Without the flush, a SIGKILL loses the rows logged since the last one (Lightning flushes
-    every 100 steps), rows that the checkpoint's work produced.
+    every 100 steps), rows that the checkpoint's work produced. A checkpoint written every n
+    training steps also ends a batch whose row Lightning logs only after the checkpoint;
+    :class:`CSVLogger` writes that row first. So once a checkpoint of global step s is on
+    disk, metrics.csv holds every step before s, and a run resumed from it logs s onwards.
     """
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        row = _unlogged_step_row(trainer)
         for logger in trainer.loggers:
+            if row is not None and isinstance(logger, CSVLogger):
+                logger.log_ahead(row[1], step=row[0])
             logger.save()
 
     def on_load_checkpoint(
