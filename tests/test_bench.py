@@ -98,7 +98,15 @@ def test_training_benchmark_runs_ours_on_a_generated_dataset(tmp_path: Path) -> 
     assert len(annotations["images"]) == 8 and annotations["annotations"]
     out = tmp_path / "train.json"
     result = _bench("train.py", "--skip-official", "--data", str(data), "--epochs", "1",
-                    "--variants", "default", "--json", str(out))  # fmt: skip
-    assert "detr-lightning (default)" in result.stdout
-    (epoch,) = json.loads(out.read_text())["runs"]["default"]["epochs"]
-    assert epoch["img_per_s"] > 0 and epoch["loss"] > 0 and 0 <= epoch["padding_fraction"] < 1
+                    "--variants", "default", "--rounds", "2", "--json", str(out))  # fmt: skip
+    assert "detr-lightning (default, round 2/2)" in result.stdout
+    run = json.loads(out.read_text())["runs"]["default"]
+    assert [epoch["round"] for epoch in run["epochs"]] == [0, 1]
+    for epoch in run["epochs"]:
+        assert epoch["img_per_s"] > 0 and epoch["loss"] > 0 and 0 <= epoch["padding_fraction"] < 1
+    # the seeded runs train alike; each round's speed is its own
+    assert run["epochs"][0]["loss"] == pytest.approx(run["epochs"][1]["loss"], rel=1e-5)
+    assert run["round_img_per_s"] == [epoch["img_per_s"] for epoch in run["epochs"]]
+    summary = run["summary"]
+    assert summary["losses"] == [round(run["epochs"][0]["loss"], 4)]
+    assert summary["peak_rss_main_mb"] > 100 and summary["ratio_rounds"] == [1.0, 1.0]
