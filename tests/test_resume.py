@@ -141,15 +141,17 @@ def test_a_step_checkpoint_lands_after_the_rows_of_every_step_before_it(tmp_path
             steps = _loss_rows(tmp_path) if metrics.exists() else {}
             on_disk.append((checkpoint["global_step"], set(steps)))
 
+    # two step checkpoints: every 2 steps and every 4, so that two land at one step
+    checkpoints = [ModelCheckpoint(tmp_path / f"every{n}", every_n_train_steps=n, save_top_k=-1,
+                                   monitor=None) for n in (2, 4)]  # fmt: skip
     trainer = pl.Trainer(
         max_epochs=2, logger=CSVLogger(tmp_path, name="csv", version=""), log_every_n_steps=1,
-        callbacks=[ResumableLogs(), ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=2,
-                                                    save_top_k=-1, monitor=None)],
-        plugins=[Recording()], enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ResumableLogs(), *checkpoints], plugins=[Recording()],
+        enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(_StepLogger())
-    # steps 2, 4, 6 (6 also ends epoch 0), 8, 10, 12; each with the rows of all steps before
-    assert [s for s, _ in on_disk] == [2, 4, 6, 8, 10, 12]
+    # 6 also ends epoch 0; each checkpoint lands with the rows of all the steps before it
+    assert [s for s, _ in on_disk] == [2, 4, 4, 6, 8, 8, 10, 12, 12]
     for step, logged in on_disk:
         assert set(range(step)) <= logged, (step, logged)
     assert sorted(_loss_rows(tmp_path)) == list(range(12))  # each step once
