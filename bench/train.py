@@ -198,11 +198,11 @@ def main() -> None:
         return
     if not args.skip_official and not (args.official and Path(args.official, "main.py").is_file()):
         parser.error("give the official DETR checkout with --official (or --skip-official)")
+    if args.rounds < 1:
+        parser.error("--rounds: give 1 or more")
     data = ensure_dataset(args.data)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
     results: dict[str, Any] = {"environment": environment(), "data": str(data), "runs": {}}
-    if args.rounds < 1:
-        parser.error("--rounds: give 1 or more")
     order = ([] if args.skip_official else ["official"]) + list(args.variants)
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in order}
     with tempfile.TemporaryDirectory() as tmp:

@@ -94,13 +94,12 @@ class CSVLogger(LightningCSVLogger):
 
     @rank_zero_only
     def log_ahead(self, metrics: dict[str, float], step: int) -> None:
-        """Write ``step``'s row now, before Lightning logs it; its own call for that step then
-        writes only what differs (nothing, unless a later hook logged more). A second
-        checkpoint at the same step writes nothing more."""
+        """Log ``step``'s row before Lightning does (the caller saves it); Lightning's own call
+        for that step then logs only what differs (nothing, unless a later hook logged more).
+        A second checkpoint at the same step logs nothing more."""
         if self._ahead is not None and self._ahead[0] == step:
             return
         self.log_metrics(metrics, step)
-        self.save()
         self._ahead = (step, dict(metrics))
 
     @rank_zero_only
