@@ -364,10 +364,27 @@ def test_folded_frozen_batchnorm_trains_the_conv_weights() -> None:
 
 def test_channels_last_gives_same_outputs(model: DETR) -> None:
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    assert channels_last.input_proj.weight.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last.channels_last and not model.channels_last
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         assert_same_predictions(channels_last(images), model(images))
+
+
+def test_images_reach_the_backbone_in_the_models_memory_format(model: DETR) -> None:
+    """A 1x1 weight (input_proj's) is contiguous in both layouts; it must not turn the images
+    of a model left in the default layout to channels_last."""
+    layouts = []
+
+    def record(module, args):
+        layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    images = torch.randn(2, 3, 64, 96)
+    for candidate in (model, copy.deepcopy(model).to(memory_format=torch.channels_last)):
+        handle = candidate.backbone.register_forward_pre_hook(record)
+        with torch.no_grad():
+            candidate(images)
+        handle.remove()
+    assert layouts == [False, True]
 
 
 # --- full-size models ---------------------------------------------------------------------

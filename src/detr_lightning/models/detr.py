@@ -103,7 +103,7 @@ class DETR(nn.Module):
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         elif padding_mask is None:
             padding_mask = images.new_zeros(images.shape[0], *images.shape[2:], dtype=torch.bool)
-        if self.input_proj.weight.is_contiguous(memory_format=torch.channels_last):
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
         if self.batch_invariant:
@@ -127,6 +127,21 @@ class DETR(nn.Module):
             ]
         return out
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the model was converted with ``.to(memory_format=torch.channels_last)``.
+
+        Judged on the first convolution weight whose layout tells (more than one input
+        channel and a kernel larger than 1x1): a 1x1 kernel such as ``input_proj``'s is
+        contiguous in both layouts, so it would say yes for every model.
+        """
+        for weight in self.backbone.parameters():
+            if weight.dim() == 4 and weight.shape[1] > 1 and weight.shape[2] * weight.shape[3] > 1:
+                return not weight.is_contiguous() and weight.is_contiguous(
+                    memory_format=torch.channels_last
+                )
+        return False
+
     def _backbone_per_image(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Backbone features of each image's own pixels, padded to the batch's largest map.
 
@@ -146,8 +161,7 @@ class DETR(nn.Module):
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (height, width) in enumerate(sizes):
             groups.setdefault((height, width), []).append(index)
-        channels_last = self.input_proj.weight.is_contiguous(memory_format=torch.channels_last)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         by_index: dict[int, Tensor] = {}
         for (height, width), indices in groups.items():
             # images of one size share a backbone call: no padding among them
