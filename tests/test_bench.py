@@ -84,8 +84,9 @@ def test_inference_benchmark_against_transformers(tmp_path: Path) -> None:
     _bench("inference_hf.py", "--model", "R50", "--size", "96", "128", "--precisions", "fp32",
            "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out))  # fmt: skip
     rows = {row["code"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"transformers", "detr-lightning", "detr-lightning, eager trunk"}
-    for ours in ("detr-lightning", "detr-lightning, eager trunk"):
+    ours_rows = ("detr-lightning", "detr-lightning, eager trunk", "detr-lightning, static shape")
+    assert set(rows) == {"transformers", *ours_rows}
+    for ours in ours_rows:
         assert rows[ours]["max_box_diff"] < 1e-4
         assert rows[ours]["top_label_agreement"] == 1.0
 

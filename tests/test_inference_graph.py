@@ -194,3 +194,73 @@ def test_optimizer_steps_rebuild_the_graph(kind: str) -> None:
     with torch.no_grad():
         outputs = model(images, mask)
     _close(outputs, _eager(model, images, mask))
+
+
+needs_onednn_graph = pytest.mark.skipif(
+    not hasattr(torch._C, "_jit_set_llga_enabled"), reason="this PyTorch has no oneDNN Graph"
+)
+
+
+@needs_onednn_graph
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"backbone": "resnet50", "dilation": True, "hidden_dim": 32}],
+    ids=["resnet18", "resnet50-dc5"],
+)
+def test_static_shapes_run_a_graph_compiled_for_them(settings: dict) -> None:
+    torch.manual_seed(0)
+    model = tiny_detr(**settings).eval()
+    randomize_frozen_batchnorm(model, torch.Generator().manual_seed(0))
+    images, mask = _batch()
+    model.backbone.set_static_shapes([tuple(images.shape)])
+    with torch.no_grad():
+        first = model(images, mask)
+        assert INFERENCE_GRAPHS.static_shapes(model.backbone) == {tuple(images.shape)}
+        second = model(images, mask)
+    # compiled and warmed up before the first real input: every call gives the same result
+    assert torch.equal(first["pred_boxes"], second["pred_boxes"])
+    assert torch.equal(first["pred_logits"], second["pred_logits"])
+    _close(first, _eager(model, images, mask))
+    # other shapes take the general graph
+    other, other_mask = images[:1], mask[:1]
+    with torch.no_grad():
+        _close(model(other, other_mask), _eager(model, other, other_mask))
+    assert INFERENCE_GRAPHS.static_shapes(model.backbone) == {tuple(images.shape)}
+    # new weights, new graphs
+    with torch.no_grad():
+        model.backbone.body.layer2[0].conv2.weight.mul_(-1.5)
+        _close(model(images, mask), _eager(model, images, mask))
+    assert INFERENCE_GRAPHS.static_shapes(model.backbone) == {tuple(images.shape)}
+    assert not torch.jit.onednn_fusion_enabled()  # the process-wide switch is put back
+
+
+@needs_onednn_graph
+def test_a_user_switching_onednn_fusion_on_still_gets_the_eager_outputs() -> None:
+    """The general graph's oneDNN layout ops fail under oneDNN Graph; it runs with the switch
+    off, and the user's setting is put back."""
+    model = tiny_eval_detr()
+    images, mask = _batch()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        with torch.no_grad():
+            for _ in range(3):  # TorchScript optimizes a graph after its first runs
+                outputs = model(images, mask)
+        assert torch.jit.onednn_fusion_enabled()
+    finally:
+        torch.jit.enable_onednn_fusion(False)
+    assert model.backbone in INFERENCE_GRAPHS
+    _close(outputs, _eager(model, images, mask))
+
+
+def test_static_shapes_are_checked_and_can_be_cleared() -> None:
+    model = tiny_eval_detr()
+    for bad in ([(1, 3, 64)], [(1, 1, 64, 64)], [(1, 3, 0, 64)], [(1, 3, 64.0, 64)]):
+        with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
+            model.backbone.set_static_shapes(bad)
+    images, mask = _batch()
+    model.backbone.set_static_shapes([list(images.shape)])
+    assert model.backbone.static_shapes == {tuple(images.shape)}
+    model.backbone.set_static_shapes([])
+    with torch.no_grad():
+        _close(model(images, mask), _eager(model, images, mask))
+    assert INFERENCE_GRAPHS.static_shapes(model.backbone) == set()
