@@ -221,6 +221,10 @@ def test_static_shapes_run_a_graph_compiled_for_them(settings: dict) -> None:
     assert torch.equal(first["pred_boxes"], second["pred_boxes"])
     assert torch.equal(first["pred_logits"], second["pred_logits"])
     _close(first, _eager(model, images, mask))
+    # channels_last images of the shape go through it too
+    with torch.no_grad():
+        cl_images = images.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(model(cl_images, mask)["pred_boxes"], first["pred_boxes"])
     # other shapes take the general graph
     other, other_mask = images[:1], mask[:1]
     with torch.no_grad():

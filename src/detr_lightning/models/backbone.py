@@ -325,11 +325,11 @@ class InferenceGraphs:
             copies = [tensor.detach().clone() for tensor in tensors]
             entry = self._entries[backbone] = _GraphEntry(copies, _freeze_trunk(backbone))
         shape = tuple(images.shape)
-        if shape in backbone.static_shapes and images.is_contiguous():
+        if shape in backbone.static_shapes:
             if shape not in entry.static:
                 entry.static[shape] = _static_trunk(backbone, shape)
             if entry.static[shape] is not None:
-                return _with_onednn_fusion(entry.static[shape], True)
+                return _with_onednn_fusion(entry.static[shape], True, contiguous=True)
         return _with_onednn_fusion(entry.graph, False)
 
     def static_shapes(self, backbone: Backbone) -> set[Shape]:
@@ -374,10 +374,13 @@ def onednn_fusion(enabled: bool) -> Iterator[None]:
             torch.jit.enable_onednn_fusion(before)
 
 
-def _with_onednn_fusion(graph: Any, enabled: bool) -> Any:
+def _with_onednn_fusion(graph: Any, enabled: bool, contiguous: bool = False) -> Any:
+    """``graph`` run with the oneDNN Graph switch at ``enabled``; with ``contiguous``, on
+    NCHW-contiguous images (the layout that a static-shape graph was compiled for)."""
+
     def run(images: Tensor) -> Tensor:
         with onednn_fusion(enabled):
-            return graph(images)
+            return graph(images.contiguous() if contiguous else images)
 
     return run
 
