@@ -5,12 +5,14 @@ only where it may be, rebuilt whenever the weights change."""
 from __future__ import annotations
 
 import copy
+import threading
 
+import numpy as np
 import pytest
 import torch
 
 from detr_lightning.models import DETR
-from detr_lightning.models.backbone import INFERENCE_GRAPHS
+from detr_lightning.models.backbone import INFERENCE_GRAPHS, _all_nodes, onednn_graph_available
 from model_fixtures import randomize_frozen_batchnorm, tiny_detr, tiny_eval_detr
 
 pytestmark = pytest.mark.skipif(
@@ -197,8 +199,16 @@ def test_optimizer_steps_rebuild_the_graph(kind: str) -> None:
 
 
 needs_onednn_graph = pytest.mark.skipif(
-    not hasattr(torch._C, "_jit_set_llga_enabled"), reason="this PyTorch has no oneDNN Graph"
+    not onednn_graph_available(), reason="this PyTorch build has no oneDNN Graph"
 )
+
+
+def _ran_fused() -> bool:
+    """Whether the TorchScript graph run last went through oneDNN Graph's fused kernels."""
+    return any(
+        node.kind() == "prim::oneDNNFusionGroup"
+        for node in _all_nodes(torch.jit.last_executed_optimized_graph())
+    )
 
 
 @needs_onednn_graph
@@ -215,6 +225,7 @@ def test_static_shapes_run_a_graph_compiled_for_them(settings: dict) -> None:
     model.backbone.set_static_shapes([tuple(images.shape)])
     with torch.no_grad():
         first = model(images, mask)
+        assert _ran_fused()  # the real input went through the compiled kernels
         assert INFERENCE_GRAPHS.static_shapes(model.backbone) == {tuple(images.shape)}
         second = model(images, mask)
     # compiled and warmed up before the first real input: every call gives the same result
@@ -229,6 +240,7 @@ def test_static_shapes_run_a_graph_compiled_for_them(settings: dict) -> None:
     other, other_mask = images[:1], mask[:1]
     with torch.no_grad():
         _close(model(other, other_mask), _eager(model, other, other_mask))
+    assert not _ran_fused()
     assert INFERENCE_GRAPHS.static_shapes(model.backbone) == {tuple(images.shape)}
     # new weights, new graphs
     with torch.no_grad():
@@ -256,15 +268,64 @@ def test_a_user_switching_onednn_fusion_on_still_gets_the_eager_outputs() -> Non
     _close(outputs, _eager(model, images, mask))
 
 
-def test_static_shapes_are_checked_and_can_be_cleared() -> None:
-    model = tiny_eval_detr()
-    for bad in ([(1, 3, 64)], [(1, 1, 64, 64)], [(1, 3, 0, 64)], [(1, 3, 64.0, 64)]):
+def test_static_shapes_are_checked() -> None:
+    backbone = tiny_eval_detr().backbone
+    for bad in ([(1, 3, 64)], [(1, 1, 64, 64)], [(1, 3, 0, 64)], [(1, 3, 64.0, 64)],
+                [(1, 3, True, 64)], ["1x3x64x64"]):  # fmt: skip
         with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
-            model.backbone.set_static_shapes(bad)
+            backbone.set_static_shapes(bad)
+    with pytest.raises(ValueError, match="wrap a single shape in a list"):
+        backbone.set_static_shapes((1, 3, 64, 64))
+    backbone.set_static_shapes([[np.int64(1), 3, torch.tensor(64), 96]])
+    assert backbone.static_shapes == {(1, 3, 64, 96)}
+    assert all(type(n) is int for n in next(iter(backbone.static_shapes)))
+    with pytest.raises(AttributeError):
+        backbone.static_shapes = {(1, 3, 64, 64)}  # only through the checks
+
+
+@needs_onednn_graph
+def test_clearing_static_shapes_drops_their_graphs_only() -> None:
+    model = tiny_eval_detr()
     images, mask = _batch()
-    model.backbone.set_static_shapes([list(images.shape)])
-    assert model.backbone.static_shapes == {tuple(images.shape)}
-    model.backbone.set_static_shapes([])
+    model.backbone.set_static_shapes([images.shape])
     with torch.no_grad():
-        _close(model(images, mask), _eager(model, images, mask))
+        model(images, mask)
+        model(images[:1], mask[:1])  # the general graph, for another shape
+    assert INFERENCE_GRAPHS.static_shapes(model.backbone) == {tuple(images.shape)}
+    model.backbone.set_static_shapes([])
+    assert model.backbone in INFERENCE_GRAPHS  # the general graph is kept
     assert INFERENCE_GRAPHS.static_shapes(model.backbone) == set()
+    with torch.no_grad():
+        outputs = model(images, mask)
+    assert not _ran_fused()
+    assert INFERENCE_GRAPHS.static_shapes(model.backbone) == set()
+    _close(outputs, _eager(model, images, mask))
+
+
+@needs_onednn_graph
+def test_static_and_general_graphs_from_two_threads() -> None:
+    """The switch is process-wide: a thread running a static-shape graph (switch on) and one
+    running the general graph (switch off) must not change it under each other."""
+    model = tiny_eval_detr()
+    images, mask = _batch()
+    small, small_mask = images[:1, :, :64, :96].contiguous(), mask[:1, :64, :96]
+    model.backbone.set_static_shapes([images.shape])
+    expected = {"static": _eager(model, images, mask), "general": _eager(model, small, small_mask)}
+    inputs = {"static": (images, mask), "general": (small, small_mask)}
+    failures: list[BaseException] = []
+
+    def work(kind: str) -> None:
+        try:
+            for _ in range(4):
+                with torch.no_grad():
+                    _close(model(*inputs[kind]), expected[kind])
+        except BaseException as error:  # reported by the main thread
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(kind,)) for kind in ("static", "general")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    assert not torch.jit.onednn_fusion_enabled()

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
+import operator
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -171,35 +174,35 @@ class Backbone(nn.Module):
     # CPU inference through a frozen TorchScript graph of the trunk (see InferenceGraphs);
     # False: always the eager modules.
     inference_graph: bool = True
-    # Input shapes [B, 3, H, W] that CPU inference runs through a graph compiled for that one
-    # shape (see InferenceGraphs and set_static_shapes); other shapes take the general graph.
-    static_shapes: frozenset[Shape] = frozenset()
+    _static_shapes: frozenset[Shape] = frozenset()
+
+    @property
+    def static_shapes(self) -> frozenset[Shape]:
+        """Input shapes [B, 3, H, W] that CPU inference runs through a graph compiled for that
+        one shape (see :meth:`set_static_shapes`); other shapes take the general graph."""
+        return self._static_shapes
 
     def set_static_shapes(self, shapes: Iterable[Iterable[int]]) -> None:
         """Declare the input shapes [B, 3, H, W] that CPU inference will see again and again.
 
         For each declared shape the trunk gets its own graph, compiled by oneDNN Graph for
-        that shape: convolutions fused with their ReLU and residual additions. ResNet-101 at
-        800x1066 runs about 15% faster on a 2-core AVX2 CPU; each shape costs a compilation
-        and two warm-up passes at its first call (about 6 s for ResNet-101 at 800x1066 on 2
-        cores) and about 200 MB. Worth it for a fixed-size stream (a camera, a server that
-        resizes every image to one size), not for images of many sizes. An empty list goes
-        back to the general graph for every shape.
+        that shape: convolutions fused with their ReLU and residual additions. The ResNet-101
+        trunk at 800x1066 ran about 15% faster on a 2-core AVX2 CPU (the whole model about
+        12%); each shape costs a compilation and two warm-up passes at its first call (about
+        6 s for ResNet-101 at 800x1066 on 2 cores) and about 200 MB. Worth it for a fixed-size
+        stream (a camera, a server that resizes every image to one size), not for images of
+        many sizes. An empty list goes back to the general graph for every shape.
+
+        Example: ``backbone.set_static_shapes([(1, 3, 800, 1066)])``.
         """
-        checked = []
-        for shape in shapes:
-            shape = tuple(shape)
-            if (
-                len(shape) != 4
-                or not all(isinstance(n, int) and n > 0 for n in shape)
-                or shape[1] != 3
-            ):
-                raise ValueError(
-                    f"a static shape is [batch, 3, height, width] of positive ints; got {shape}"
-                )
-            checked.append(shape)
-        self.static_shapes = frozenset(checked)
-        INFERENCE_GRAPHS.discard(self)
+        shapes = list(shapes)
+        if shapes and not isinstance(shapes[0], Iterable):
+            raise ValueError(
+                f"set_static_shapes takes a list of shapes, e.g. [(1, 3, 800, 1066)]; got "
+                f"{tuple(shapes)}: wrap a single shape in a list"
+            )
+        self._static_shapes = frozenset(_checked_shape(shape) for shape in shapes)
+        INFERENCE_GRAPHS.discard_static(self)
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Features of the last stage and the padding mask at their resolution.
@@ -214,13 +217,12 @@ class Backbone(nn.Module):
         graph = INFERENCE_GRAPHS.get(self, images) if self.inference_graph else None
         if graph is not None:
             x = graph(images)
-        elif images.device.type == "cpu":
-            # channels_last is oneDNN's own layout for eager CPU convolutions: no conversion of
-            # every input and output. ResNet-101 inference at 800x1066 on 2 cores: 2.26 s per
-            # image against 2.67 s from NCHW; a training step measured the same either way.
-            x = self.trunk(images.contiguous(memory_format=torch.channels_last))
         else:
-            x = self.trunk(images)
+            # Eager convolutions run channels_last. On a CPU it is oneDNN's own layout, with no
+            # conversion of every input and output: ResNet-101 inference at 800x1066 on 2 cores
+            # took 2.26 s per image against 2.67 s from NCHW, and a training step the same.
+            # cuDNN's tensor-core convolutions under mixed precision prefer it too.
+            x = self.trunk(images.contiguous(memory_format=torch.channels_last))
         return x, resize_mask(padding_mask, x.shape[-2:])
 
     def train(self, mode: bool = True) -> Backbone:
@@ -252,12 +254,13 @@ class _Trunk(nn.Module):
 @dataclass
 class _GraphEntry:
     weights: list[Tensor]  # copies of the trunk's tensors that the graphs were built from
-    graph: Any  # the frozen TorchScript module for every shape
+    graph: Any = None  # the frozen TorchScript module for every shape, built when first needed
     static: dict[Shape, Any] = field(default_factory=dict)  # oneDNN Graph modules by shape
 
 
 class InferenceGraphs:
-    """Frozen TorchScript graphs of backbone trunks for CPU inference, one per backbone.
+    """Frozen TorchScript graphs of backbone trunks for CPU inference: per backbone, one for
+    every shape and one per shape that it declares static.
 
     In eager mode every oneDNN convolution reorders its weights into oneDNN's blocked layout
     and converts its input and output between that layout and PyTorch's, at every call. A
@@ -287,7 +290,7 @@ class InferenceGraphs:
     AdamW's. Graphs live here, not on the module, so that state dicts, copies and pickles of a
     backbone are unaffected; a graph goes with its backbone, and ``backbone.train()`` drops it.
     TorchScript's oneDNN Graph switch (``torch.jit.enable_onednn_fusion``) is process-wide: each
-    call sets it as its graph needs and puts it back.
+    call holds it as its graph needs (see :func:`onednn_fusion`) and puts it back.
     """
 
     def __init__(self) -> None:
@@ -323,13 +326,15 @@ class InferenceGraphs:
         if entry is None or not _all_equal(tensors, entry.weights):
             self._entries.pop(backbone, None)  # the old copies go before the new ones come
             copies = [tensor.detach().clone() for tensor in tensors]
-            entry = self._entries[backbone] = _GraphEntry(copies, _freeze_trunk(backbone))
+            entry = self._entries[backbone] = _GraphEntry(copies)
         shape = tuple(images.shape)
         if shape in backbone.static_shapes:
             if shape not in entry.static:
                 entry.static[shape] = _static_trunk(backbone, shape)
             if entry.static[shape] is not None:
                 return _with_onednn_fusion(entry.static[shape], True, contiguous=True)
+        if entry.graph is None:
+            entry.graph = _freeze_trunk(backbone)
         return _with_onednn_fusion(entry.graph, False)
 
     def static_shapes(self, backbone: Backbone) -> set[Shape]:
@@ -341,9 +346,30 @@ class InferenceGraphs:
         """Drop ``backbone``'s graphs (and the weight copy they hold)."""
         self._entries.pop(backbone, None)
 
+    def discard_static(self, backbone: Backbone) -> None:
+        """Drop ``backbone``'s static-shape graphs only (its declared shapes changed)."""
+        entry = self._entries.get(backbone)
+        if entry is not None:
+            entry.static.clear()
+
     def __contains__(self, backbone: Backbone) -> bool:
         """Whether a graph of ``backbone`` is held."""
         return backbone in self._entries
+
+
+def _checked_shape(shape: Iterable[Any]) -> Shape:
+    """``shape`` as a tuple of 4 ints [B, 3, H, W] > 0, or a ValueError naming it."""
+    values = tuple(shape)
+    try:
+        # operator.index takes ints of any kind (numpy's, 0-dim tensors), not floats or bools
+        ints = tuple(operator.index(n) for n in values if not isinstance(n, bool))
+    except TypeError:
+        ints = ()
+    if len(ints) != 4 or len(values) != 4 or min(ints) <= 0 or ints[1] != 3:
+        raise ValueError(
+            f"a static shape is [batch, 3, height, width] of positive ints; got {values}"
+        )
+    return ints  # type: ignore[return-value]
 
 
 def _trunk_tensors(backbone: Backbone) -> list[Tensor]:
@@ -358,20 +384,62 @@ def _needs_grad(backbone: Backbone) -> bool:
     return any(p.requires_grad for p in backbone.body.parameters())
 
 
-@contextlib.contextmanager
-def onednn_fusion(enabled: bool) -> Iterator[None]:
-    """TorchScript's process-wide oneDNN Graph switch set to ``enabled``, then put back.
+class _FusionSwitch:
+    """TorchScript's process-wide oneDNN Graph switch, held at one setting while graphs run.
+
+    Calls that want the same setting run together, from any number of threads; a call that
+    wants the other setting waits until they are done. The first holder records the value it
+    found and the last one puts it back."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._setting: bool | None = None  # while held
+        self._holders = 0
+        self._found = False
+
+    @contextlib.contextmanager
+    def hold(self, enabled: bool) -> Iterator[None]:
+        with self._changed:
+            while self._holders and self._setting != enabled:
+                self._changed.wait()
+            if not self._holders:
+                self._found = torch.jit.onednn_fusion_enabled()
+                self._setting = enabled
+                if self._found != enabled:
+                    torch.jit.enable_onednn_fusion(enabled)
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._holders -= 1
+                if not self._holders:
+                    if torch.jit.onednn_fusion_enabled() != self._found:
+                        torch.jit.enable_onednn_fusion(self._found)
+                    self._setting = None
+                    self._changed.notify_all()
+
+
+_FUSION_SWITCH = _FusionSwitch()
+
+
+def onednn_fusion(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """TorchScript's process-wide oneDNN Graph switch at ``enabled`` for the ``with`` block,
+    then back at the value found; thread-safe against the other graphs of this module.
 
     The general graph must run with it off: its oneDNN layout ops fail (``std::bad_alloc``)
-    once oneDNN Graph rewrites them, as it would if a user had switched it on."""
-    before = torch.jit.onednn_fusion_enabled()
-    if before != enabled:
-        torch.jit.enable_onednn_fusion(enabled)
-    try:
-        yield
-    finally:
-        if before != enabled:
-            torch.jit.enable_onednn_fusion(before)
+    once oneDNN Graph rewrites them, as they would if a user had switched it on."""
+    return _FUSION_SWITCH.hold(enabled)
+
+
+@functools.cache
+def onednn_graph_available() -> bool:
+    """Whether this PyTorch build has oneDNN Graph: builds without it keep the switch as a
+    stub that stays off, so this switches it on and reads it back."""
+    if not hasattr(torch.jit, "enable_onednn_fusion") or not torch.backends.mkldnn.is_available():
+        return False
+    with onednn_fusion(True):
+        return torch.jit.onednn_fusion_enabled()
 
 
 def _with_onednn_fusion(graph: Any, enabled: bool, contiguous: bool = False) -> Any:
@@ -414,21 +482,28 @@ def _all_nodes(block: Any) -> Iterator[Any]:
 
 @torch.no_grad()
 def _static_trunk(backbone: Backbone, shape: Shape) -> Any:
-    """``backbone.trunk`` compiled by oneDNN Graph for inputs of ``shape``, or None if it
-    fuses nothing there."""
-    if not hasattr(torch._C, "_jit_set_llga_enabled"):
+    """``backbone.trunk`` compiled by oneDNN Graph for inputs of ``shape``, or None (with a
+    warning; the shape then takes the general graph) where it cannot be."""
+    if not onednn_graph_available():
         log.warning("this PyTorch build has no oneDNN Graph; %s runs the general graph", shape)
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph = torch.jit.freeze(_folded_trace(backbone))
-    zeros = torch.zeros(shape)
-    with onednn_fusion(True):
-        # TorchScript's profiling executor records the shapes in its first runs and compiles
-        # at the next; these runs leave the compiled kernels in place for the real inputs.
-        for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
-            graph(zeros)
-        optimized = torch.jit.last_executed_optimized_graph()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.jit.freeze(_folded_trace(backbone))
+        zeros = torch.zeros(shape)
+        with onednn_fusion(True):
+            # TorchScript's profiling executor records the shapes in its first runs and
+            # compiles at the next; these runs leave the compiled kernels in place for the
+            # real inputs.
+            for _ in range(torch._C._jit_get_num_profiled_runs() + 1):
+                graph(zeros)
+            optimized = torch.jit.last_executed_optimized_graph()
+    except RuntimeError as error:  # a oneDNN Graph compilation or allocation failure
+        log.warning(
+            "oneDNN Graph failed for shape %s (%s); it runs the general graph", shape, error
+        )
+        return None
     if not any(node.kind() == "prim::oneDNNFusionGroup" for node in _all_nodes(optimized)):
         log.warning("oneDNN Graph fused nothing for shape %s; it runs the general graph", shape)
         return None
