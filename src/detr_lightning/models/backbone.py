@@ -188,7 +188,7 @@ class Backbone(nn.Module):
         For each declared shape the trunk gets its own graph, compiled by oneDNN Graph for
         that shape: convolutions fused with their ReLU and residual additions. The ResNet-101
         trunk at 800x1066 ran about 15% faster on a 2-core AVX2 CPU (the whole model about
-        12%); each shape costs a compilation and two warm-up passes at its first call (about
+        10%); each shape costs a compilation and two warm-up passes at its first call (about
         6 s for ResNet-101 at 800x1066 on 2 cores) and about 200 MB. Worth it for a fixed-size
         stream (a camera, a server that resizes every image to one size), not for images of
         many sizes. An empty list goes back to the general graph for every shape.
