@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from detr_lightning.models import DETR
-from detr_lightning.models.backbone import INFERENCE_GRAPHS, _all_nodes, onednn_graph_available
+from detr_lightning.models.backbone import (
+    INFERENCE_GRAPHS,
+    has_onednn_fusion_groups,
+    onednn_graph_available,
+)
 from model_fixtures import randomize_frozen_batchnorm, tiny_detr, tiny_eval_detr
 
 pytestmark = pytest.mark.skipif(
@@ -205,10 +209,7 @@ needs_onednn_graph = pytest.mark.skipif(
 
 def _ran_fused() -> bool:
     """Whether the TorchScript graph run last went through oneDNN Graph's fused kernels."""
-    return any(
-        node.kind() == "prim::oneDNNFusionGroup"
-        for node in _all_nodes(torch.jit.last_executed_optimized_graph())
-    )
+    return has_onednn_fusion_groups(torch.jit.last_executed_optimized_graph())
 
 
 @needs_onednn_graph

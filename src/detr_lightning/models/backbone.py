@@ -453,23 +453,25 @@ def _with_onednn_fusion(graph: Any, enabled: bool, contiguous: bool = False) -> 
     return run
 
 
-def _folded_trace(backbone: Backbone) -> Any:
-    """``backbone.trunk`` with its frozen BatchNorm folded, traced on a small example."""
+def _frozen_trace(backbone: Backbone) -> Any:
+    """``backbone.trunk`` with its frozen BatchNorm folded, traced on a small example and
+    frozen."""
     clone = copy.deepcopy(backbone).eval()
     clone.inference_graph = False
     fuse_frozen_batchnorm(clone.body)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer notices
-        return torch.jit.trace(_Trunk(clone).eval(), torch.zeros(1, 3, 64, 64), check_trace=False)
+        example = torch.zeros(1, 3, 64, 64)
+        return torch.jit.freeze(torch.jit.trace(_Trunk(clone).eval(), example, check_trace=False))
 
 
 @torch.no_grad()
 def _freeze_trunk(backbone: Backbone) -> Any:
     """``backbone.trunk`` traced on a small example, frozen and optimized for inference."""
-    traced = _folded_trace(backbone)
+    frozen = _frozen_trace(backbone)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        return torch.jit.optimize_for_inference(frozen)
 
 
 def _all_nodes(block: Any) -> Iterator[Any]:
@@ -480,6 +482,12 @@ def _all_nodes(block: Any) -> Iterator[Any]:
             yield from _all_nodes(inner)
 
 
+def has_onednn_fusion_groups(graph: Any) -> bool:
+    """Whether a TorchScript graph (e.g. ``torch.jit.last_executed_optimized_graph()``) runs
+    kernels that oneDNN Graph fused."""
+    return any(node.kind() == "prim::oneDNNFusionGroup" for node in _all_nodes(graph))
+
+
 @torch.no_grad()
 def _static_trunk(backbone: Backbone, shape: Shape) -> Any:
     """``backbone.trunk`` compiled by oneDNN Graph for inputs of ``shape``, or None (with a
@@ -488,9 +496,7 @@ def _static_trunk(backbone: Backbone, shape: Shape) -> Any:
         log.warning("this PyTorch build has no oneDNN Graph; %s runs the general graph", shape)
         return None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = torch.jit.freeze(_folded_trace(backbone))
+        graph = _frozen_trace(backbone)
         zeros = torch.zeros(shape)
         with onednn_fusion(True):
             # TorchScript's profiling executor records the shapes in its first runs and
@@ -504,7 +510,7 @@ def _static_trunk(backbone: Backbone, shape: Shape) -> Any:
             "oneDNN Graph failed for shape %s (%s); it runs the general graph", shape, error
         )
         return None
-    if not any(node.kind() == "prim::oneDNNFusionGroup" for node in _all_nodes(optimized)):
+    if not has_onednn_fusion_groups(optimized):
         log.warning("oneDNN Graph fused nothing for shape %s; it runs the general graph", shape)
         return None
     return graph
