@@ -204,3 +204,25 @@ def test_gradients_flow_to_every_layer() -> None:
         # Matched queries of images with targets get a box gradient; image 1 has none.
         assert box_params.grad[layer, 0].abs().sum() > 0
         assert box_params.grad[layer, 1].abs().sum() == 0
+
+
+def test_losses_from_precomputed_matching_and_layers_of_unequal_match_counts() -> None:
+    """``criterion(outputs, targets, criterion.match(...))`` equals the one-call form, and the
+    per-layer sums stay per layer when layers match different numbers of pairs."""
+    logits, boxes, targets = random_case([3, 0, 5], seed=7)
+    outputs = model_outputs(logits, boxes)
+    criterion = make_criterion()
+    indices = criterion.match(outputs, targets)
+    given, computed = criterion(outputs, targets, indices), criterion(outputs, targets)
+    assert given.keys() == computed.keys()
+    assert all(torch.equal(given[key], computed[key]) for key in given)
+    # drop the last pair of the final layer only: its L1 sum loses that pair's term alone
+    trimmed = [list(layer) for layer in indices]
+    src, tgt = trimmed[0][2]
+    trimmed[0][2] = (src[:-1], tgt[:-1])
+    full, less = criterion(outputs, targets, indices), criterion(outputs, targets, trimmed)
+    pred = outputs["pred_boxes"][2, src[-1]]
+    dropped = (pred - targets[2]["boxes"][tgt[-1]]).abs().sum() / 8  # 8 target boxes
+    assert float(full["loss_bbox"] - less["loss_bbox"]) == pytest.approx(float(dropped), abs=1e-6)
+    for key in ("loss_bbox_0", "loss_bbox_1", "loss_giou_0", "loss_ce_1"):
+        assert torch.equal(full[key], less[key]), key

@@ -14,6 +14,7 @@ from transformers.loss.loss_for_object_detection import HungarianMatcher as HFHu
 
 from detr_lightning.models import HungarianMatcher
 from detr_lightning.models import matcher as matcher_module
+from detr_lightning.models.matcher import NonFiniteCostError
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -266,5 +267,5 @@ def test_nan_predictions_raise(key: str) -> None:
     outputs = random_outputs(2, 5, 3, generator)
     outputs[key][1, 2, 0] = float("nan")
     targets = random_targets([2, 3], 3, generator)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(NonFiniteCostError, match="NaN"):
         HungarianMatcher()(outputs, targets)

@@ -58,7 +58,17 @@ class SetCriterion(nn.Module):
         """Sum of ``weight * term`` over the terms that have a weight."""
         return sum(losses[k] * w for k, w in self.weight_dict.items() if k in losses)
 
-    def forward(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def match(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> list[Indices]:
+        """The matcher's assignment for the final and every auxiliary layer (raises
+        :class:`~detr_lightning.models.matcher.NonFiniteCostError` on NaN/Inf predictions)."""
+        return self.matcher.match_layers(_layers(outputs), targets)
+
+    def forward(
+        self,
+        outputs: dict,
+        targets: Sequence[dict[str, Tensor]],
+        indices: Sequence[Indices] | None = None,
+    ) -> dict[str, Tensor]:
         """Compute every loss term.
 
         Args:
@@ -66,76 +76,112 @@ class SetCriterion(nn.Module):
                 optional ``aux_outputs``).
             targets: per image ``labels`` int64 [T] in [0, num_classes) and ``boxes`` [T, 4]
                 cxcywh normalized to the unpadded image.
+            indices: :meth:`match`'s result, if already computed.
         Returns:
             unweighted terms (scalars); combine with :attr:`weight_dict` or :meth:`weighted_total`.
+
+        All layers are computed together: one cross-entropy over [L, B, Q], one L1 and one GIoU
+        over the matched pairs of every layer, summed per layer, so the number of device
+        operations does not grow with the number of decoder layers. The matched indices go to
+        the device in one copy.
         """
         # Labels are not checked here: that would cost a host sync per step. The dataset checks
         # them against its label map once, and DETRModule.setup the map against num_classes.
-        layers = [outputs] + list(outputs.get("aux_outputs", []))
-        all_indices = self.matcher.match_layers(layers, targets)
+        layers = _layers(outputs)
+        if indices is None:
+            indices = self.matcher.match_layers(layers, targets)
+        if len(indices) != len(layers):
+            raise ValueError(
+                f"got indices for {len(indices)} layers, the outputs have {len(layers)}"
+            )
+        logits = torch.stack([layer["pred_logits"] for layer in layers]).float()  # [L, B, Q, C+1]
+        boxes = torch.stack([layer["pred_boxes"] for layer in layers]).float()  # [L, B, Q, 4]
+        num_layers, batch, num_queries = logits.shape[:3]
+        device = logits.device
 
-        device = outputs["pred_logits"].device
-        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-        num_boxes = all_reduce_mean(num_boxes).clamp(min=1)
+        # Host side: every matched pair as (layer, image, query, index into the concatenated
+        # targets), layer by layer, and the target count of each image; one copy to the device.
+        sizes = [len(t["labels"]) for t in targets]
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        columns: list[Tensor] = []
+        pairs_per_layer = []
+        for layer_index, layer_indices in enumerate(indices):
+            count = 0
+            for image, (src, tgt) in enumerate(layer_indices):
+                n = len(src)
+                count += n
+                columns.append(
+                    torch.stack(
+                        [
+                            torch.full((n,), layer_index, dtype=torch.int64),
+                            torch.full((n,), image, dtype=torch.int64),
+                            src.to(torch.int64),
+                            tgt.to(torch.int64) + starts[image],
+                        ]
+                    )
+                )
+            pairs_per_layer.append(count)
+        pairs = torch.cat(columns, dim=1) if columns else torch.zeros(4, 0, dtype=torch.int64)
+        host = torch.cat([pairs.flatten(), torch.tensor(sizes, dtype=torch.int64)])
+        if device.type == "cuda":
+            host = host.pin_memory()
+        packed = host.to(device, non_blocking=True)
+        num_pairs = pairs.shape[1]
+        layer_idx, batch_idx, query_idx, target_idx = packed[: 4 * num_pairs].view(4, num_pairs)
+        num_targets = packed[4 * num_pairs :].float()  # [B]
+
+        num_boxes = all_reduce_mean(num_targets.sum()).clamp(min=1)
+        all_labels = torch.cat([t["labels"] for t in targets]).to(device)
+        all_boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32)
+
+        matched_labels = all_labels[target_idx]
+        target_classes = torch.full(
+            (num_layers, batch, num_queries), self.num_classes, dtype=torch.int64, device=device
+        )
+        target_classes[layer_idx, batch_idx, query_idx] = matched_labels
+        # the weighted mean of F.cross_entropy(weight=...), per layer
+        weighted = F.cross_entropy(
+            logits.flatten(0, 2), target_classes.flatten(), self.empty_weight, reduction="none"
+        ).view(num_layers, -1)
+        weights = self.empty_weight[target_classes].view(num_layers, -1)
+        loss_ce = weighted.sum(1) / weights.sum(1)
+
+        pred_boxes = boxes[layer_idx, batch_idx, query_idx]  # [N, 4]
+        target_boxes = all_boxes[target_idx]
+        per_pair = torch.stack(
+            [
+                (pred_boxes - target_boxes).abs().sum(-1),
+                generalized_box_iou_loss(
+                    box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes),
+                    reduction="none",
+                ),
+            ]
+        )  # fmt: skip
+        per_layer = torch.zeros(2, num_layers, device=device).index_add_(1, layer_idx, per_pair)
+        loss_bbox, loss_giou = per_layer / num_boxes
 
         losses = {}
-        for layer_index, (layer, indices) in enumerate(zip(layers, all_indices)):
+        for layer_index in range(num_layers):
             suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
-            terms = self._layer_losses(layer, targets, indices, num_boxes, logged=layer_index == 0)
-            losses.update(
-                {k + (suffix if k.startswith("loss") else ""): v for k, v in terms.items()}
-            )
+            losses[f"loss_ce{suffix}"] = loss_ce[layer_index]
+            losses[f"loss_bbox{suffix}"] = loss_bbox[layer_index]
+            losses[f"loss_giou{suffix}"] = loss_giou[layer_index]
+
+        with torch.no_grad():  # logged only, for the final layer: its pairs come first
+            first = pairs_per_layer[0] if pairs_per_layer else 0
+            if first:
+                matched_logits = logits[0][batch_idx[:first], query_idx[:first]]
+                correct = (matched_logits.argmax(-1) == matched_labels[:first]).float().mean()
+                losses["class_error"] = 100.0 * (1.0 - correct)
+            else:
+                losses["class_error"] = torch.tensor(100.0, device=device)
+            num_predicted = (logits[0].argmax(-1) != self.num_classes).sum(1).float()
+            losses["cardinality_error"] = F.l1_loss(num_predicted, num_targets)
         return losses
 
-    def _layer_losses(
-        self,
-        outputs: dict[str, Tensor],
-        targets: Sequence[dict[str, Tensor]],
-        indices: Indices,
-        num_boxes: Tensor,
-        logged: bool,
-    ) -> dict[str, Tensor]:
-        logits = outputs["pred_logits"].float()
-        device = logits.device
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(
-            device
-        )
-        query_idx = torch.cat([src for src, _ in indices]).to(device)
-        matched_labels = torch.cat(
-            [t["labels"][tgt.to(t["labels"].device)] for t, (_, tgt) in zip(targets, indices)]
-        ).to(device)
 
-        target_classes = torch.full(
-            logits.shape[:2], self.num_classes, dtype=torch.int64, device=device
-        )
-        target_classes[batch_idx, query_idx] = matched_labels
-        losses = {
-            "loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
-        }
-
-        pred_boxes = outputs["pred_boxes"][batch_idx, query_idx].float()
-        target_boxes = torch.cat(
-            [t["boxes"][tgt.to(t["boxes"].device)] for t, (_, tgt) in zip(targets, indices)]
-        ).to(device=device, dtype=torch.float32)
-        losses["loss_bbox"] = F.l1_loss(pred_boxes, target_boxes, reduction="sum") / num_boxes
-        losses["loss_giou"] = (
-            generalized_box_iou_loss(
-                box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes), reduction="sum"
-            )
-            / num_boxes
-        )
-
-        if logged:
-            with torch.no_grad():
-                matched_logits = logits[batch_idx, query_idx]
-                if matched_labels.numel():
-                    correct = (matched_logits.argmax(-1) == matched_labels).float().mean()
-                    losses["class_error"] = 100.0 * (1.0 - correct)
-                else:
-                    losses["class_error"] = torch.tensor(100.0, device=device)
-                num_predicted = (logits.argmax(-1) != self.num_classes).sum(1).float()
-                num_targets = torch.tensor(
-                    [float(len(t["labels"])) for t in targets], device=device
-                )
-                losses["cardinality_error"] = F.l1_loss(num_predicted, num_targets)
-        return losses
+def _layers(outputs: dict) -> list[dict[str, Tensor]]:
+    """The final layer's predictions, then the auxiliary layers'."""
+    return [outputs, *outputs.get("aux_outputs", [])]

@@ -20,6 +20,10 @@ from ..ops.boxes import batched_generalized_box_iou, box_cxcywh_to_xyxy
 Indices = list[tuple[Tensor, Tensor]]  # per image: (query indices, target indices), int64
 
 
+class NonFiniteCostError(ValueError):
+    """The matching cost has NaN/Inf: the predictions are not finite."""
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one assignment minimizing the weighted class + L1 + GIoU cost."""
 
@@ -79,7 +83,7 @@ class HungarianMatcher(nn.Module):
             )
         cost = cost.cpu()  # the one device-to-host transfer
         if not torch.isfinite(cost).all():
-            raise ValueError(
+            raise NonFiniteCostError(
                 "matching cost has NaN/Inf: the model produced non-finite predictions "
                 "(diverged training: lower the learning rate or check the input data)"
             )

@@ -26,12 +26,15 @@ def all_reduce_mean(value: Tensor) -> Tensor:
 
 
 def any_rank(flag: Tensor) -> bool:
-    """Whether ``flag`` (a bool tensor of any shape, on the rank's device) is True anywhere on
-    any rank. Every rank must call it: ranks decide together (e.g. to skip a step)."""
+    """Whether ``flag`` (a bool tensor of any shape, on the host or the rank's device) is True
+    anywhere on any rank. Every rank must call it: ranks decide together (e.g. to skip a
+    step)."""
     value = flag.any()
     if not is_distributed():
         return bool(value)
     value = value.to(torch.int32)
+    if value.device.type == "cpu" and dist.get_backend() == "nccl":
+        value = value.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value)
 
