@@ -69,7 +69,7 @@ PAPER_RECIPE = {
     "trainer.max_epochs": 500,
     "trainer.gradient_clip_val": 0.1,
     "trainer.gradient_clip_algorithm": "norm",
-    "trainer.precision": "32-true",
+    "trainer.precision": "auto",  # 32-true except for training on GPUs with bf16
     "data._target_": "detr_lightning.data.CocoDataModule",
     "data.root": None,  # must be given (or $COCO_ROOT)
     "data.train_images": "train2017",

@@ -87,7 +87,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     predictions_path = run_dir / cfg.predictions_file
     module.results_file = str(predictions_path)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, stage="test")
     (logged,) = trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = result_from_metrics(logged, "test")
     if trainer.is_global_zero:

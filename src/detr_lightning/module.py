@@ -9,6 +9,7 @@ evaluation and prediction they come from the checkpoint.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from .data.labels import LabelMap
@@ -23,7 +26,7 @@ from .evaluation import CocoEvaluator
 from .io import to_plain
 from .models.criterion import SetCriterion
 from .models.detr import build_detr
-from .models.matcher import HungarianMatcher
+from .models.matcher import HungarianMatcher, NonFiniteCostError
 from .models.postprocess import PostProcess
 from .ops.distributed import any_rank, gather_to_main
 
@@ -245,16 +248,22 @@ class DETRModule(pl.LightningModule):
         (Lightning refuses a None under DDP) and :meth:`on_before_optimizer_step` drops the
         update. The BatchNorm statistics that the forward pass changed are put back, so a
         skipped step changes nothing.
+
+        Non-finite predictions show in the matching cost, which the matcher reads on the host
+        anyway: the step waits for the device there and once more for the loss check.
         """
         images, padding_mask, targets = batch
-        self._step_images = [int(target["image_id"]) for target in targets]
+        self._step_images = [int(target["image_id"]) for target in targets]  # host ints
         self._save_running_stats()
         outputs = self.model(images, padding_mask)
-        # before the criterion, which cannot match non-finite boxes (and all-reduces num_boxes)
-        nonfinite = ~_all_finite(outputs)
-        if any_rank(nonfinite):
-            return self._skipped("the predictions are NaN/Inf" if bool(nonfinite) else None)
-        losses = self.criterion(outputs, targets)
+        # before the rest of the criterion, which all-reduces num_boxes
+        try:
+            indices, nonfinite = self.criterion.match(outputs, targets), False
+        except NonFiniteCostError:
+            indices, nonfinite = None, True
+        if any_rank(torch.tensor(nonfinite)):
+            return self._skipped("the predictions are NaN/Inf" if nonfinite else None)
+        losses = self.criterion(outputs, targets, indices)
         total = self.criterion.weighted_total(losses)
         nonfinite = ~torch.isfinite(total.detach())
         if any_rank(nonfinite):
@@ -274,30 +283,61 @@ class DETRModule(pl.LightningModule):
             batch_size=batch_size,
         )
         # Samples that stood in for unreadable images (named in the dataset's warnings).
-        stand_ins = sum(int(target["stand_in_for"]) >= 0 for target in targets)
-        self.log("train/stand_in_images", float(stand_ins), on_step=False, on_epoch=True,
+        # (filled in on the device: a host value would be copied over, waiting for the device)
+        count = sum(int(target["stand_in_for"]) >= 0 for target in targets)
+        stand_ins = torch.full((), float(count), device=total.device)
+        self.log("train/stand_in_images", stand_ins, on_step=False, on_epoch=True,
                  reduce_fx="sum", sync_dist=True, batch_size=batch_size)  # fmt: skip
         return total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the update of a skipped step, and skip one whose gradients are NaN/Inf.
-
-        The gradients are already all-reduced, so every rank sees the same ones and decides
-        alike. Under 16-bit mixed precision the gradient scaler skips inf gradients itself.
-        """
+        """Drop the update of a skipped step (:meth:`training_step`); gradients that are NaN/Inf
+        are found in :meth:`configure_gradient_clipping`."""
         if self._skipping:
             self._skipping = False
             optimizer.zero_grad(set_to_none=True)  # an optimizer leaves gradient-less weights
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Skip a step whose gradients are NaN/Inf, and clip the others: one total norm serves
+        both (``torch.nn.utils.clip_grad_norm_`` computes the same norm and clips with it).
+
+        The gradients are already all-reduced, so every rank sees the same ones and decides
+        alike. Under fp16 mixed precision the gradient scaler skips inf gradients itself and
+        Lightning clips. Lightning's mixed-precision plugin refuses to clip for any fused
+        optimizer, because under fp16 such an optimizer unscales the gradients itself, so they
+        would be clipped while still scaled; bf16 scales nothing, so here a fused optimizer is
+        clipped under bf16-mixed too. Strategies with their own precision (FSDP, DeepSpeed)
+        check the norm here and clip as Lightning does.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]  # fmt: skip
+        if not params:  # a skipped step
             return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]  # fmt: skip
-        if grads and getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            norms = torch.stack([torch.linalg.vector_norm(grad.detach()) for grad in grads])
-            if not bool(torch.isfinite(norms).all()):
-                self._note_skip("a gradient is NaN/Inf")
-                optimizer.zero_grad(set_to_none=True)
-                return
+        plugin = self.trainer.precision_plugin
+        if _loss_scaler(self.trainer) is not None:
+            self.nonfinite_streak = 0
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not bool(torch.isfinite(total)):
+            self._note_skip("a gradient is NaN/Inf")
+            optimizer.zero_grad(set_to_none=True)
+            return
         self.nonfinite_streak = 0
+        if not gradient_clip_val:
+            return
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        if type(plugin) not in (Precision, MixedPrecision):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif algorithm == GradClipAlgorithmType.NORM:
+            torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), total)
+        else:
+            torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
 
     def _save_running_stats(self) -> None:
         """Copy the BatchNorm running statistics that this step's forward pass will update."""
@@ -434,10 +474,17 @@ class DETRModule(pl.LightningModule):
         if backbone:
             groups.append({"params": backbone, "lr": self.hparams.backbone_lr, "name": "backbone"})
         spec = self.hparams.optimizer
-        if spec is None:
-            optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4)
-        else:
-            optimizer = instantiate(spec)(groups)
+        factory = (
+            functools.partial(torch.optim.AdamW, lr=1e-4, weight_decay=1e-4)
+            if spec is None
+            else instantiate(spec)
+        )
+        # Lightning cannot clip the gradients of a fused optimizer under fp16's loss scaling
+        scaled = self._trainer is not None and _loss_scaler(self.trainer) is not None
+        fused = {} if scaled else fused_by_default(factory, backbone + rest)
+        if fused:
+            log.info("optimizer: fused kernel (optimizer.fused=false for torch's default)")
+        optimizer = factory(groups, **fused)
         if self.hparams.schedule is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
@@ -445,13 +492,32 @@ class DETRModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-def _all_finite(outputs: Mapping[str, Any]) -> Tensor:
-    """Whether every prediction (final and auxiliary logits and boxes) is finite: a bool
-    tensor on the predictions' device."""
-    layers = [outputs, *outputs.get("aux_outputs", [])]
-    checks = [torch.isfinite(layer[key].detach()).all() for layer in layers
-              for key in ("pred_logits", "pred_boxes")]  # fmt: skip
-    return torch.stack(checks).all()
+def _loss_scaler(trainer: pl.Trainer) -> Any:
+    """The gradient scaler of fp16 mixed precision, or None."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def fused_by_default(factory: Callable, params: Sequence[Tensor]) -> dict[str, bool]:
+    """``{"fused": True}`` when ``factory`` (an optimizer class or a partial of one) can fuse
+    its update into one kernel, every parameter is on a CUDA device and the config chose
+    neither ``fused`` nor ``foreach``; else ``{}`` (torch's own default).
+
+    On CUDA torch defaults to its multi-tensor (foreach) update; the fused kernel computes the
+    same AdamW step in fewer launches and passes over the weights (``bench/train_step.py``).
+    ``optimizer.fused=false`` keeps torch's default."""
+    keywords = factory.keywords if isinstance(factory, functools.partial) else {}
+    if keywords.get("fused") is not None or keywords.get("foreach") is not None:
+        return {}
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    try:
+        accepts = "fused" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return {}
+    if not accepts or not params or any(p.device.type != "cuda" for p in params):
+        return {}
+    if any(not p.is_floating_point() for p in params):
+        return {}
+    return {"fused": True}
 
 
 def padded_label_map(

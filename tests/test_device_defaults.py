@@ -1,0 +1,135 @@
+"""What a run gets on each device without overrides: ``trainer.precision=auto``, the fused
+optimizer on CUDA, gradient clipping of a fused optimizer under bf16-mixed, ``compile``."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from detr_lightning.errors import SetupError
+from detr_lightning.module import DETRModule, fused_by_default
+from detr_lightning.train import compile_model, resolve_precision, train
+from pipeline_fixtures import compose_config, tiny_overrides
+
+
+def _gpu(monkeypatch, capability: tuple[int, int] | None) -> None:
+    """Pretend this machine has a CUDA GPU of ``capability`` (None: no GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+
+
+@pytest.mark.parametrize(
+    ("capability", "accelerator", "stage", "expected"),
+    [
+        ((9, 0), "auto", "fit", "bf16-mixed"),  # H100
+        ((8, 0), "gpu", "fit", "bf16-mixed"),  # A100
+        ((7, 0), "auto", "fit", "32-true"),  # V100: bf16 only emulated
+        ((9, 0), "auto", "test", "32-true"),  # evaluation: fp32 figures
+        ((9, 0), "cpu", "fit", "32-true"),  # a GPU machine told to train on the CPU
+        (None, "auto", "fit", "32-true"),
+    ],
+)
+def test_precision_auto_is_bf16_mixed_for_training_on_gpus_with_bf16(
+    monkeypatch, capability, accelerator, stage, expected
+):
+    _gpu(monkeypatch, capability)
+    trainer = {"precision": "auto", "accelerator": accelerator}
+    assert resolve_precision(trainer, stage) == expected
+
+
+def test_an_explicit_precision_is_used_as_given(monkeypatch):
+    _gpu(monkeypatch, (9, 0))
+    for value in ("32-true", "16-mixed", "bf16-mixed", 32):
+        assert resolve_precision({"precision": value, "accelerator": "auto"}) == value
+
+
+def _params(device: str, dtype=torch.float32) -> list:
+    return [
+        SimpleNamespace(
+            device=torch.device(device), is_floating_point=lambda: dtype.is_floating_point
+        )
+    ]
+
+
+def test_the_fused_update_is_chosen_for_cuda_parameters_when_the_config_is_silent():
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-4)
+    assert fused_by_default(adamw, _params("cuda")) == {"fused": True}
+    assert fused_by_default(torch.optim.AdamW, _params("cuda")) == {"fused": True}
+    # on the CPU, or when the config chose, torch's own default stays
+    assert fused_by_default(adamw, _params("cpu")) == {}
+    for choice in ({"fused": False}, {"foreach": True}, {"fused": True}):
+        assert fused_by_default(functools.partial(adamw, **choice), _params("cuda")) == {}
+    # an optimizer without a fused kernel
+    assert fused_by_default(functools.partial(torch.optim.Rprop), _params("cuda")) == {}
+    assert fused_by_default(adamw, []) == {}
+
+
+def test_bf16_mixed_clips_the_gradients_of_a_fused_optimizer(tmp_path, monkeypatch):
+    """Lightning's mixed-precision plugin refuses to clip for a fused optimizer (a RuntimeError
+    at the first step); under bf16 nothing is scaled and the module clips itself."""
+    clipped = []
+    real = torch.nn.utils.clip_grads_with_norm_
+
+    def spy(params, max_norm, total_norm, foreach=None):
+        params = list(params)
+        real(params, max_norm, total_norm, foreach)
+        after = torch.nn.utils.get_total_norm([p.grad for p in params])
+        clipped.append((max_norm, float(total_norm), float(after)))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", spy)
+    overrides = tiny_overrides(tmp_path, "trainer.max_epochs=1", "trainer.limit_val_batches=0",
+                               "trainer.precision=bf16-mixed", "+optimizer.fused=true",
+                               "trainer.gradient_clip_val=0.1")  # fmt: skip
+    train(compose_config("train", overrides))
+    assert len(clipped) == 2  # 8 images, batch 4
+    for max_norm, before, after in clipped:
+        assert max_norm == pytest.approx(0.1)
+        # a random model's gradient norm is far above 0.1: every step was scaled down to it
+        assert before > 0.1
+        assert after == pytest.approx(0.1, rel=1e-3)
+
+
+def test_clipping_with_one_norm_equals_torch_clip_grad_norm():
+    """The norm that finds NaN/Inf gradients also clips them: the same result as
+    ``torch.nn.utils.clip_grad_norm_`` (which Lightning calls)."""
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3) * 10, torch.randn(7), torch.randn(2, 2, 2)]
+    ours = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    theirs = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, q, g in zip(ours, theirs, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    total = torch.nn.utils.get_total_norm([p.grad for p in ours])
+    torch.nn.utils.clip_grads_with_norm_(ours, 0.1, total)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, 0.1)
+    assert float(total) == pytest.approx(float(expected))
+    for p, q in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def _module() -> DETRModule:
+    model = {"backbone": "resnet18", "num_classes": 3, "hidden_dim": 32, "nheads": 2,
+             "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64, "num_queries": 4,
+             "pretrained_backbone": False}  # fmt: skip
+    return DETRModule(model=model)
+
+
+def test_compile_setting():
+    module = _module()
+    compile_model(module, False)
+    compile_model(module, None)
+    assert module.model._compiled_call_impl is None
+    compile_model(module, {"mode": "reduce-overhead", "dynamic": True})
+    assert module.model._compiled_call_impl is not None
+    # compiled in place: checkpoints keep their keys
+    assert all(not k.startswith("_orig_mod") for k in module.state_dict())
+    with pytest.raises(SetupError, match="compile='yes'"):
+        compile_model(_module(), "yes")
+
+
+def test_the_base_config_leaves_compile_off_and_precision_to_the_device(tmp_path):
+    cfg = compose_config("train", [f"run_dir={tmp_path}"])
+    assert cfg.compile is False
+    assert cfg.trainer.precision == "auto"
