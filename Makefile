@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PY_SOURCES := src tests bench train.py eval.py predict.py export.py
 
-.PHONY: install train eval test test-fast lint format bench clean
+.PHONY: install train eval test test-fast lint format bench bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ format: $(STAMP)
 # or REF_DETR_DIR) and transformers; run it on an otherwise idle machine.
 bench: $(STAMP)
 	PYTHONPATH=src $(PY) bench/run_all.py $(if $(OFFICIAL),--official $(OFFICIAL)) $(ARGS)
+
+# The GPU rows (training step variants, loss curves, inference) on a CUDA machine.
+bench-gpu: $(STAMP)
+	PYTHON=$(PY) bash bench/gpu.sh bench/results/$$(hostname)-gpu
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,3 +112,24 @@ def test_training_benchmark_runs_ours_on_a_generated_dataset(tmp_path: Path) -> 
     summary = run["summary"]
     assert summary["losses"] == [round(run["epochs"][0]["loss"], 4)]
     assert summary["peak_rss_main_mb"] > 100 and summary["ratio_rounds"] == [1.0, 1.0]
+
+
+def test_training_step_benchmark_measures_each_variant(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    result = _bench("train_step.py", "--quick", "--profile", "default", "--json", str(out))
+    assert "Loss trajectory" in result.stdout
+    report = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert set(rows) == {"fp32", "bf16", "default"}
+    assert rows["bf16"]["resolved_precision"] == "bf16-mixed"
+    # what a user gets on a CPU: fp32 and torch's own optimizer update
+    assert rows["default"]["resolved_precision"] == "32-true"
+    assert rows["default"]["fused_adamw"] is False
+    for row in rows.values():
+        assert len(row["times"]) == 3 and row["images_per_s"] > 0
+        assert len(row["losses"]) == 4 and all(math.isfinite(loss) for loss in row["losses"])
+    assert rows["default"]["profile"]["aten_ops_per_step"] > 0
+    # one initialization, the same batches and, on a CPU, the same arithmetic: the same curve
+    curves = report["trajectory"]["curves"]
+    assert curves["fp32"]["losses"] == curves["default"]["losses"]
+    assert report["trajectory"]["final_ratio"] == 1.0

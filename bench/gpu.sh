@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU rows of the benchmark suite, one after the other, each bounded in time:
+#   bench/gpu.sh OUT_DIR
+# 1. bench/train_step.py: the paper config (R50, 800x1333, batch 4) training step per variant,
+#    from fp32 eager with attention as matrices to bf16 + fused AdamW + torch.compile, and the
+#    loss curves of fp32 and of the defaults from one initialization;
+# 2. the same in alternating rounds (fp32, default, compile, fp32, default, compile): a GPU
+#    machine's host drifts, and the step is bound by the host;
+# 3. bench/inference.py: R50 and R101 inference at 800x1066, batch 1, fp32 and bf16, against
+#    the original formulation (the paper: 0.036 / 0.050 s per image on a V100);
+# 4. train.py on the GPU with the defaults (the CPU demo's data and model): the whole pipeline,
+#    precision auto and the fused optimizer as a user gets them.
+set -u
+out=${1:?usage: bench/gpu.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+quiet="available:|stopped:|LOCAL_RANK|val_dataloader|num_workers|USDT|warnings.warn|TensorFloat32"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+"$py" -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__, torch.cuda.get_device_name(0))"
+
+echo "== 1. training step variants and loss curves"
+timeout 400 "$py" bench/train_step.py --device cuda --budget 300 --profile default \
+    --variants fp32-math fp32 tf32 bf16 bf16-math bf16-fused default compile \
+    --trajectory-steps 120 --json "$out/train_step.json" 2>&1 | grep -v -E "$quiet"
+
+echo "== 2. alternating rounds"
+timeout 200 "$py" bench/train_step.py --device cuda --warmup 6 --steps 30 \
+    --variants fp32 default compile fp32 default compile \
+    --json "$out/train_step_rounds.json" 2>&1 | grep -v -E "$quiet"
+
+echo "== 3. inference"
+timeout 150 "$py" bench/inference.py --device cuda --models R50 R101 --size 800 1066 \
+    --batch-sizes 1 --precisions fp32 bf16 --channels-last off on --warmup 3 --iters 30 \
+    --compare-official --json "$out/inference.json" 2>&1 | tail -20
+
+echo "== 4. train.py on the GPU, defaults"
+timeout 120 "$py" train.py experiment=synthetic_cpu trainer.accelerator=gpu trainer.max_epochs=2 \
+    run_dir="$out/train-run" 2>&1 | grep -E "precision|optimizer|epoch 2/2|Error"
