@@ -131,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         metavar="VARIANT",
-        help="profile 5 timed steps of this variant (torch.profiler; tables next to --json)",
+        help="profile this variant's last min(5, steps/2) steps, left out of its timing "
+        "(torch.profiler; tables next to --json)",
     )
     parser.add_argument("--budget", type=float, help="seconds; later variants are skipped")
     parser.add_argument("--json", type=Path, help="write rows and environment to this file")
@@ -234,10 +235,13 @@ class StepClock(pl.Callback):
         self,
         warmup: int,
         device: torch.device,
+        steps: int,
         profile_steps: int = 0,
         profile_to: Path | None = None,
     ) -> None:
         self.warmup = warmup
+        # the last profile_steps steps are profiled, and left out of the timed ones
+        self.profile_from = warmup + steps - profile_steps
         self.device = device
         self.profile_steps = profile_steps
         self.profile_to = profile_to
@@ -267,14 +271,16 @@ class StepClock(pl.Callback):
             self.warmup_s = now - self._start
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            if self.profile_steps:
-                activities = [torch.profiler.ProfilerActivity.CPU]
-                if self.device.type == "cuda":
-                    activities.append(torch.profiler.ProfilerActivity.CUDA)
-                self._profiler = torch.profiler.profile(activities=activities)
-                self._profiler.start()
-                self._profile_start = now
-        elif self._profiler is not None and len(self.ends) == self.warmup + self.profile_steps:
+        if self.profile_steps and len(self.ends) == self.profile_from:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities)
+            self._profiler.start()
+            self._profile_start = now
+        elif (
+            self._profiler is not None and len(self.ends) == self.profile_from + self.profile_steps
+        ):
             self._profiler.stop()
             self.profile = summarize_profile(
                 self._profiler, self.profile_steps, now - self._profile_start, self.profile_to
@@ -286,7 +292,8 @@ class StepClock(pl.Callback):
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
 
     def step_times(self) -> list[float]:
-        timed = self.ends[max(self.warmup - 1, 0) :]
+        end = self.profile_from if self.profile_steps else len(self.ends)
+        timed = self.ends[max(self.warmup - 1, 0) : end]
         return [b - a for a, b in itertools.pairwise(timed)]
 
 
@@ -299,14 +306,20 @@ def summarize_profile(
     events = profiler.key_averages()
 
     def device_us(event: Any) -> float:
+        # device-side events only; user annotations (Optimizer.step#...) span their kernels
+        if event.device_type != torch.autograd.DeviceType.CUDA or "#" in event.key:
+            return 0.0
         return float(getattr(event, "self_device_time_total", 0) or 0)
 
     kernels_us = sum(device_us(e) for e in events)
     host_us = sum(float(e.self_cpu_time_total) for e in events)
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                         "cudaLaunchKernelExC"))  # fmt: skip
-    syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key == "aten::item"
-                or e.key == "aten::_local_scalar_dense")  # fmt: skip
+    launch_keys = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+    launches = sum(e.count for e in events if e.key in launch_keys)
+    # waits of the host for the device (on a CPU: reads of a tensor's value)
+    waits = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+    if launches == 0:
+        waits = ("aten::_local_scalar_dense",)
+    syncs = sum(e.count for e in events if e.key in waits)
     operators = sum(e.count for e in events if e.key.startswith("aten::"))
     summary = {
         "steps": steps,
@@ -392,7 +405,8 @@ def run_variant(
     clock = StepClock(
         warmup,
         device,
-        profile_steps=min(5, steps - 1) if profile else 0,
+        steps,
+        profile_steps=min(5, steps // 2) if profile else 0,
         profile_to=args.json.with_name(f"profile_{name}.txt") if profile and args.json else None,
     )
     trainer = pl.Trainer(

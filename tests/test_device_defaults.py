@@ -92,6 +92,29 @@ def test_bf16_mixed_clips_the_gradients_of_a_fused_optimizer(tmp_path, monkeypat
         assert after == pytest.approx(0.1, rel=1e-3)
 
 
+def test_clipping_by_value_and_switched_off(tmp_path, monkeypatch):
+    """gradient_clip_algorithm=value clips each gradient element; a clip value of 0 (Lightning's
+    "off") clips nothing."""
+    calls = []
+    real = torch.nn.utils.clip_grad_value_
+
+    def spy(params, clip_value, foreach=None):
+        params = list(params)
+        real(params, clip_value, foreach)
+        calls.append(max(float(p.grad.abs().max()) for p in params))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", spy)
+    base = ["trainer.max_epochs=1", "trainer.limit_val_batches=0"]
+    train(compose_config("train", tiny_overrides(tmp_path / "value", *base,
+          "trainer.gradient_clip_algorithm=value", "trainer.gradient_clip_val=0.001")))  # fmt: skip
+    # the largest gradient element of a random model is far above 0.001: cut to it exactly
+    assert calls == [pytest.approx(0.001, rel=1e-6)] * 2
+    calls.clear()
+    train(compose_config("train", tiny_overrides(tmp_path / "off", *base,
+          "trainer.gradient_clip_algorithm=value", "trainer.gradient_clip_val=0")))  # fmt: skip
+    assert calls == []
+
+
 def test_clipping_with_one_norm_equals_torch_clip_grad_norm():
     """The norm that finds NaN/Inf gradients also clips them: the same result as
     ``torch.nn.utils.clip_grad_norm_`` (which Lightning calls)."""

@@ -311,8 +311,9 @@ class DETRModule(pl.LightningModule):
         Lightning clips. Lightning's mixed-precision plugin refuses to clip for any fused
         optimizer, because under fp16 such an optimizer unscales the gradients itself, so they
         would be clipped while still scaled; bf16 scales nothing, so here a fused optimizer is
-        clipped under bf16-mixed too. Strategies with their own precision (FSDP, DeepSpeed)
-        check the norm here and clip as Lightning does.
+        clipped under bf16-mixed too. Strategies with their own precision plugin (FSDP) decide
+        the skip on all ranks together and clip as Lightning does; DeepSpeed keeps its gradients
+        to itself (``p.grad`` is None), so it is neither checked nor clipped here.
         """
         params = [p for group in optimizer.param_groups for p in group["params"]
                   if p.grad is not None]  # fmt: skip
@@ -323,16 +324,19 @@ class DETRModule(pl.LightningModule):
             self.nonfinite_streak = 0
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
+        native = type(plugin) in (Precision, MixedPrecision)
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not bool(torch.isfinite(total)):
+        nonfinite = ~torch.isfinite(total)
+        # sharded gradients (FSDP) differ between ranks: decide together there
+        if bool(nonfinite) if native else any_rank(nonfinite):
             self._note_skip("a gradient is NaN/Inf")
             optimizer.zero_grad(set_to_none=True)
             return
         self.nonfinite_streak = 0
-        if not gradient_clip_val:
+        if gradient_clip_val is None or gradient_clip_val <= 0:  # Lightning's "off"
             return
         algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
-        if type(plugin) not in (Precision, MixedPrecision):
+        if not native:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         elif algorithm == GradClipAlgorithmType.NORM:
             torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), total)

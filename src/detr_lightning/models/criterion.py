@@ -159,7 +159,12 @@ class SetCriterion(nn.Module):
                 ),
             ]
         )  # fmt: skip
-        per_layer = torch.zeros(2, num_layers, device=device).index_add_(1, layer_idx, per_pair)
+        # summed per layer from host-known counts (index_add_ would be non-deterministic on CUDA)
+        if len(set(pairs_per_layer)) == 1:  # min(Q, T_i) pairs per image in every layer
+            per_layer = per_pair.view(2, num_layers, -1).sum(-1)
+        else:
+            parts = per_pair.split(pairs_per_layer, dim=1)
+            per_layer = torch.stack([part.sum(1) for part in parts], dim=1)
         loss_bbox, loss_giou = per_layer / num_boxes
 
         losses = {}
