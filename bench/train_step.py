@@ -59,24 +59,11 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, spread, write_json
+from inference import MODELS  # the benchmarks' model configurations, "tiny" included
 
 from detr_lightning.console import quiet_third_party
 from detr_lightning.module import DETRModule
 from detr_lightning.train import compile_model, resolve_precision
-
-MODELS: dict[str, dict[str, Any]] = {
-    "R50": {"backbone": "resnet50"},
-    "R101": {"backbone": "resnet101"},
-    "tiny": {
-        "backbone": "resnet18",
-        "hidden_dim": 64,
-        "nheads": 4,
-        "enc_layers": 2,
-        "dec_layers": 2,
-        "dim_feedforward": 256,
-        "num_queries": 20,
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -464,6 +451,7 @@ def tenths(losses: list[float]) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_third_party()
+    env = environment()  # recorded once, written with every variant's row
     started = time.perf_counter()
     height, width = args.size
     fixed = make_batches(args.batch, height, width, multiscale=False)
@@ -492,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(row)
         # after every variant, so that a run stopped later keeps what it measured
-        write_json(args.json, {"environment": environment(), "rows": rows, "partial": True})
+        write_json(args.json, {"environment": env, "rows": rows, "partial": True})
         print(
             f"{name}: {row['images_per_s']:.2f} img/s, step {row['step_s']['median'] * 1e3:.1f} ms "
             f"(min {row['step_s']['min'] * 1e3:.1f}, max {row['step_s']['max'] * 1e3:.1f}), "
@@ -516,7 +504,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"{steps['median']*1e3:.1f} ({steps['min']*1e3:.1f}-{steps['max']*1e3:.1f})",
                       memory, row["resolved_precision"],
                       "fused" if row["fused_adamw"] else "torch default"])  # fmt: skip
-    env = environment()
     title = (
         f"Training step, {args.model} {height}x{width}, batch {args.batch}, {args.device} "
         f"({env['cuda'] or env['cpu']}); {args.steps} timed steps after {args.warmup}"

@@ -268,24 +268,18 @@ def resolve_precision(trainer: DictConfig | dict, stage: str = "fit") -> Any:
     precision = trainer.get("precision")
     if str(precision) != "auto":
         return precision
-    if "fork" in str(trainer.get("strategy")) or "notebook" in str(trainer.get("strategy")):
+    strategy = str(trainer.get("strategy"))
+    if "fork" in strategy or "notebook" in strategy:
         # reading the GPU's capability would start CUDA before the workers fork, which breaks them
         log.info(
             "trainer.precision=auto is 32-true with strategy=%s: set trainer.precision=bf16-mixed "
             "for bf16",
-            trainer.get("strategy"),
+            strategy,
         )
         return "32-true"
     accelerator = str(trainer.get("accelerator") or "auto")
-    on_cuda = accelerator in ("gpu", "cuda") or (
-        accelerator == "auto" and torch.cuda.is_available()
-    )
-    if (
-        stage == "fit"
-        and on_cuda
-        and torch.cuda.is_available()
-        and torch.cuda.get_device_capability() >= (8, 0)
-    ):
+    on_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if stage == "fit" and on_cuda and torch.cuda.get_device_capability() >= (8, 0):
         return "bf16-mixed"
     return "32-true"
 
