@@ -19,7 +19,7 @@ from detr_lightning.models import (
     build_detr,
     fuse_frozen_batchnorm,
 )
-from detr_lightning.models.backbone import FrozenBatchNorm2d
+from detr_lightning.models.backbone import FrozenBatchNorm2d, bf16_inference_backbone
 from model_fixtures import (
     NUM_CLASSES,
     NUM_QUERIES,
@@ -434,3 +434,49 @@ def test_heads_run_in_fp32_under_bf16_autocast() -> None:
     hidden = torch.randn(2, 5, 32, generator=generator)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.bbox_embed(hidden).dtype == torch.bfloat16  # what the fp32 block prevents
+
+
+def test_bf16_inference_copy_returns_what_autocast_returns() -> None:
+    """The copy folds and casts once what autocast folds and casts at every call: the same
+    outputs bit for bit under CPU bf16 autocast, the original model untouched, every module
+    but the backbone shared."""
+    model = tiny_eval_detr()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(5))
+    prepared = model.bf16_inference_copy()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, actual = model(images), prepared(images)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(actual[key], expected[key]), key
+        assert torch.equal(actual["aux_outputs"][0][key], expected["aux_outputs"][0][key]), key
+    assert prepared.transformer is model.transformer and prepared.class_embed is model.class_embed
+    assert prepared.backbone is not model.backbone
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in prepared.backbone.modules())
+    assert prepared.backbone.body.conv1.weight.dtype == torch.bfloat16
+    assert model.state_dict().keys() == before.keys()
+    for key, value in model.state_dict().items():
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+    with pytest.raises(RuntimeError), torch.no_grad():
+        prepared(images)  # bf16 weights, fp32 images: for autocast only
+
+
+def test_bf16_inference_backbone_keeps_a_dilated_resnet50_exact() -> None:
+    """Bottleneck blocks, downsampling branches and DC5's dilation, with badly scaled random
+    statistics: the folded bf16 copy returns what autocast returns from the original."""
+    torch.manual_seed(0)
+    backbone = Backbone("resnet50", dilation=True).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buffer in backbone.named_buffers():
+            if name.endswith("running_var"):
+                buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.99 + 0.01)
+            elif name.endswith(("running_mean", "bias")):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    images = torch.randn(1, 3, 64, 80, generator=generator)
+    mask = torch.zeros(1, 64, 80, dtype=torch.bool)
+    prepared = bf16_inference_backbone(backbone)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_mask = backbone(images, mask)
+        actual, actual_mask = prepared(images, mask)
+    assert actual.dtype == torch.bfloat16
+    assert torch.equal(actual, expected) and torch.equal(actual_mask, expected_mask)

@@ -191,6 +191,26 @@ def test_bf16_and_device_keep_the_format(module):
     assert not module.training
 
 
+def test_bf16_batches_after_the_first_give_the_detections_of_single_calls(module, monkeypatch):
+    """From its second batch on, a bf16 call runs the model's bf16 inference copy: built once
+    per call, and the same detections as a call per image on the original model."""
+    images = [noise(64, 96, seed=seed) for seed in (3, 4, 5)]
+    singles = [module.predict(image, threshold=0.0, bf16=True)[0] for image in images]
+    copies = []
+    original = type(module.model).bf16_inference_copy
+
+    def counted(model):
+        copies.append(model)
+        return original(model)
+
+    monkeypatch.setattr(type(module.model), "bf16_inference_copy", counted)
+    streamed = module.predict(images, threshold=0.0, bf16=True)
+    assert len(copies) == 1
+    for actual, expected in zip(streamed, singles, strict=True):
+        assert_same(actual, expected, atol=0)
+    assert all(p.dtype == torch.float32 for p in module.model.parameters())
+
+
 def test_very_large_image(module, tmp_path):
     pixels = torch.zeros(3, 3000, 5000, dtype=torch.uint8)
     pixels[0] = torch.linspace(0, 255, 5000).to(torch.uint8)

@@ -168,6 +168,8 @@ class _BatchRunner:
         self.threshold = threshold
         self.top_k = top_k
         self.bf16 = bf16
+        self.model = module.model
+        self.batches = 0
         self.names = module.class_names
         self.category_table = torch.as_tensor(module.category_ids(), dtype=torch.int64)
         self.device = next(module.parameters()).device
@@ -175,8 +177,14 @@ class _BatchRunner:
     @torch.no_grad()  # not inference_mode: callers may edit the returned tensors in place
     def __call__(self, items: list[DecodedImage]) -> Iterator[tuple[DecodedImage, dict]]:
         batch = torch.stack([item.model_input for item in items]).to(self.device)
+        if self.bf16 and self.batches == 1:
+            # From the second batch on, a copy with the backbone's weights folded and cast
+            # once, not at every call; the same detections (see DETR.bf16_inference_copy). A
+            # call with one batch does not pay for the copy.
+            self.model = self.module.model.bf16_inference_copy()
+        self.batches += 1
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            outputs = self.module.model(batch)
+            outputs = self.model(batch)
         logits = outputs["pred_logits"].float().cpu()  # [B, Q, C + 1]
         pred_boxes = outputs["pred_boxes"].float().cpu()  # [B, Q, 4] cxcywh in [0, 1]
         for item, image_logits, image_boxes in zip(items, logits, pred_boxes):
