@@ -4,6 +4,9 @@ optimizer on CUDA, gradient clipping of a fused optimizer under bf16-mixed, ``co
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +14,13 @@ import torch
 
 from detr_lightning.errors import SetupError
 from detr_lightning.module import DETRModule, fused_by_default
-from detr_lightning.train import compile_model, resolve_precision, train
+from detr_lightning.train import (
+    ONEDNN_CACHE_VARIABLE,
+    compile_model,
+    limit_cpu_kernel_cache,
+    resolve_precision,
+    train,
+)
 from pipeline_fixtures import compose_config, tiny_overrides
 
 
@@ -156,3 +165,59 @@ def test_the_base_config_leaves_compile_off_and_precision_to_the_device(tmp_path
     cfg = compose_config("train", [f"run_dir={tmp_path}"])
     assert cfg.compile is False
     assert cfg.trainer.precision == "auto"
+
+
+KERNEL_CACHE_PROBE = """
+import sys, torch
+from detr_lightning.train import limit_cpu_kernel_cache
+limit_cpu_kernel_cache(None if sys.argv[1] == "null" else int(sys.argv[1]))
+conv = torch.nn.Conv2d(64, 64, 3).to(memory_format=torch.channels_last)
+x = torch.randn(2, 64, 56, 56).contiguous(memory_format=torch.channels_last)
+with torch.no_grad(), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+    conv(x)
+    conv(x)
+"""
+
+
+def kernel_creations(setting: str, environment: dict[str, str] | None = None) -> list[str]:
+    """oneDNN's verbose account of each kernel it created for two identical convolutions in a
+    fresh process after ``limit_cpu_kernel_cache(setting)``: cache_hit or cache_miss."""
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_CACHE_VARIABLE}
+    env.update(environment or {})
+    result = subprocess.run(
+        [sys.executable, "-c", KERNEL_CACHE_PROBE, setting],
+        capture_output=True, text=True, env=env, timeout=120, check=True,
+    )  # fmt: skip
+    return [
+        field.split(":")[1]
+        for line in result.stdout.splitlines()
+        for field in line.split(",")
+        if field.startswith("create:")
+    ]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build")
+def test_cpu_kernel_cache_setting_reaches_onednn() -> None:
+    """cpu_kernel_cache=0 (train.yaml's default) set before the first convolution leaves oneDNN
+    without a cache: the second identical convolution compiles its kernels again. null leaves
+    oneDNN's cache, which the second one hits; a value in the environment wins."""
+    default = kernel_creations("null")
+    assert "cache_miss" in default and "cache_hit" in default, default
+    without = kernel_creations("0")
+    assert without and set(without) == {"cache_miss"}, without
+    environment_wins = kernel_creations("0", {ONEDNN_CACHE_VARIABLE: "1024"})
+    assert "cache_hit" in environment_wins, environment_wins
+
+
+def test_cpu_kernel_cache_values(monkeypatch) -> None:
+    monkeypatch.delenv(ONEDNN_CACHE_VARIABLE, raising=False)
+    limit_cpu_kernel_cache(None)
+    assert ONEDNN_CACHE_VARIABLE not in os.environ
+    limit_cpu_kernel_cache(16)
+    assert os.environ[ONEDNN_CACHE_VARIABLE] == "16"
+    limit_cpu_kernel_cache(0)  # the environment's value stays
+    assert os.environ[ONEDNN_CACHE_VARIABLE] == "16"
+    for bad in (-1, "many", 1.5, True):
+        with pytest.raises(SetupError, match="cpu_kernel_cache"):
+            limit_cpu_kernel_cache(bad)
+    assert compose_config("train", ["run_dir=unused"]).cpu_kernel_cache == 0
