@@ -578,8 +578,9 @@ def bf16_inference_backbone(backbone: Backbone) -> Backbone:
     left as it is (the copy costs its float32 weights for a moment, then half of them).
     """
     clone = copy.deepcopy(backbone).eval()
-    fuse_frozen_batchnorm(clone.body)
-    for module in clone.body.modules():
+    trunk = getattr(clone, "body", clone)  # the ResNet; any other backbone module as a whole
+    fuse_frozen_batchnorm(trunk)
+    for module in trunk.modules():
         if isinstance(module, nn.Conv2d):
             module.to(torch.bfloat16)
     return clone.requires_grad_(False)
