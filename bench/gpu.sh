@@ -6,10 +6,13 @@
 #    loss curves of fp32 and of the defaults from one initialization;
 # 2. the same in alternating rounds (fp32, default, compile, fp32, default, compile): a GPU
 #    machine's host drifts, and the step is bound by the host;
-# 3. bench/inference.py: R50 and R101 inference at 800x1066, batch 1, fp32 and bf16, against
+# 3. multi-scale batches (four padded sizes) with and without torch.compile;
+# 4. bench/inference.py: R50 and R101 inference at 800x1066, batch 1, fp32 and bf16, against
 #    the original formulation (the paper: 0.036 / 0.050 s per image on a V100);
-# 4. train.py on the GPU with the defaults (the CPU demo's data and model): the whole pipeline,
-#    precision auto and the fused optimizer as a user gets them.
+# 5. train.py on the GPU with the defaults (the CPU demo's data and model): the whole pipeline,
+#    precision auto and the fused optimizer as a user gets them;
+# 6. when the host CPU has bf16 arithmetic (AMX / AVX512-BF16) and transformers is installed:
+#    CPU inference against transformers' DETR, fp32 and bf16 (bench/inference_hf.py).
 set -u
 out=${1:?usage: bench/gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -29,11 +32,24 @@ timeout 200 "$py" bench/train_step.py --device cuda --warmup 6 --steps 30 \
     --variants fp32 default compile fp32 default compile \
     --json "$out/train_step_rounds.json" 2>&1 | grep -v -E "$quiet"
 
-echo "== 3. inference"
+echo "== 3. multi-scale batches, with and without compile"
+timeout 300 "$py" bench/train_step.py --device cuda --warmup 8 --steps 24 \
+    --variants multiscale compile-multiscale multiscale \
+    --json "$out/train_step_multiscale.json" 2>&1 | grep -v -E "$quiet"
+
+echo "== 4. inference"
 timeout 150 "$py" bench/inference.py --device cuda --models R50 R101 --size 800 1066 \
     --batch-sizes 1 --precisions fp32 bf16 --channels-last off on --warmup 3 --iters 30 \
     --compare-official --json "$out/inference.json" 2>&1 | tail -20
 
-echo "== 4. train.py on the GPU, defaults"
+echo "== 5. train.py on the GPU, defaults"
 timeout 120 "$py" train.py experiment=synthetic_cpu trainer.accelerator=gpu trainer.max_epochs=2 \
     run_dir="$out/train-run" 2>&1 | grep -E "precision|optimizer|epoch 2/2|Error"
+
+echo "== 6. CPU inference against transformers"
+if grep -q -w -E "amx_bf16|avx512_bf16" /proc/cpuinfo && "$py" -c "import transformers, timm" 2>/dev/null; then
+    CUDA_VISIBLE_DEVICES= timeout 300 "$py" bench/inference_hf.py --model R101 --warmup 3 --iters 15 \
+        --precisions fp32 bf16 --json "$out/inference_hf_cpu.json" 2>&1 | grep -v -E "$quiet"
+else
+    echo "skipped: the CPU has no bf16 arithmetic, or transformers / timm are not installed"
+fi
