@@ -319,6 +319,21 @@ def test_fuse_frozen_batchnorm_keeps_outputs(model: DETR) -> None:
         assert_same_predictions(fused(images), model(images))
 
 
+@torch.no_grad()
+def badly_scaled_resnet50(dilation: bool) -> tuple[Backbone, torch.Generator]:
+    """A seeded random ResNet-50 backbone in eval mode whose frozen BN statistics are drawn
+    badly scaled (variances down to 0.01), and the generator that drew them, for the inputs."""
+    torch.manual_seed(0)
+    backbone = Backbone("resnet50", dilation=dilation).eval()
+    generator = torch.Generator().manual_seed(1)
+    for name, buffer in backbone.named_buffers():
+        if name.endswith("running_var"):
+            buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.99 + 0.01)
+        elif name.endswith(("running_mean", "bias")):
+            buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    return backbone, generator
+
+
 @pytest.mark.parametrize("dilation", [False, True], ids=["r50", "r50-dc5"])
 def test_folded_frozen_batchnorm_is_as_accurate_as_separate_norms(dilation: bool) -> None:
     """The backbone folds frozen BN into its convs (forward and backward). Against a float64
@@ -328,14 +343,7 @@ def test_folded_frozen_batchnorm_is_as_accurate_as_separate_norms(dilation: bool
     folding."""
     import detr_lightning.models.backbone as backbone_module
 
-    torch.manual_seed(0)
-    backbone = Backbone("resnet50", dilation=dilation).eval()
-    generator = torch.Generator().manual_seed(1)
-    for name, buffer in backbone.named_buffers():
-        if name.endswith("running_var"):
-            buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.99 + 0.01)
-        elif name.endswith(("running_mean", "bias")):
-            buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    backbone, generator = badly_scaled_resnet50(dilation)
     images = torch.randn(2, 3, 64, 80, generator=generator)
     mask = torch.zeros(2, 64, 80, dtype=torch.bool)
     with torch.no_grad():
@@ -463,15 +471,7 @@ def test_bf16_inference_copy_returns_what_autocast_returns() -> None:
 def test_bf16_inference_backbone_keeps_a_dilated_resnet50_exact() -> None:
     """Bottleneck blocks, downsampling branches and DC5's dilation, with badly scaled random
     statistics: the folded bf16 copy returns what autocast returns from the original."""
-    torch.manual_seed(0)
-    backbone = Backbone("resnet50", dilation=True).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, buffer in backbone.named_buffers():
-            if name.endswith("running_var"):
-                buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.99 + 0.01)
-            elif name.endswith(("running_mean", "bias")):
-                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    backbone, generator = badly_scaled_resnet50(dilation=True)
     images = torch.randn(1, 3, 64, 80, generator=generator)
     mask = torch.zeros(1, 64, 80, dtype=torch.bool)
     prepared = bf16_inference_backbone(backbone)
