@@ -257,8 +257,8 @@ def resolve_precision(trainer: DictConfig | dict, stage: str = "fit") -> Any:
     """``trainer.precision``, with ``auto`` resolved for the device the run will use.
 
     ``auto`` is ``bf16-mixed`` for training on CUDA GPUs with bf16 arithmetic (compute
-    capability 8.0 and up: A100, H100, RTX 30xx and later), where it trained 1.15-1.33x
-    faster than fp32 with 0.64x the peak memory at the paper config on an H200
+    capability 8.0 and up: A100, H100, RTX 30xx and later), where it trained 1.10-1.35x
+    faster than fp32 with 0.65x the peak memory at the paper config on an H200
     (``bench/train_step.py``); matching, the losses and the prediction heads run in float32
     under it. Validation during training and ``test_after_fit`` run in the
     training's precision. Everywhere else, and for evaluation by ``eval.py`` on any device (COCO
