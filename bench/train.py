@@ -16,9 +16,10 @@ The official side is ``../shared/bench/official_train.py`` (its ``main.py`` unch
 monkeypatches for the small config; pass the checkout with ``--official`` or
 ``$REF_DETR_DIR``). Our side is ``train.py`` with the overrides in ``SMALL`` plus an epoch timer.
 Runs go one after the other, never in parallel. Per epoch: training wall seconds and images/s
-(training batches only), training loss (the weighted total, epoch mean), and, polled from
-/proc by this script for both alike, the peak RSS of the main process and of the largest
-data-loader worker.
+(data loading and training steps, from the epoch's start to its last step; the validation
+after it is excluded on both sides), training loss (the weighted total, epoch mean), and,
+polled from /proc by this script for both alike, the peak RSS of the main process and of the
+largest data-loader worker.
 
 A shared or throttled machine drifts: the same official run took 8.1 and 9.6 img/s an hour
 apart on one VM. With ``--rounds N`` every code base runs N times, in reversed order every
@@ -87,29 +88,33 @@ def run_ours(log_path: str, overrides: list[str]) -> None:
     from detr_lightning.train import train
 
     class EpochTimer(pl.Callback):
+        # The clock runs from the epoch's start to the end of its last training step: data
+        # loading and steps, not the validation that Lightning runs before on_train_epoch_end.
+        # That is what the official side times (its train_one_epoch, without evaluate).
         def __init__(self) -> None:
-            self.started = self.train_s = None
+            self.started = self.last_step_end = None
 
         def on_train_epoch_start(self, trainer, module) -> None:
-            self.started, self.train_s = time.perf_counter(), None
+            self.started = self.last_step_end = time.perf_counter()
             self.padded = self.pixels = 0
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
             self.padded += int(batch[1].sum())  # the padding mask: True on padding
             self.pixels += batch[1].numel()
 
-        def on_validation_epoch_start(self, trainer, module) -> None:
-            if trainer.training and self.train_s is None and self.started is not None:
-                self.train_s = time.perf_counter() - self.started
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self.last_step_end = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, module) -> None:
-            train_s = self.train_s or time.perf_counter() - self.started
+            train_s = self.last_step_end - self.started
             images = trainer.num_training_batches * trainer.datamodule.per_device_batch_size
             images = min(images, len(trainer.datamodule.train_dataset))
             record = {
                 "phase": "train",
                 "epoch": trainer.current_epoch + 1,
                 "train_s": round(train_s, 2),
+                # with the validation and checkpointing that follow the last step
+                "epoch_s": round(time.perf_counter() - self.started, 2),
                 "img_per_s": round(images / train_s, 3),
                 "loss": float(trainer.callback_metrics["train/loss"]),
                 "padding_fraction": round(self.padded / max(self.pixels, 1), 4),
