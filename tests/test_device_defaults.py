@@ -1,5 +1,6 @@
 """What a run gets on each device without overrides: ``trainer.precision=auto``, the fused
-optimizer on CUDA, gradient clipping of a fused optimizer under bf16-mixed, ``compile``."""
+optimizer on CUDA and the CPU, gradient clipping of a fused optimizer under bf16-mixed,
+``compile``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from detr_lightning.errors import SetupError
@@ -63,17 +65,54 @@ def _params(device: str, dtype=torch.float32) -> list:
     ]
 
 
-def test_the_fused_update_is_chosen_for_cuda_parameters_when_the_config_is_silent():
+def test_the_fused_update_is_chosen_for_cuda_and_cpu_parameters_when_the_config_is_silent():
     adamw = functools.partial(torch.optim.AdamW, lr=1e-4)
-    assert fused_by_default(adamw, _params("cuda")) == {"fused": True}
-    assert fused_by_default(torch.optim.AdamW, _params("cuda")) == {"fused": True}
-    # on the CPU, or when the config chose, torch's own default stays
-    assert fused_by_default(adamw, _params("cpu")) == {}
+    for device in ("cuda", "cpu"):
+        assert fused_by_default(adamw, _params(device)) == {"fused": True}
+        assert fused_by_default(torch.optim.AdamW, _params(device)) == {"fused": True}
+    # on other devices, on a mix, or when the config chose, torch's own default stays
+    assert fused_by_default(adamw, _params("mps")) == {}
+    assert fused_by_default(adamw, _params("cuda") + _params("cpu")) == {}
     for choice in ({"fused": False}, {"foreach": True}, {"fused": True}):
-        assert fused_by_default(functools.partial(adamw, **choice), _params("cuda")) == {}
+        for device in ("cuda", "cpu"):
+            assert fused_by_default(functools.partial(adamw, **choice), _params(device)) == {}
     # an optimizer without a fused kernel
     assert fused_by_default(functools.partial(torch.optim.Rprop), _params("cuda")) == {}
     assert fused_by_default(adamw, []) == {}
+
+
+class _Weights(pl.Callback):
+    """The optimizer's ``fused`` setting and the weights at the start and end of training."""
+
+    def on_train_start(self, trainer, module) -> None:
+        self.fused = trainer.optimizers[0].defaults.get("fused")
+        self.start = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+    def on_train_end(self, trainer, module) -> None:
+        self.end = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def test_cpu_training_takes_the_fused_adamw_step_and_trains_as_the_python_loop(tmp_path):
+    """On the CPU the default optimizer is torch's fused AdamW; its weights after a step equal,
+    to float32 rounding, those of torch's per-parameter loop (``optimizer.fused=false``) from
+    the same seed and batch. (One step: after it, the rounding differences can change which
+    query the matcher gives an object, and the runs part ways as any two would.)"""
+    runs = {}
+    for name, extra in (("default", []), ("loop", ["+optimizer.fused=false"])):
+        record = _Weights()
+        overrides = tiny_overrides(tmp_path / name, "trainer.max_epochs=1",
+                                   "trainer.max_steps=1", "trainer.limit_val_batches=0",
+                                   *extra)  # fmt: skip
+        train(compose_config("train", overrides), callbacks=[record])
+        runs[name] = record
+    assert runs["default"].fused is True and not runs["loop"].fused
+    fused, loop = runs["default"], runs["loop"]
+    moved = 0
+    for key, value in fused.end.items():
+        torch.testing.assert_close(fused.start[key], loop.start[key], rtol=0, atol=0)
+        torch.testing.assert_close(value, loop.end[key], rtol=0, atol=1e-6)
+        moved += int((value - fused.start[key]).abs().max() > 1e-5)
+    assert moved > 10  # the steps moved the weights by far more than the tolerance
 
 
 def test_bf16_mixed_clips_the_gradients_of_a_fused_optimizer(tmp_path, monkeypatch):
@@ -221,3 +260,24 @@ def test_cpu_kernel_cache_values(monkeypatch) -> None:
         with pytest.raises(SetupError, match="cpu_kernel_cache"):
             limit_cpu_kernel_cache(bad)
     assert compose_config("train", ["run_dir=unused"]).cpu_kernel_cache == 0
+
+
+class NoCpuFusedAdamW(torch.optim.AdamW):
+    """An optimizer that takes ``fused`` but has no fused kernel for CPU parameters."""
+
+    def __init__(self, params, fused=None, **settings) -> None:
+        if fused:
+            raise RuntimeError("fused=True needs CUDA parameters")
+        super().__init__(params, fused=fused, **settings)
+
+
+def test_an_optimizer_without_a_fused_kernel_for_the_device_gets_torch_default_update():
+    assert _module().configure_optimizers().defaults["fused"] is True  # the CPU default
+    spec = {"_target_": f"{__name__}.NoCpuFusedAdamW", "_partial_": True, "lr": 1e-4}
+    module = DETRModule(model=_module().hparams.model, optimizer=spec)
+    optimizer = module.configure_optimizers()
+    assert type(optimizer) is NoCpuFusedAdamW and not optimizer.defaults["fused"]
+    # an error of the optimizer's own is not hidden by the retry
+    bad = {**spec, "lr": -1.0}
+    with pytest.raises(ValueError, match="learning rate"):
+        DETRModule(model=_module().hparams.model, optimizer=bad).configure_optimizers()

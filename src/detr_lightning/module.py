@@ -486,9 +486,17 @@ class DETRModule(pl.LightningModule):
         # Lightning cannot clip the gradients of a fused optimizer under fp16's loss scaling
         scaled = self._trainer is not None and _loss_scaler(self.trainer) is not None
         fused = {} if scaled else fused_by_default(factory, backbone + rest)
-        if fused:
-            log.info("optimizer: fused kernel (optimizer.fused=false for torch's default)")
-        optimizer = factory(groups, **fused)
+        try:
+            optimizer = factory(groups, **fused)
+        except (RuntimeError, ValueError) as err:
+            if not fused:
+                raise
+            # an optimizer that takes ``fused`` but has no such kernel for this device
+            log.info(f"optimizer: no fused kernel here ({err}); torch's default update")
+            optimizer = factory(groups)
+        else:
+            if fused:
+                log.info("optimizer: fused kernel (optimizer.fused=false for torch's default)")
         if self.hparams.schedule is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
@@ -503,12 +511,17 @@ def _loss_scaler(trainer: pl.Trainer) -> Any:
 
 def fused_by_default(factory: Callable, params: Sequence[Tensor]) -> dict[str, bool]:
     """``{"fused": True}`` when ``factory`` (an optimizer class or a partial of one) can fuse
-    its update into one kernel, every parameter is on a CUDA device and the config chose
-    neither ``fused`` nor ``foreach``; else ``{}`` (torch's own default).
+    its update into one kernel, every parameter is on a CUDA device or on the CPU (all on one
+    kind) and the config chose neither ``fused`` nor ``foreach``; else ``{}`` (torch's own
+    default).
 
     On CUDA torch defaults to its multi-tensor (foreach) update; the fused kernel computes the
     same AdamW step in fewer launches and passes over the weights (``bench/train_step.py``).
-    ``optimizer.fused=false`` keeps torch's default."""
+    On the CPU torch defaults to a Python loop of a dozen operations per parameter: for the
+    12M parameters (88 tensors) of ``bench/train.py``'s small DETR, one AdamW step took 52-64
+    ms that way, 50-54 ms with foreach and 11 ms fused on a 2-core CPU, of a training step of
+    about 560 ms. The fused step differs from the loop by float32 rounding only (6e-8 after
+    33 steps). ``optimizer.fused=false`` keeps torch's default."""
     keywords = factory.keywords if isinstance(factory, functools.partial) else {}
     if keywords.get("fused") is not None or keywords.get("foreach") is not None:
         return {}
@@ -517,7 +530,8 @@ def fused_by_default(factory: Callable, params: Sequence[Tensor]) -> dict[str, b
         accepts = "fused" in inspect.signature(target).parameters
     except (TypeError, ValueError):
         return {}
-    if not accepts or not params or any(p.device.type != "cuda" for p in params):
+    kinds = {p.device.type for p in params}
+    if not accepts or len(kinds) != 1 or kinds.isdisjoint({"cuda", "cpu"}):
         return {}
     if any(not p.is_floating_point() for p in params):
         return {}
