@@ -112,7 +112,7 @@ def test_cpu_training_takes_the_fused_adamw_step_and_trains_as_the_python_loop(t
         torch.testing.assert_close(fused.start[key], loop.start[key], rtol=0, atol=0)
         torch.testing.assert_close(value, loop.end[key], rtol=0, atol=1e-6)
         moved += int((value - fused.start[key]).abs().max() > 1e-5)
-    assert moved > 10  # the steps moved the weights by far more than the tolerance
+    assert moved > 10  # the step moved the weights by far more than the tolerance
 
 
 def test_bf16_mixed_clips_the_gradients_of_a_fused_optimizer(tmp_path, monkeypatch):

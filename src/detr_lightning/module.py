@@ -491,9 +491,10 @@ class DETRModule(pl.LightningModule):
         except (RuntimeError, ValueError) as err:
             if not fused:
                 raise
-            # an optimizer that takes ``fused`` but has no such kernel for this device
-            log.info(f"optimizer: no fused kernel here ({err}); torch's default update")
+            # an optimizer that takes ``fused`` but has no such kernel for this device; an
+            # error of its own (a bad lr) comes again from this call
             optimizer = factory(groups)
+            log.info(f"optimizer: no fused kernel here ({err}); torch's default update")
         else:
             if fused:
                 log.info("optimizer: fused kernel (optimizer.fused=false for torch's default)")
