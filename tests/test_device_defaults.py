@@ -263,12 +263,13 @@ def test_cpu_kernel_cache_values(monkeypatch) -> None:
 
 
 class NoCpuFusedAdamW(torch.optim.AdamW):
-    """An optimizer that takes ``fused`` but has no fused kernel for CPU parameters."""
+    """An optimizer that takes ``fused`` but has no fused kernel for CPU parameters. Like
+    torch's own checks, it refuses after its parameter groups took its settings."""
 
     def __init__(self, params, fused=None, **settings) -> None:
+        super().__init__(params, fused=fused, **settings)
         if fused:
             raise RuntimeError("fused=True needs CUDA parameters")
-        super().__init__(params, fused=fused, **settings)
 
 
 def test_an_optimizer_without_a_fused_kernel_for_the_device_gets_torch_default_update():
@@ -277,6 +278,8 @@ def test_an_optimizer_without_a_fused_kernel_for_the_device_gets_torch_default_u
     module = DETRModule(model=_module().hparams.model, optimizer=spec)
     optimizer = module.configure_optimizers()
     assert type(optimizer) is NoCpuFusedAdamW and not optimizer.defaults["fused"]
+    # the refused attempt's settings did not stay in the groups: no step would run fused
+    assert [group["fused"] for group in optimizer.param_groups] == [None, None]
     # an error of the optimizer's own is not hidden by the retry
     bad = {**spec, "lr": -1.0}
     with pytest.raises(ValueError, match="learning rate"):

@@ -487,7 +487,9 @@ class DETRModule(pl.LightningModule):
         scaled = self._trainer is not None and _loss_scaler(self.trainer) is not None
         fused = {} if scaled else fused_by_default(factory, backbone + rest)
         try:
-            optimizer = factory(groups, **fused)
+            # copies: an optimizer fills its groups with its settings (``fused`` among them)
+            # before it may refuse them, and the retry below must not inherit them
+            optimizer = factory([dict(group) for group in groups], **fused)
         except (RuntimeError, ValueError) as err:
             if not fused:
                 raise
