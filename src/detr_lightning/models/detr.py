@@ -139,10 +139,8 @@ class DETR(nn.Module):
         follow later changes of this model's backbone. ``predict(..., bf16=True)`` uses one
         from the second batch of a call on.
         """
-        # every submodule but the backbone is memoized to itself: shared, not copied
-        memo = {id(module): module for name, module in self.named_children() if name != "backbone"}
-        memo[id(self.backbone)] = self.backbone
-        clone = copy.deepcopy(self, memo)
+        # every submodule is memoized to itself: shared, not copied; the backbone is replaced
+        clone = copy.deepcopy(self, {id(module): module for module in self.children()})
         clone.backbone = bf16_inference_backbone(self.backbone)
         return clone.eval()
 
