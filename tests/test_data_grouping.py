@@ -89,6 +89,40 @@ def test_short_batch_stays_last(dataset: CocoDetection) -> None:
     assert [len(b) for b in batches] == [6] * 6 + [4]
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "grouped"])
+@pytest.mark.parametrize(("world_size", "rank"), [(1, 0), (3, 0), (3, 2)])
+def test_an_epoch_resumed_after_trained_samples_is_the_rest_of_that_epoch(
+    dataset: CocoDetection, grouped: bool, world_size: int, rank: int
+) -> None:
+    """``trained_source`` (a run resumed mid-epoch) leaves out exactly the first samples of
+    the epoch's order; the grouped order computes no size in the windows it passes over."""
+    batch, window = 3, 2  # windows of 6 samples
+    calls: list[tuple[int, int]] = []
+
+    def size_of(index: int, seed: int) -> tuple[int, int]:
+        calls.append((index, seed))
+        return dataset.output_size((index, seed))
+
+    def sampler(trained: int) -> EpochSeededSampler:
+        return EpochSeededSampler(
+            dataset, num_replicas=world_size, rank=rank, seed=3,
+            epoch_source=lambda: 2, trained_source=lambda: trained,
+            group_batch_size=batch if grouped else None,
+            size_of=size_of if grouped else None, group_window=window,
+        )  # fmt: skip
+
+    whole = list(sampler(0))
+    assert len(whole) == len(sampler(0)) == -(-40 // world_size)
+    for trained in range(0, len(whole) + 1, batch):
+        calls.clear()
+        rest = sampler(trained)
+        assert list(rest) == whole[trained:], trained
+        assert len(rest) == len(whole)  # Lightning counts the trained batches as done
+        if grouped:  # sizes only for the windows from the first sample on
+            first_window = trained // (batch * window) * batch * window
+            assert len(calls) == len(whole) - first_window, trained
+
+
 def test_grouping_needs_a_size_function(dataset: CocoDetection) -> None:
     with pytest.raises(ValueError, match="size_of"):
         EpochSeededSampler(dataset, group_batch_size=4)

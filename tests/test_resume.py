@@ -278,6 +278,7 @@ def test_sigkill_mid_epoch_then_resume_auto_continues_the_same_run(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert f"resuming {last} (epoch {epoch}, global step {step})" in output
+    assert "not resumable" not in output  # Lightning's warning for loaders that restart
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the same run dir
     assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["hparams.yaml", "metrics.csv"]
     assert torch.load(last, weights_only=True)["global_step"] == 12

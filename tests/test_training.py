@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -123,6 +125,61 @@ def test_resume_gives_identical_next_steps(tmp_path):
     assert resumed.losses == straight.losses[steps_per_epoch:]
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["epoch"] == 1 and state["global_step"] == 2 * steps_per_epoch
+
+
+class _Batches(pl.Callback):
+    """Records every training step's loss and image ids, and saves a checkpoint at the end of
+    step ``save_at`` (as the every-N-steps checkpoint does)."""
+
+    def __init__(self, save_at: int | None = None, path: Path | None = None) -> None:
+        self.save_at, self.path = save_at, path
+        self.steps: list[tuple[float, list[int]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ids = [int(target["image_id"]) for target in batch[2]]
+        self.steps.append((float(outputs["loss"]), ids))
+        if trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize(
+    ("grouped", "workers"), [(False, 0), (True, 0), (False, 1)], ids=["plain", "grouped", "worker"]
+)
+def test_resume_mid_epoch_continues_the_epoch_batch_for_batch(
+    tmp_path, grouped, workers, caplog, recwarn
+):
+    """A checkpoint written in the middle of an epoch resumes with the next batch of that
+    epoch: the same images, augmentations and losses as the uninterrupted run, and no image of
+    the epoch trained twice. With a worker process too, whose iterator draws its first indices
+    as soon as it exists (Lightning makes it before it restores the loop state)."""
+    common = [
+        "trainer.max_epochs=2",
+        "data.synthetic.num_train=16",  # 4 steps per epoch
+        f"data.group_by_aspect_ratio={str(grouped).lower()}",
+        f"data.num_workers={workers}",
+        "schedule=cosine",
+        "schedule.warmup_steps=2",
+        "data.crop=true",
+    ]
+    middle = tmp_path / "step6.ckpt"  # epoch 1, after 2 of its 4 batches
+    straight = _Batches(save_at=6, path=middle)
+    train(compose_config("train", tiny_overrides(tmp_path / "straight", *common)), [straight])
+    assert len(straight.steps) == 8 and middle.is_file()
+    state = torch.load(middle, weights_only=True)
+    loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state == [{"epoch": 1, "trained_samples": 8}]
+
+    resumed = _Batches()
+    with caplog.at_level(logging.WARNING):
+        cfg = compose_config(
+            "train", tiny_overrides(tmp_path / "resumed", *common, f"ckpt_path={middle}")
+        )
+        train(cfg, [resumed])
+    assert resumed.steps == straight.steps[6:]
+    epoch_1 = [i for _, ids in straight.steps[4:] for i in ids]
+    assert sorted(epoch_1) == sorted(i for _, ids in straight.steps[:4] for i in ids)
+    assert len(set(epoch_1)) == 16  # every image once: the resumed half is the other half
+    assert "not resumable" not in caplog.text + " ".join(str(w.message) for w in recwarn)
 
 
 def test_resume_auto_starts_then_continues_the_run_directory(tmp_path):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from lightning_fabric.utilities.data import suggested_max_num_workers
 from torch.utils.data import DataLoader
 
@@ -34,7 +35,7 @@ from detr_lightning.data.collate import collate_detection
 from detr_lightning.data.labels import LabelMap
 from detr_lightning.data.presets import DEFAULT_SCALES, make_train_transforms, make_val_transforms
 from detr_lightning.data.report import ERROR, WARNING, SplitReport, split_report, summary_line
-from detr_lightning.data.sampler import EpochSeededSampler
+from detr_lightning.data.sampler import EpochSeededSampler, ResumableDataLoader
 from detr_lightning.data.synthetic import ensure_synthetic_coco
 from detr_lightning.errors import SetupError
 
@@ -304,10 +305,11 @@ class CocoDataModule(pl.LightningDataModule):
     def _loader(
         self, dataset: CocoDetection, batch_size: int, sampler: EpochSeededSampler | None = None
     ) -> DataLoader:
-        """Batches in ``sampler`` order, or in file order without one."""
+        """Batches in ``sampler`` order (resumable within an epoch, see
+        :class:`ResumableDataLoader`), or in file order without one."""
         num_workers = self.num_workers if self.num_workers is not None else 0
         context = _worker_context(self.worker_start) if num_workers > 0 else None
-        return DataLoader(
+        return (DataLoader if sampler is None else ResumableDataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
@@ -318,14 +320,21 @@ class CocoDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers and num_workers > 0,
             collate_fn=collate_detection,
             multiprocessing_context=context,
+            # A DataLoader without a generator of its own draws its workers' base seed from the
+            # global RNG at every new iterator, which shifts the dropout of every later step;
+            # a resume from mid-epoch makes one iterator more than the uninterrupted run. The
+            # samples' augmentations do not use it (their seeds come from the sampler).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches of ``per_device_batch_size`` images.
 
         Order and augmentations are a function of (``seed``, epoch, image) only, on every rank
-        (see :mod:`detr_lightning.data.sampler`), so resumed runs repeat them exactly. With
-        ``group_by_aspect_ratio`` each batch holds images of similar size after augmentation.
+        (see :mod:`detr_lightning.data.sampler`), so resumed runs repeat them exactly, from
+        the batch after the last one trained, also when the checkpoint was written mid-epoch.
+        With ``group_by_aspect_ratio`` each batch holds images of similar size after
+        augmentation.
         """
         trainer = self.trainer
         dataset = self._get_train_dataset()
@@ -336,6 +345,11 @@ class CocoDataModule(pl.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             seed=self.seed,
             epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None,
+            trained_source=(
+                (lambda: _trained_batches(trainer) * self.per_device_batch_size)
+                if trainer is not None
+                else None
+            ),
             group_batch_size=self.per_device_batch_size if grouped else None,
             size_of=(lambda index, seed: dataset.output_size((index, seed))) if grouped else None,
         )
@@ -352,6 +366,13 @@ class CocoDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The validation split, for writing predictions."""
         return self.val_dataloader()
+
+
+def _trained_batches(trainer: pl.Trainer) -> int:
+    """How many batches of the current training epoch the trainer has drawn: 0 when an epoch
+    starts, more when a run resumes from a checkpoint written mid-epoch (then restored from it
+    by the time the first batch is drawn)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
 
 def _log_summary(report: SplitReport) -> None:
