@@ -182,6 +182,16 @@ def test_resume_mid_epoch_continues_the_epoch_batch_for_batch(
     assert "not resumable" not in caplog.text + " ".join(str(w.message) for w in recwarn)
 
 
+def test_overfit_batches_trains_the_same_batches_every_epoch(tmp_path):
+    """``trainer.overfit_batches`` (debug=overfit) swaps in Lightning's sequential sampler;
+    the resumable training loader takes it."""
+    batches = _Batches()
+    overrides = ["trainer.overfit_batches=1", "trainer.max_epochs=3", "trainer.limit_val_batches=0"]
+    train(compose_config("train", tiny_overrides(tmp_path, *overrides)), [batches])
+    assert len(batches.steps) == 3
+    assert [ids for _, ids in batches.steps] == [[1, 2, 3, 4]] * 3
+
+
 def test_resume_auto_starts_then_continues_the_run_directory(tmp_path):
     """A requeued job reruns its own command in its own run directory: the first start finds
     no checkpoint and trains from the beginning, the rerun continues from last.ckpt."""

@@ -369,10 +369,12 @@ class CocoDataModule(pl.LightningDataModule):
 
 
 def _trained_batches(trainer: pl.Trainer) -> int:
-    """How many batches of the current training epoch the trainer has drawn: 0 when an epoch
-    starts, more when a run resumes from a checkpoint written mid-epoch (then restored from it
-    by the time the first batch is drawn)."""
-    return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    """How many batches of the current training epoch have been trained: 0 when an epoch
+    starts, more when a run resumes from a checkpoint written mid-epoch (restored from it by
+    the time the first batch is drawn). Lightning's count of processed batches, which also
+    holds where ``training_step`` draws its batch itself (``dataloader_iter``): its count of
+    batches drawn is one ahead there."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
 def _log_summary(report: SplitReport) -> None:

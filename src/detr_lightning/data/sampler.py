@@ -146,27 +146,28 @@ class EpochSeededSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A training DataLoader over an :class:`EpochSeededSampler` that makes its iterator when
-    the first batch is drawn, so that the sampler reads its ``epoch_source`` and
-    ``trained_source`` after Lightning has restored a checkpoint (see the module docstring).
+    """A training DataLoader that makes its iterator when the first batch is drawn, so that an
+    :class:`EpochSeededSampler` reads its ``epoch_source`` and ``trained_source`` after
+    Lightning has restored a checkpoint (see the module docstring).
 
-    Takes the arguments of ``DataLoader``; ``sampler`` must be an EpochSeededSampler.
+    Takes the arguments of ``DataLoader``. Meant as the one training loader of a run: under
+    Lightning's ``max_size_cycle`` a shorter loader restarted within an epoch would leave out
+    the epoch's trained samples again. Any other sampler (Lightning puts a sequential one in
+    for ``overfit_batches``) just runs as in a DataLoader.
+
     ``state_dict`` records the position in the epoch in Lightning's checkpoints, and its
     presence tells Lightning that the loader resumes within an epoch. ``load_state_dict`` has
     nothing to do: the position comes back with Lightning's own loop state, which the
     sampler's sources read.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.sampler, EpochSeededSampler):
-            raise TypeError(f"ResumableDataLoader needs an EpochSeededSampler, got {self.sampler}")
-
     def __iter__(self) -> Iterator[Any]:
         return _FirstBatchStarts(super().__iter__)
 
     def state_dict(self) -> dict[str, int]:
         sampler = self.sampler
+        if not isinstance(sampler, EpochSeededSampler):
+            return {}
         source = sampler.trained_source
         return {"epoch": sampler.epoch, "trained_samples": int(source()) if source else 0}
 
