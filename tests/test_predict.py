@@ -334,6 +334,49 @@ def test_exif_orientation_is_applied(module, tmp_path):
     assert_same(result, module.predict(pixels, threshold=0.0)[0], atol=0)
 
 
+def test_static_shapes_for_the_sizes_many_files_share(module, tmp_path, caplog, monkeypatch):
+    """``static_shapes`` N declares the input shapes that at least N files share (EXIF
+    orientation counted) for the run, and puts the module's own declaration back after it;
+    the detections are those of the general graph."""
+    import detr_lightning.models.backbone as backbone_module
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        save_png(noise(60, 80, seed=len(name) + ord(name[0])), folder / name)
+    rotated = Image.fromarray(noise(60, 80, seed=9).permute(2, 1, 0).numpy())  # 60 wide, 80 high
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # shown rotated: 80 wide, 60 high, as the two above
+    rotated.save(folder / "c.jpg", exif=exif.tobytes(), quality=95)
+    save_png(noise(70, 70, seed=4), folder / "d.png")
+    compiled = []
+    original = backbone_module._static_trunk
+    monkeypatch.setattr(
+        backbone_module, "_static_trunk",
+        lambda backbone, shape: compiled.append(shape) or original(backbone, shape),
+    )  # fmt: skip
+    backbone = module.model.backbone
+    with caplog.at_level(logging.INFO, logger="detr_lightning.predict"):
+        fast = predict_files(module, folder, tmp_path / "fast", static_shapes=3, draw=False)
+    height, width = inference_transform(DATA)(read_image(folder / "a.png")).shape[-2:]
+    assert compiled == [(1, 3, height, width)]
+    assert f"({height}x{width}); 3 of 4 images" in caplog.text
+    assert backbone.static_shapes == frozenset()  # the module's own declaration, restored
+    general = predict_files(module, folder, tmp_path / "general", draw=False)
+    assert compiled == [(1, 3, height, width)]  # nothing declared without static_shapes
+    for a, b in zip(json.loads(fast.read_text()), json.loads(general.read_text()), strict=True):
+        assert a["file_name"] == b["file_name"]
+        assert len(a["detections"]) == len(b["detections"])
+        for x, y in zip(a["detections"], b["detections"]):
+            assert x["category_id"] == y["category_id"]
+            assert x["score"] == pytest.approx(y["score"], abs=1e-4)
+            assert x["bbox"] == pytest.approx(y["bbox"], abs=0.02)
+    with caplog.at_level(logging.INFO, logger="detr_lightning.predict"):
+        predict_files(module, folder, tmp_path / "none", static_shapes=4, draw=False)
+    assert "no input size is shared by 4 images" in caplog.text
+    assert compiled == [(1, 3, height, width)]
+
+
 def test_unreadable_files(module, tmp_path, caplog):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -407,6 +450,10 @@ def test_cli_needs_a_checkpoint_that_exists(tmp_path):
         predict_cli(_cli_config(tmp_path, f"ckpt_path={tmp_path / 'a.png'}"))
     with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         load_pretrained(missing)
+    for bad in ("0", "true", "auto"):
+        overrides = [f"input={tmp_path}", f"pretrained={tmp_path}", f"static_shapes={bad}"]
+        with pytest.raises(SetupError, match=f"(?i)static_shapes={bad}: give the number"):
+            predict_cli(_cli_config(tmp_path, *overrides))
 
 
 def test_cli_end_to_end(module, export_dir, tmp_path, capsys):

@@ -14,6 +14,7 @@ import glob
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .data.images import IMAGE_SUFFIXES, inference_transform, read_image
+from .data.images import IMAGE_SUFFIXES, inference_size, inference_transform, read_image
 from .errors import SetupError
 from .io import write_json_atomic
 from .ops.boxes import box_cxcywh_to_xyxy
@@ -358,6 +359,7 @@ def predict_files(
     device: str | torch.device | None = None,
     bf16: bool = False,
     draw: bool = True,
+    static_shapes: int | None = None,
 ) -> Path:
     """Detect objects in image files; write ``detections.json`` (and drawings) into ``out_dir``.
 
@@ -368,6 +370,16 @@ def predict_files(
     ``file_name``, ``category_id``, ``name``, ``score`` and ``bbox`` as absolute
     ``[x, y, width, height]``. With ``draw``, ``drawn/<stem>.png`` shows the detections.
     Returns the path of ``detections.json``.
+
+    ``static_shapes`` N: every model input shape that at least N of the files share (read
+    from their headers before any is decoded) is declared static for the run
+    (``Backbone.set_static_shapes``): on the CPU in float32 its images go through a graph
+    compiled for that shape (the whole model 4-10% faster on a 2-core AVX2 CPU, about 20% on a
+    16-core AMX one), for a compilation of a few seconds at the shape's first image (ResNet-101
+    at 800 pixels: about 6 s on 2 cores), so worth it from some tens of images of one size,
+    e.g. a camera's frames. Chosen from the whole input before
+    the first image, the shapes do not depend on the order of the files. None: the general
+    graph for every size.
     """
     from rich.progress import Progress
     from torchvision.io import write_png
@@ -382,31 +394,80 @@ def predict_files(
         drawn_dir.mkdir(parents=True, exist_ok=True)
     drawing_names = _drawing_names(files)
     records: dict[int, dict[str, Any]] = {}
-    with Progress(transient=True) as progress:
-        task = progress.add_task("predicting", total=len(files))
-        # Files are read lazily: only the images of unfinished batches are in memory.
-        for image, detection in iter_predictions(
-            module,
-            files,
-            threshold=threshold,
-            top_k=top_k,
-            batch_size=batch_size,
-            device=device,
-            bf16=bf16,
-            keep_pixels=draw,
-            skip_unreadable=True,
-        ):
-            record = _record(files[image.index], image.size, detection)
-            if draw:
-                assert image.pixels is not None  # keep_pixels=draw
-                name = drawing_names[image.index]
-                write_png(draw_detections(image.pixels, detection), str(drawn_dir / name))
-                record["drawing"] = str(Path("drawn") / name)
-            records[image.index] = record
-            progress.advance(task)
-        # unreadable files never come back: complete the bar for them
-        progress.update(task, completed=len(files))
+    backbone = module.model.backbone
+    declared = backbone.static_shapes
+    if static_shapes is not None:
+        shapes = shared_input_shapes(files, module.hparams.get("data"), batch_size, static_shapes)
+        backbone.set_static_shapes(declared | shapes)
+    try:
+        with Progress(transient=True) as progress:
+            task = progress.add_task("predicting", total=len(files))
+            # Files are read lazily: only the images of unfinished batches are in memory.
+            for image, detection in iter_predictions(
+                module,
+                files,
+                threshold=threshold,
+                top_k=top_k,
+                batch_size=batch_size,
+                device=device,
+                bf16=bf16,
+                keep_pixels=draw,
+                skip_unreadable=True,
+            ):
+                record = _record(files[image.index], image.size, detection)
+                if draw:
+                    assert image.pixels is not None  # keep_pixels=draw
+                    name = drawing_names[image.index]
+                    write_png(draw_detections(image.pixels, detection), str(drawn_dir / name))
+                    record["drawing"] = str(Path("drawn") / name)
+                records[image.index] = record
+                progress.advance(task)
+            # unreadable files never come back: complete the bar for them
+            progress.update(task, completed=len(files))
+    finally:
+        if static_shapes is not None:
+            backbone.set_static_shapes(declared)
     return write_json_atomic(out_dir / "detections.json", [records[i] for i in sorted(records)])
+
+
+def shared_input_shapes(
+    files: Sequence[Path], data: Any, batch_size: int, min_images: int
+) -> set[tuple[int, int, int, int]]:
+    """The model input shapes [batch_size, 3, H', W'] of the preprocessed sizes that at least
+    ``min_images`` of ``files`` share, from the files' headers (size and EXIF orientation);
+    logs what it found. A file whose header does not read counts for no size (its decoding
+    reports it later)."""
+    if min_images < 1:
+        raise ValueError(f"static_shapes must be a number of images >= 1, got {min_images}")
+    sizes: Counter[tuple[int, int]] = Counter()
+    for file in files:
+        size = _oriented_size(file)
+        if size is not None:
+            sizes[inference_size(data, *size)] += 1
+    shared = {size: count for size, count in sizes.items() if count >= min_images}
+    if shared:
+        log.info(
+            "static shapes: a graph compiled for each of %d input size(s) shared by at least "
+            "%d images (%s); %d of %d images",
+            len(shared), min_images,
+            ", ".join(f"{h}x{w}" for h, w in sorted(shared)),
+            sum(shared.values()), len(files),
+        )  # fmt: skip
+    else:
+        log.info("static shapes: no input size is shared by %d images; none declared", min_images)
+    return {(batch_size, 3, height, width) for height, width in shared}
+
+
+def _oriented_size(file: Path) -> tuple[int, int] | None:
+    """(height, width) of an image file as decoded (EXIF orientation applied), from its header."""
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # transposed or rotated by 90
+                height, width = width, height
+            return height, width
+    except Exception:  # PIL raises many kinds; the scan only steers speed, never results
+        return None
 
 
 def _record(file: Path, size: tuple[int, int], detection: dict[str, Any]) -> dict[str, Any]:
@@ -460,6 +521,7 @@ def predict_cli(cfg) -> Path:
     if OmegaConf.is_missing(cfg, "input"):
         raise SetupError("nothing to predict on: pass input=IMAGE, input=FOLDER or input='*.jpg'")
     files = image_files(cfg.input)  # before loading the model: a typo fails fast
+    static_shapes = _static_shapes_setting(cfg.get("static_shapes"))
     quiet_third_party()
     try:
         module = load_pretrained(source_path)
@@ -477,6 +539,7 @@ def predict_cli(cfg) -> Path:
         device=device,
         bf16=bool(cfg.bf16),
         draw=bool(cfg.draw),
+        static_shapes=static_shapes,
     )
     processed = len(json.loads(json_path.read_text()))
     skipped = len(files) - processed
@@ -489,6 +552,18 @@ def predict_cli(cfg) -> Path:
     if skipped:
         print(f"skipped {skipped} unreadable image(s) (named in the warnings above)", flush=True)
     return json_path
+
+
+def _static_shapes_setting(value: Any) -> int | None:
+    """``static_shapes`` of conf/predict.yaml: null or a number of images >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SetupError(
+            f"static_shapes={value}: give the number of images that must share an input size "
+            "for it to get a compiled graph (e.g. static_shapes=32), or null for none"
+        )
+    return value
 
 
 def _attention_panels(module, files: list[Path], out_dir: Path, threshold: float) -> int:

@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as F
 
 from detr_lightning.data.presets import make_val_transforms
 
-__all__ = ["IMAGE_SUFFIXES", "inference_transform", "read_image"]
+__all__ = ["IMAGE_SUFFIXES", "inference_size", "inference_transform", "read_image"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -110,6 +110,20 @@ def read_image(source: str | os.PathLike | Image.Image | Tensor) -> Tensor:
         raise ValueError(f"image {path} does not decode ({err}); is it an image file?") from None
 
 
+def _val_settings(data: Mapping[str, Any] | None) -> dict[str, int]:
+    settings = {k: v for k, v in (data or {}).items() if k in ("val_size", "max_size")}
+    return {k: int(v) for k, v in settings.items() if v is not None}
+
+
+def inference_size(data: Mapping[str, Any] | None, height: int, width: int) -> tuple[int, int]:
+    """(H', W') that :func:`inference_transform` gives an image of ``height`` x ``width``,
+    computed by that same transform on an empty box list of that canvas (no pixels)."""
+    transform = make_val_transforms(**_val_settings(data))
+    canvas = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(height, width))
+    resized = transform(canvas).canvas_size
+    return int(resized[0]), int(resized[1])
+
+
 def inference_transform(data: Mapping[str, Any] | None = None) -> Callable[[Tensor], Tensor]:
     """uint8 [3, H, W] -> the normalized float [3, H', W'] a model was evaluated on.
 
@@ -117,6 +131,5 @@ def inference_transform(data: Mapping[str, Any] | None = None) -> Callable[[Tens
     the evaluation defaults of :func:`~detr_lightning.data.presets.make_val_transforms` (the
     paper's 800 / 1333).
     """
-    settings = {k: v for k, v in (data or {}).items() if k in ("val_size", "max_size")}
-    transform = make_val_transforms(**{k: int(v) for k, v in settings.items() if v is not None})
+    transform = make_val_transforms(**_val_settings(data))
     return lambda image: transform(tv_tensors.Image(image)).as_subclass(Tensor)
