@@ -377,9 +377,8 @@ def predict_files(
     compiled for that shape (the whole model 4-10% faster on a 2-core AVX2 CPU, about 20% on a
     16-core AMX one), for a compilation of a few seconds at the shape's first image (ResNet-101
     at 800 pixels: about 6 s on 2 cores), so worth it from some tens of images of one size,
-    e.g. a camera's frames. Chosen from the whole input before
-    the first image, the shapes do not depend on the order of the files. None: the general
-    graph for every size.
+    e.g. a camera's frames. Chosen from the whole input before the first image, the shapes do
+    not depend on the order of the files. None: the general graph for every size.
     """
     from rich.progress import Progress
     from torchvision.io import write_png
@@ -394,11 +393,12 @@ def predict_files(
         drawn_dir.mkdir(parents=True, exist_ok=True)
     drawing_names = _drawing_names(files)
     records: dict[int, dict[str, Any]] = {}
-    backbone = module.model.backbone
-    declared = backbone.static_shapes
+    backbone, declared = module.model.backbone, None
     if static_shapes is not None:
         shapes = shared_input_shapes(files, module.hparams.get("data"), batch_size, static_shapes)
-        backbone.set_static_shapes(declared | shapes)
+        if not shapes <= backbone.static_shapes:
+            declared = backbone.static_shapes  # put back (and its graphs dropped) at the end
+            backbone.set_static_shapes(declared | shapes)
     try:
         with Progress(transient=True) as progress:
             task = progress.add_task("predicting", total=len(files))
@@ -425,7 +425,7 @@ def predict_files(
             # unreadable files never come back: complete the bar for them
             progress.update(task, completed=len(files))
     finally:
-        if static_shapes is not None:
+        if declared is not None:
             backbone.set_static_shapes(declared)
     return write_json_atomic(out_dir / "detections.json", [records[i] for i in sorted(records)])
 
