@@ -84,6 +84,25 @@ def test_global_batch_is_split_across_devices(
     assert dm.val_dataloader().batch_size == expected[1]
 
 
+def test_global_batch_counts_the_accumulated_batches(root: Path) -> None:
+    """With gradient accumulation a global batch is still the images of one optimizer step:
+    each device's forward pass takes its share of one of the accumulated batches."""
+    dm = CocoDataModule(root=root, batch_size=16, val_batch_size=8, **SMALL_AUGMENT)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, accumulate_grad_batches=4)
+    dm.setup("fit")
+    assert (dm.per_device_batch_size, dm.per_device_val_batch_size) == (2, 4)
+    assert dm.train_dataloader().batch_size == 2
+    # without a val_batch_size, validation batches are those of one forward pass of training
+    dm = CocoDataModule(root=root, batch_size=16, **SMALL_AUGMENT)
+    dm.trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=4)
+    dm.setup("validate")
+    assert (dm.val_batch_size, dm.per_device_val_batch_size) == (4, 2)
+    dm = CocoDataModule(root=root, batch_size=12, **SMALL_AUGMENT)
+    dm.trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=4)
+    with pytest.raises(ValueError, match=r"batch_size=12 .*accumulate_grad_batches 4 = 8"):
+        dm.setup("fit")
+
+
 def test_indivisible_global_batch_is_an_error(root: Path) -> None:
     dm = CocoDataModule(root=root, batch_size=6, **SMALL_AUGMENT)
     dm.trainer = SimpleNamespace(world_size=4)

@@ -134,10 +134,12 @@ class _Batches(pl.Callback):
     def __init__(self, save_at: int | None = None, path: Path | None = None) -> None:
         self.save_at, self.path = save_at, path
         self.steps: list[tuple[float, list[int]]] = []
+        self.global_steps: list[int] = []  # the trainer's, after each batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = [int(target["image_id"]) for target in batch[2]]
         self.steps.append((float(outputs["loss"]), ids))
+        self.global_steps.append(trainer.global_step)
         if trainer.global_step == self.save_at:
             trainer.save_checkpoint(self.path)
 
@@ -190,6 +192,23 @@ def test_overfit_batches_trains_the_same_batches_every_epoch(tmp_path):
     train(compose_config("train", tiny_overrides(tmp_path, *overrides)), [batches])
     assert len(batches.steps) == 3
     assert [ids for _, ids in batches.steps] == [[1, 2, 3, 4]] * 3
+
+
+def test_accumulated_batches_make_up_the_global_batch(tmp_path):
+    """data.batch_size is the images of one optimizer step also when gradients accumulate:
+    8 images, batch 4, two accumulated batches of 2 per step, so 2 steps per epoch."""
+    batches = _Batches()
+    overrides = ["trainer.accumulate_grad_batches=2", "trainer.max_epochs=1", "callbacks=default",
+                 "callbacks.progress_bar=null", "callbacks.metrics_history.plot=false"]  # fmt: skip
+    train(compose_config("train", tiny_overrides(tmp_path, *overrides)), [batches])
+    assert [len(ids) for _, ids in batches.steps] == [2, 2, 2, 2]
+    assert sorted(i for _, ids in batches.steps for i in ids) == list(range(1, 9))
+    assert batches.global_steps == [0, 1, 1, 2]  # an optimizer step every second batch
+    # validation batched as one forward pass of training, and the checkpoint says so
+    data = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)[
+        "hyper_parameters"
+    ]["data"]
+    assert (data["val_batch_size"], data["train_per_device_batch_size"]) == (2, 2)
 
 
 def test_resume_auto_starts_then_continues_the_run_directory(tmp_path):

@@ -190,6 +190,8 @@ class DETRModule(pl.LightningModule):
             # what evaluation compares its own batch with: padding depends on the batch
             data = dict(self.hparams.get("data") or {})
             data["train_per_device_batch_size"] = int(datamodule.per_device_batch_size)
+            if "val_batch_size" in data and hasattr(datamodule, "val_batch_size"):
+                data["val_batch_size"] = int(datamodule.val_batch_size)  # as setup settled it
             self.hparams["data"] = data
             self._fitted = True
         elif stage in ("validate", "test") and not self._fitted:

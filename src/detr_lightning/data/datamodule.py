@@ -2,8 +2,10 @@
 
 Batch sizes are global: ``batch_size`` (and ``val_batch_size``) count images per optimizer step
 across all devices and nodes, as in the DETR paper (64 = 16 GPUs x 4). ``setup()`` divides them
-by ``trainer.world_size`` to get the per-device batch, and raises ``ValueError`` when the
-division is not exact, so changing the number of GPUs never silently changes the recipe.
+by ``trainer.world_size`` to get the per-device batch, and the training batch also by the
+trainer's ``accumulate_grad_batches`` (each optimizer step then sums that many smaller
+batches); it raises ``ValueError`` when a division is not exact, so changing the number of
+GPUs or accumulating gradients never silently changes the recipe.
 
 Only what a stage needs is built: evaluation never touches the training split or its
 augmentation settings. :meth:`CocoDataModule.evaluation_settings` returns what a checkpoint
@@ -44,15 +46,20 @@ __all__ = ["CocoDataModule", "check_data_source", "dataset_root", "split_path"]
 log = logging.getLogger(__name__)
 
 
-def _per_device(global_size: int, world_size: int, name: str) -> int:
+def _per_device(global_size: int, world_size: int, name: str, accumulate: int = 1) -> int:
+    """Images per device and forward pass of a global batch of ``global_size`` per step."""
     if global_size <= 0:
         raise ValueError(f"{name} must be a positive global batch size, got {global_size}")
-    if global_size % world_size:
+    parts = world_size * accumulate
+    if global_size % parts:
+        over = f"the world size {world_size} (devices x nodes)"
+        if accumulate > 1:
+            over = f"{over} x trainer.accumulate_grad_batches {accumulate} = {parts}"
         raise ValueError(
-            f"{name}={global_size} is the global batch size and must be divisible by the "
-            f"world size {world_size} (devices x nodes); choose a multiple of {world_size}"
+            f"{name}={global_size} is the global batch size (images per optimizer step) and "
+            f"must be divisible by {over}; choose a multiple of {parts}"
         )
-    return global_size // world_size
+    return global_size // parts
 
 
 def check_data_source(root: str | os.PathLike | None, synthetic: Mapping | None) -> None:
@@ -174,6 +181,7 @@ class CocoDataModule(pl.LightningDataModule):
         self.val_annotation_file = split_path(self.root, val_annotations)
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size if val_batch_size is not None else batch_size)
+        self._val_batch_follows_train = val_batch_size is None  # see setup()
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
@@ -254,7 +262,13 @@ class CocoDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Derive per-device batch sizes and build the datasets ``stage`` needs."""
         world_size = self.trainer.world_size if self.trainer is not None else 1
-        self.per_device_batch_size = _per_device(self.batch_size, world_size, "batch_size")
+        accumulate = int(getattr(self.trainer, "accumulate_grad_batches", 1))
+        self.per_device_batch_size = _per_device(
+            self.batch_size, world_size, "batch_size", accumulate
+        )
+        if self._val_batch_follows_train:
+            # validation batches as large as one forward pass of training, not as the step
+            self.val_batch_size = self.batch_size // accumulate
         self.per_device_val_batch_size = _per_device(
             self.val_batch_size, world_size, "val_batch_size"
         )
