@@ -22,7 +22,7 @@ from detr_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpo
 from detr_lightning.errors import SetupError
 from detr_lightning.loggers import CSVLogger, ResumableLogs
 from detr_lightning.pretrained import CheckpointError
-from detr_lightning.train import build_trainer, resume_checkpoint
+from detr_lightning.train import build_trainer, resume_checkpoint, train
 from pipeline_fixtures import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,6 +289,38 @@ def test_sigkill_mid_epoch_then_resume_auto_continues_the_same_run(tmp_path):
     entries = json.loads(history.read_text())["history"]
     assert [entry["epoch"] for entry in entries] == [0, 1, 2]
     assert entries[: len(first_epochs)] == first_epochs
+
+
+class _SigtermDuring(pl.Callback):
+    """Notes a SIGTERM as Lightning's handler does, while batch ``batch`` runs."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch, self.trained = batch, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.trained += 1
+
+
+def test_sigterm_between_accumulated_batches_stops_after_the_step(tmp_path):
+    """A SIGTERM during the first of two accumulated batches stops the run after the second,
+    with the optimizer step done and saved, instead of dropping the first one's gradients."""
+    overrides = ["trainer.accumulate_grad_batches=2", "data.synthetic.num_train=16",
+                 "callbacks=default", "callbacks.progress_bar=null",
+                 "callbacks.metrics_history.plot=false"]  # fmt: skip
+    cfg = compose_config("train", tiny_overrides(tmp_path, *overrides))
+    signal_during = _SigtermDuring(batch=2)  # batches 2 and 3 make the second step
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, [signal_during])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal_during.trained == 4
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2
+    batches = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+    assert batches["processed"] == 4
 
 
 @pytest.mark.slow

@@ -176,14 +176,25 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
 class SigtermCheckpoint(pl.Callback):
     """Saves ``path`` (the run's last.ckpt) when the run stops on SIGTERM.
 
-    Lightning's own handler notes a SIGTERM and stops at the next step boundary (all ranks
-    together) by raising ``SIGTERMException``; this callback saves the state at that boundary,
-    so a restart with ``resume=auto`` loses no step. Other exceptions save nothing: their state
-    may be half-way through a step.
+    Lightning's own handler notes a SIGTERM and stops after the batch in progress (all ranks
+    together) by raising ``SIGTERMException``; this callback saves the state there, so a
+    restart with ``resume=auto`` loses no step. With ``accumulate_grad_batches`` > 1 that
+    batch may be one of the several that an optimizer step sums: their gradients would be lost
+    and the resumed step would sum only the rest, so the stop waits for the step's last batch.
+    Other exceptions save nothing: their state may be half-way through a step.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._held = False  # a SIGTERM noticed between the accumulated batches of a step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        connector = trainer._signal_connector  # where Lightning's handler notes the signal
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            if connector.received_sigterm:
+                connector.received_sigterm, self._held = False, True
+        elif self._held:
+            connector.received_sigterm, self._held = True, False
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
