@@ -189,8 +189,12 @@ class SigtermCheckpoint(pl.Callback):
         self._held = False  # a SIGTERM noticed between the accumulated batches of a step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        connector = trainer._signal_connector  # where Lightning's handler notes the signal
-        if trainer.fit_loop.epoch_loop._should_accumulate():
+        # Lightning's own flag and accumulation test (private: without them, stop as it does)
+        connector = getattr(trainer, "_signal_connector", None)
+        accumulating = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
+        if connector is None or accumulating is None:
+            return
+        if accumulating():
             if connector.received_sigterm:
                 connector.received_sigterm, self._held = False, True
         elif self._held:
