@@ -66,3 +66,63 @@ def test_ddp_on_cpu_through_train_py_with_unreadable_images(tmp_path):
     assert metrics["num_images"] == 4 and metrics["skipped_images"] == 1
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["global_step"] == 2 * 2  # 2 epochs x (8 images / global batch 4)
+
+
+# Run by test_ddp_resume_mid_epoch_repeats_every_rank as a script: Lightning's DDP launcher
+# starts the other rank by running the same command again.
+_RESUME_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from detr_lightning.train import train
+from pipeline_fixtures import compose_config, tiny_overrides
+
+
+class Steps(pl.Callback):
+    def __init__(self, save_at, path):
+        self.save_at, self.path, self.steps = save_at, path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        ids = [int(target["image_id"]) for target in batch[2]]
+        self.steps.append([float(outputs["loss"]), ids])
+        if trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.path)
+
+
+if __name__ == "__main__":
+    run_dir, middle, resume = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "resume"
+    overrides = ["trainer.max_epochs=2", "data.synthetic.num_train=24", "data.batch_size=4",
+                 "data.crop=true", "trainer.accelerator=cpu", "trainer.devices=2",
+                 "trainer.strategy=ddp", "cpu_threads=1"]
+    if resume:
+        overrides.append(f"ckpt_path={middle}")
+    steps = Steps(save_at=None if resume else 8, path=middle)  # epoch 1: 6 steps, after 2
+    train(compose_config("train", tiny_overrides(run_dir, *overrides)), [steps])
+    rank = os.environ.get("LOCAL_RANK", "0")
+    (run_dir.parent / f"{run_dir.name}_rank{rank}.json").write_text(json.dumps(steps.steps))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_resume_mid_epoch_repeats_every_rank(tmp_path):
+    """Two ranks, a checkpoint written in the middle of epoch 1: the resumed run trains the
+    same images with the same losses as the uninterrupted one on both ranks (dropout too:
+    each rank's is seeded per batch, where a checkpoint holds rank 0's RNG state only)."""
+    script = tmp_path / "resume_run.py"
+    script.write_text(_RESUME_SCRIPT)
+    middle = tmp_path / "middle.ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}  # fmt: skip
+    for run in ("straight", "resume"):
+        result = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / run), str(middle), run],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        straight = json.loads((tmp_path / f"straight_rank{rank}.json").read_text())
+        resumed = json.loads((tmp_path / f"resume_rank{rank}.json").read_text())
+        assert len(straight) == 12 and len(resumed) == 4  # 6 steps per epoch, resumed after 8
+        assert resumed == straight[8:], rank

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from .data.labels import LabelMap
+from .data.sampler import sample_seed
 from .evaluation import CocoEvaluator
 from .io import to_plain
 from .models.criterion import SetCriterion
@@ -292,6 +294,21 @@ class DETRModule(pl.LightningModule):
                  reduce_fx="sum", sync_dist=True, batch_size=batch_size)  # fmt: skip
         return total
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Seed the global RNG, which dropout draws from, for this batch of this rank.
+
+        Dropout draws as many numbers as the batch's padded size asks, so the ranks' RNG states
+        drift apart, and a checkpoint (written by rank 0) would bring back rank 0's state only:
+        a resumed run's other ranks would drop other units than the uninterrupted run's. Seeded
+        from (the run's seed, epoch, batch, rank) at every batch, dropout is a function of where
+        the run is, and a resume from any checkpoint repeats it on every rank. Runs without
+        ``seed_everything`` (no ``PL_GLOBAL_SEED``) keep the RNG as it comes.
+        """
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            epoch, rank = self.current_epoch, self.global_rank
+            torch.manual_seed(batch_seed(int(seed), epoch, batch_idx, rank))
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the update of a skipped step (:meth:`training_step`); gradients that are NaN/Inf
         are found in :meth:`configure_gradient_clipping`."""
@@ -461,7 +478,8 @@ class DETRModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Random state too, so that dropout after a resume repeats the uninterrupted run.
+        # Random state too (rank 0's), for whatever draws from it between batches; training's
+        # dropout is seeded per batch and rank (on_train_batch_start).
         checkpoint["rng_states"] = capture_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -562,6 +580,14 @@ def padded_label_map(
             "pretrained=... the class head is re-initialized."
         )
     return label_map.padded(num_classes)
+
+
+_RANK_STRIDE = 0xD6E8FEB86659FD93  # odd: ranks never share a batch seed in practice
+
+
+def batch_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
+    """The global RNG's seed for training batch ``batch_idx`` of ``epoch`` on ``rank``."""
+    return sample_seed(seed + 1 + rank * _RANK_STRIDE, epoch, batch_idx)
 
 
 def capture_rng_states() -> dict[str, Any]:
