@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,6 +102,19 @@ def test_global_batch_counts_the_accumulated_batches(root: Path) -> None:
     dm.trainer = SimpleNamespace(world_size=2, accumulate_grad_batches=4)
     with pytest.raises(ValueError, match=r"batch_size=12 .*accumulate_grad_batches 4 = 8"):
         dm.setup("fit")
+
+
+def test_resume_warns_of_another_order_only_within_an_epoch(root: Path, caplog) -> None:
+    dm = CocoDataModule(root=root, batch_size=4, **SMALL_AUGMENT)
+    order = dm._training_order()
+    other = {**order, "seed": order["seed"] + 1, "world_size": 2}
+    with caplog.at_level(logging.WARNING):
+        dm.load_state_dict({"training_order": order, "mid_epoch": True})
+        dm.load_state_dict({"training_order": other, "mid_epoch": False})  # a new epoch
+    assert "training-order" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        dm.load_state_dict({"training_order": other, "mid_epoch": True})
+    assert "world_size 2 -> 1" in caplog.text and f"seed {order['seed'] + 1} -> " in caplog.text
 
 
 def test_indivisible_global_batch_is_an_error(root: Path) -> None:

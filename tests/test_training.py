@@ -182,6 +182,16 @@ def test_resume_mid_epoch_continues_the_epoch_batch_for_batch(
     assert sorted(epoch_1) == sorted(i for _, ids in straight.steps[:4] for i in ids)
     assert len(set(epoch_1)) == 16  # every image once: the resumed half is the other half
     assert "not resumable" not in caplog.text + " ".join(str(w.message) for w in recwarn)
+    assert "training-order settings" not in caplog.text
+    assert state["CocoDataModule"]["mid_epoch"] is True
+    if not grouped and not workers:  # resumed with another order: said, not silent
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            cfg = compose_config("train", tiny_overrides(
+                tmp_path / "regrouped", *common, "data.group_by_aspect_ratio=true",
+                f"ckpt_path={middle}"))  # fmt: skip
+            train(cfg, [])
+        assert "group_by_aspect_ratio False -> True" in caplog.text
 
 
 def test_overfit_batches_trains_the_same_batches_every_epoch(tmp_path):

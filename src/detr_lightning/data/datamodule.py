@@ -236,6 +236,42 @@ class CocoDataModule(pl.LightningDataModule):
             "label_mapping": self.label_mapping,
         }
 
+    def _training_order(self) -> dict[str, Any]:
+        """What fixes each epoch's training order on each rank (see data.sampler)."""
+        trainer = self.trainer
+        return {
+            "seed": self.seed,
+            "world_size": trainer.world_size if trainer is not None else 1,
+            "per_device_batch_size": self.per_device_batch_size,
+            "group_by_aspect_ratio": self.group_by_aspect_ratio,
+            "train_images": len(self.train_dataset) if self.train_dataset is not None else None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in training checkpoints: the settings of the training order and whether the
+        checkpoint falls within an epoch, which a resume checks (:meth:`load_state_dict`)."""
+        trainer, mid_epoch = self.trainer, False
+        if trainer is not None:
+            mid_epoch = 0 < _trained_batches(trainer) < trainer.num_training_batches
+        return {"training_order": self._training_order(), "mid_epoch": bool(mid_epoch)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when a resume from within an epoch orders that epoch otherwise than the
+        checkpoint's run did: it then trains some of its images twice and leaves out others.
+        (From an epoch's end any settings continue exactly as a new epoch would start.)"""
+        saved = state_dict.get("training_order")
+        if not saved or not state_dict.get("mid_epoch"):
+            return
+        now = self._training_order()
+        changed = {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k]}
+        if changed:
+            log.warning(
+                "resuming with other training-order settings than the checkpoint's run (%s): "
+                "the rest of the epoch it stopped in is not the one that run would have "
+                "trained (some images repeat, others are left out); later epochs are whole",
+                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+            )
+
     def use_label_map(self, label_map: LabelMap | Mapping[str, Any]) -> None:
         """Label the data with ``label_map`` (e.g. a checkpoint's) instead of the file's own.
 
