@@ -439,11 +439,11 @@ def shared_input_shapes(
     reports it later)."""
     if min_images < 1:
         raise ValueError(f"static_shapes must be a number of images >= 1, got {min_images}")
+    # the preprocessing runs once per distinct file size (a camera's frames share one)
+    file_sizes = Counter(size for size in map(_oriented_size, files) if size is not None)
     sizes: Counter[tuple[int, int]] = Counter()
-    for file in files:
-        size = _oriented_size(file)
-        if size is not None:
-            sizes[inference_size(data, *size)] += 1
+    for size, count in file_sizes.items():
+        sizes[inference_size(data, *size)] += count
     shared = {size: count for size, count in sizes.items() if count >= min_images}
     if shared:
         log.info(
