@@ -74,21 +74,9 @@ _RESUME_SCRIPT = """
 import json, os, sys
 from pathlib import Path
 
-import pytorch_lightning as pl
-
 from detr_lightning.train import train
 from pipeline_fixtures import compose_config, tiny_overrides
-
-
-class Steps(pl.Callback):
-    def __init__(self, save_at, path):
-        self.save_at, self.path, self.steps = save_at, path, []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        ids = [int(target["image_id"]) for target in batch[2]]
-        self.steps.append([float(outputs["loss"]), ids])
-        if trainer.global_step == self.save_at:
-            trainer.save_checkpoint(self.path)
+from test_training import _Batches
 
 
 if __name__ == "__main__":
@@ -98,7 +86,7 @@ if __name__ == "__main__":
                  "trainer.strategy=ddp", "cpu_threads=1"]
     if resume:
         overrides.append(f"ckpt_path={middle}")
-    steps = Steps(save_at=None if resume else 8, path=middle)  # epoch 1: 6 steps, after 2
+    steps = _Batches(save_at=None if resume else 8, path=middle)  # epoch 1: 6 steps, after 2
     train(compose_config("train", tiny_overrides(run_dir, *overrides)), [steps])
     rank = os.environ.get("LOCAL_RANK", "0")
     (run_dir.parent / f"{run_dir.name}_rank{rank}.json").write_text(json.dumps(steps.steps))
