@@ -82,51 +82,6 @@ def test_overfit_one_batch():
         assert torch.equal(det["labels"][top][best], target["labels"])
 
 
-class _StepLosses(pl.Callback):
-    """Records the training loss of every optimizer step."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
-def test_resume_gives_identical_next_steps(tmp_path):
-    """Resuming from last.ckpt repeats the uninterrupted run's losses (dropout and augmentation
-    included): weights, optimizer, scheduler, epoch, step and random state all come back."""
-    common = [
-        "trainer.max_epochs=2",
-        "callbacks=default",
-        "callbacks.progress_bar=null",
-        "schedule=cosine",
-        "schedule.warmup_steps=2",
-        "data.crop=true",
-    ]
-    straight = _StepLosses()
-    train(compose_config("train", tiny_overrides(tmp_path / "straight", *common)), [straight])
-
-    first = _StepLosses()
-    cfg = compose_config(
-        "train", tiny_overrides(tmp_path / "first", *common, "trainer.max_epochs=1")
-    )
-    train(cfg, [first])
-    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    assert checkpoint.is_file()
-    resumed = _StepLosses()
-    cfg = compose_config(
-        "train", tiny_overrides(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}")
-    )
-    train(cfg, [resumed])
-
-    steps_per_epoch = len(first.losses)
-    assert steps_per_epoch == 2 and len(straight.losses) == 2 * steps_per_epoch
-    assert first.losses == straight.losses[:steps_per_epoch]
-    assert resumed.losses == straight.losses[steps_per_epoch:]
-    state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert state["epoch"] == 1 and state["global_step"] == 2 * steps_per_epoch
-
-
 class _Batches(pl.Callback):
     """Records every training step's loss and image ids, and saves a checkpoint at the end of
     step ``save_at`` (as the every-N-steps checkpoint does)."""
@@ -142,6 +97,45 @@ class _Batches(pl.Callback):
         self.global_steps.append(trainer.global_step)
         if trainer.global_step == self.save_at:
             trainer.save_checkpoint(self.path)
+
+    @property
+    def losses(self) -> list[float]:
+        return [loss for loss, _ in self.steps]
+
+
+def test_resume_gives_identical_next_steps(tmp_path):
+    """Resuming from last.ckpt repeats the uninterrupted run's losses (dropout and augmentation
+    included): weights, optimizer, scheduler, epoch, step and random state all come back."""
+    common = [
+        "trainer.max_epochs=2",
+        "callbacks=default",
+        "callbacks.progress_bar=null",
+        "schedule=cosine",
+        "schedule.warmup_steps=2",
+        "data.crop=true",
+    ]
+    straight = _Batches()
+    train(compose_config("train", tiny_overrides(tmp_path / "straight", *common)), [straight])
+
+    first = _Batches()
+    cfg = compose_config(
+        "train", tiny_overrides(tmp_path / "first", *common, "trainer.max_epochs=1")
+    )
+    train(cfg, [first])
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    resumed = _Batches()
+    cfg = compose_config(
+        "train", tiny_overrides(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}")
+    )
+    train(cfg, [resumed])
+
+    steps_per_epoch = len(first.losses)
+    assert steps_per_epoch == 2 and len(straight.losses) == 2 * steps_per_epoch
+    assert first.losses == straight.losses[:steps_per_epoch]
+    assert resumed.losses == straight.losses[steps_per_epoch:]
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 1 and state["global_step"] == 2 * steps_per_epoch
 
 
 @pytest.mark.parametrize(
