@@ -19,6 +19,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def malloc_calls(monkeypatch) -> list[str]:
+    """The entry points' calls of ``host_memory.reuse_freed_memory``, recorded, not made: it
+    sets malloc for the whole process, and one test process runs many tests
+    (tests/test_host_memory.py runs the real one in processes of its own)."""
+    from detr_lightning import host_memory
+
+    calls: list[str] = []
+    monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: calls.append("reuse") or True)
+    return calls
+
+
 # Synthetic datasets of the tests go to a throw-away cache, never to the user's.
 if "DETR_LIGHTNING_CACHE" not in os.environ:
     import atexit

@@ -296,9 +296,10 @@ def eval_config(trained_run: Path, run_dir: Path, *overrides: str):
 
 
 @pytest.mark.slow
-def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_path):
+def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_path, malloc_calls):
     """The run used data.* overrides (sizes, synthetic parameters); eval.py needs none."""
     evaluated = evaluate(eval_config(trained_run, tmp_path))
+    assert malloc_calls == ["reuse"]  # a CPU run sets malloc to reuse freed memory
     trained = json.loads((trained_run / "metrics.json").read_text())
     for key in COCO_METRIC_KEYS:
         assert evaluated[key] == trained[key], key
@@ -308,7 +309,7 @@ def test_eval_repeats_the_validation_without_data_overrides(trained_run, tmp_pat
 
 
 @pytest.mark.slow
-def test_eval_on_the_training_images_matches_pycocotools(trained_run, tmp_path):
+def test_eval_on_the_training_images_matches_pycocotools(trained_run, tmp_path, malloc_calls):
     """On the images it was trained on the metrics are far from zero, so the comparison with
     pycocotools on the written results file means something."""
     evaluated = evaluate(
@@ -317,8 +318,10 @@ def test_eval_on_the_training_images_matches_pycocotools(trained_run, tmp_path):
             tmp_path,
             "data.val_images=train2017",
             "data.val_annotations=annotations/instances_train2017.json",
+            "reuse_freed_memory=false",
         )
     )
+    assert malloc_calls == []
     written = json.loads((tmp_path / "metrics.json").read_text())
     predictions = json.loads((tmp_path / "predictions.json").read_text())
     assert predictions and {"image_id", "category_id", "bbox", "score"} == set(predictions[0])

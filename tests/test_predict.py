@@ -455,9 +455,12 @@ def test_cli_needs_a_checkpoint_that_exists(tmp_path):
         overrides = [f"input={tmp_path}", f"pretrained={tmp_path}", f"static_shapes={bad}"]
         with pytest.raises(SetupError, match=f"(?i)static_shapes={bad}: give the number"):
             predict_cli(_cli_config(tmp_path, *overrides))
+    overrides = [f"input={tmp_path}", f"pretrained={tmp_path}", "reuse_freed_memory=1"]
+    with pytest.raises(SetupError, match="reuse_freed_memory=1: true"):
+        predict_cli(_cli_config(tmp_path, *overrides))
 
 
-def test_cli_end_to_end(module, export_dir, tmp_path, capsys):
+def test_cli_end_to_end(module, export_dir, tmp_path, capsys, malloc_calls):
     folder = tmp_path / "photos"
     folder.mkdir()
     sizes = {"one.png": (90, 130), "two.jpg": (100, 100), "three.png": (60, 140)}
@@ -471,6 +474,7 @@ def test_cli_end_to_end(module, export_dir, tmp_path, capsys):
     json_path = predict_cli(cfg)
     assert json_path == tmp_path / "run" / "detections.json"
     assert "3 image(s)" in capsys.readouterr().out
+    assert malloc_calls == ["reuse"]  # a CPU run sets malloc to reuse freed memory
 
     records = json.loads(json_path.read_text())
     assert [Path(r["file_name"]).name for r in records] == sorted(sizes)
@@ -496,15 +500,17 @@ def test_cli_end_to_end(module, export_dir, tmp_path, capsys):
             assert drawn.size == (sizes[name][1] * scale, sizes[name][0] * scale)
 
 
-def test_cli_attention_panels(module, export_dir, tmp_path, capsys):
+def test_cli_attention_panels(module, export_dir, tmp_path, capsys, malloc_calls):
     """attention=true adds the paper's decoder and encoder panels of each readable image."""
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.fromarray(noise(90, 130, seed=3).permute(1, 2, 0).numpy()).save(folder / "a.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     cfg = _cli_config(tmp_path, f"pretrained={export_dir}", f"input={folder}",
-                      "threshold=0.0", "attention=true", "draw=false")  # fmt: skip
+                      "threshold=0.0", "attention=true", "draw=false",
+                      "reuse_freed_memory=false")  # fmt: skip
     predict_cli(cfg)
+    assert malloc_calls == []
     out = capsys.readouterr().out
     assert "attention panels of 1 image(s)" in out
     panels = sorted(p.name for p in (tmp_path / "run" / "attention").iterdir())

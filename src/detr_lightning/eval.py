@@ -18,7 +18,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.accelerators import CPUAccelerator
 
+from . import host_memory
 from .console import quiet_third_party
 from .data.datamodule import CocoDataModule
 from .errors import SetupError
@@ -63,6 +65,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "nothing to evaluate: pass ckpt_path=PATH (a training checkpoint) or pretrained=PATH "
             "(official .pth, Hugging Face directory, or export directory)"
         )
+    reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
     quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
     module = load_pretrained(source)
@@ -88,6 +91,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     predictions_path = run_dir / cfg.predictions_file
     module.results_file = str(predictions_path)
     trainer = build_trainer(cfg, stage="test")
+    if reuse and isinstance(trainer.accelerator, CPUAccelerator):
+        host_memory.reuse_freed_memory()
     (logged,) = trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = result_from_metrics(logged, "test")
     if trainer.is_global_zero:

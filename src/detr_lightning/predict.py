@@ -505,6 +505,7 @@ def predict_cli(cfg) -> Path:
     """
     from omegaconf import OmegaConf
 
+    from . import host_memory
     from .console import quiet_third_party
     from .pretrained import CheckpointError, load_pretrained
 
@@ -522,12 +523,15 @@ def predict_cli(cfg) -> Path:
         raise SetupError("nothing to predict on: pass input=IMAGE, input=FOLDER or input='*.jpg'")
     files = image_files(cfg.input)  # before loading the model: a typo fails fast
     static_shapes = _static_shapes_setting(cfg.get("static_shapes"))
+    reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
     quiet_third_party()
     try:
         module = load_pretrained(source_path)
     except (CheckpointError, FileNotFoundError) as err:
         raise SetupError(str(err)) from None
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if reuse and torch.device(device).type == "cpu":
+        host_memory.reuse_freed_memory()
     run_dir = Path(cfg.run_dir)
     json_path = predict_files(
         module,
