@@ -4,7 +4,8 @@
     PYTHONPATH=src python bench/run_all.py --official PATH [--out bench/results/NAME] [--quick]
 
 Runs bench/train.py (with and without size grouping, and the official code), bench/data.py,
-bench/evaluation.py and bench/inference_hf.py, each writing its JSON under ``--out``, then
+bench/evaluation.py and bench/inference_hf.py (fp32 also with ``--reuse-freed-memory``, the
+malloc setting of predict.py and eval.py), each writing its JSON under ``--out``, then
 prints the summary (ratios with their targets) and writes ``summary.json`` there. Run it with
 nothing else busy on the machine: on a small CPU a parallel job makes every figure meaningless.
 ``--quick`` shrinks every run (1 epoch, fewer images and passes) to check the suite works.
@@ -25,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, environment, print_table, write_json
 
 
-def _run(script: str, args: list[str], out: Path, reuse: bool = False) -> dict:
-    path = out / f"{Path(script).stem}.json"
+def _run(script: str, args: list[str], out: Path, reuse: bool = False, name: str = "") -> dict:
+    path = out / f"{name or Path(script).stem}.json"
     if reuse:
         return json.loads(path.read_text())
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "bench")])}
@@ -88,6 +89,9 @@ def main() -> None:
             "2",
         ]
     inference = _run("inference_hf.py", inference_args, args.out, reuse)
+    # both code bases again with malloc as predict.py / eval.py set it on a CPU
+    reused_args = [*inference_args, "--precisions", "fp32", "--reuse-freed-memory"]
+    reused = _run("inference_hf.py", reused_args, args.out, reuse, name="inference_hf-reuse")
 
     runs = {name: run["summary"] for name, run in train["runs"].items()}
     ours, plain, ref = runs["default"], runs.get("no-group"), runs["official"]
@@ -137,13 +141,17 @@ def main() -> None:
         # a fixed input size declared with backbone.set_static_shapes (timed in fp32 only)
         "detr-lightning, static shape": ", static shape",
     }
-    for row in inference["rows"]:
-        if row["code"] in labels:
-            target = ">= 1.5x, boxes 1e-4" if row["precision"] == "fp32" else ">= 3x, boxes 5e-3"
+    rows_of = [(inference, ""), (reused, ", both with malloc reusing freed memory")]
+    for run, setting in rows_of:
+        for row in run["rows"]:
+            if row["code"] not in labels:
+                continue
+            fp32 = row["precision"] == "fp32"
+            target = ">= 1.5x, boxes 1e-4" if fp32 else ">= 3x, boxes 5e-3"
             detail = (f"{row['s_per_img']:.3f} s/img; box diff {row['max_box_diff']:.0e}; "
                       f"top labels {row['top_label_agreement']:.0%}")  # fmt: skip
-            rows.append([f"inference {row['precision']} vs transformers{labels[row['code']]}",
-                         f"{row['speedup']:.2f}x", target, detail])  # fmt: skip
+            label = f"inference {row['precision']} vs transformers{labels[row['code']]}{setting}"
+            rows.append([label, f"{row['speedup']:.2f}x", target, detail])
     if not native_bf16():
         rows.append(["inference bf16 vs transformers", "not measured", ">= 3x",
                      "this CPU has no bf16 arithmetic (no AMX / AVX512-BF16): autocast emulates "
