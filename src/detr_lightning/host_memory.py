@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,7 +59,10 @@ def user_malloc_setting(environ: Mapping[str, str] = os.environ) -> str | None:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    """The C library if it is glibc (the one with ``mallopt``), else None (musl, macOS)."""
+    """The C library if it is glibc (the one with ``mallopt``), else None (musl, macOS,
+    Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 (glibc only)
