@@ -58,13 +58,10 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.reuse_freed_memory:
-        from detr_lightning.host_memory import reuse_freed_memory
+        from detr_lightning.host_memory import reuse_freed_memory, why_not_reused
 
-        if not reuse_freed_memory():
-            parser.error(
-                "--reuse-freed-memory: malloc left alone (the C library is not glibc, or the "
-                "environment sets malloc)"
-            )
+        if why_not_reused() or not reuse_freed_memory():
+            parser.error(f"--reuse-freed-memory: malloc left as it is: {why_not_reused()}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -385,6 +385,8 @@ def test_two_processes_give_the_statistics_and_results_of_one(trained_run, tmp_p
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "MEMBER: 2/2" in result.stdout + result.stderr  # two processes evaluated
+    # each process set malloc to reuse freed memory (the callback's setup runs in both)
+    assert (result.stdout + result.stderr).count("malloc keeps freed memory for reuse") == 2
 
     one = json.loads((single / "metrics.json").read_text())
     two = json.loads((double / "metrics.json").read_text())

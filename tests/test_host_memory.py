@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
+from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 
+from detr_lightning.callbacks import ReuseFreedMemory
 from detr_lightning.errors import SetupError
 from detr_lightning.host_memory import _glibc, reuse_setting, user_malloc_setting
 from detr_lightning.host_memory import reuse_freed_memory as real_reuse_freed_memory
@@ -72,6 +75,7 @@ def test_freed_memory_is_reused_without_page_faults():
         ({"PATH": "/bin", "LD_PRELOAD": "libfoo.so"}, None),
         ({"MALLOC_MMAP_MAX_": "0"}, "MALLOC_MMAP_MAX_=0"),
         ({"MALLOC_TRIM_THRESHOLD_": "1"}, "MALLOC_TRIM_THRESHOLD_=1"),
+        ({"HOME": "/root", "MALLOC_ARENA_MAX": "2"}, "MALLOC_ARENA_MAX=2"),
         ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"),
         ({"GLIBC_TUNABLES": "glibc.rtld.nns=2"}, None),
         ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "LD_PRELOAD=/usr/lib/libjemalloc.so.2"),
@@ -86,20 +90,33 @@ def test_the_environment_wins(monkeypatch, caplog):
     """A malloc setting in the environment leaves malloc alone (checked before any mallopt,
     so this runs in the test process)."""
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+
+    def no_glibc_call():
+        raise AssertionError("the environment's setting must win before glibc is looked up")
+
+    monkeypatch.setattr("detr_lightning.host_memory._glibc", no_glibc_call)
     with caplog.at_level(logging.INFO, logger="detr_lightning.host_memory"):
         assert real_reuse_freed_memory() is False
-    assert "MALLOC_MMAP_MAX_=65536" in caplog.text
+    assert "the environment sets malloc (MALLOC_MMAP_MAX_=65536)" in caplog.text
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch, caplog):
-    for name in ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        monkeypatch.delenv(name, raising=False)
+    for name in [name for name in os.environ if name.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setattr("detr_lightning.host_memory._glibc", lambda: None)
     with caplog.at_level(logging.INFO, logger="detr_lightning.host_memory"):
         assert real_reuse_freed_memory() is False
     assert "not glibc" in caplog.text
+
+
+def test_the_callback_sets_it_in_cpu_runs_only(malloc_calls):
+    """eval.py sets malloc from a callback's setup, which runs in every process of the run."""
+    ReuseFreedMemory().setup(SimpleNamespace(accelerator=CUDAAccelerator()), None, "test")
+    assert malloc_calls == []
+    ReuseFreedMemory().setup(SimpleNamespace(accelerator=CPUAccelerator()), None, "test")
+    assert malloc_calls == ["reuse"]
 
 
 def test_the_setting_is_a_bool():

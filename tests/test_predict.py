@@ -500,6 +500,30 @@ def test_cli_end_to_end(module, export_dir, tmp_path, capsys, malloc_calls):
             assert drawn.size == (sizes[name][1] * scale, sizes[name][0] * scale)
 
 
+def test_cli_sets_malloc_on_the_cpu_only(module, export_dir, tmp_path, monkeypatch, malloc_calls):
+    """reuse_freed_memory is for CPU runs: a CUDA run leaves malloc alone (the prediction
+    itself is stubbed: no GPU needed)."""
+    save_png(noise(20, 30), tmp_path / "a.png")
+
+    devices = []
+
+    def predict_files(module, files, run_dir, **options):
+        devices.append(options["device"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "detections.json").write_text("[]")
+        return run_dir / "detections.json"
+
+    monkeypatch.setattr("detr_lightning.predict.predict_files", predict_files)
+    cfg = _cli_config(tmp_path, f"pretrained={export_dir}", f"input={tmp_path / 'a.png'}")
+    cfg.device = "cuda"
+    predict_cli(cfg)
+    assert malloc_calls == []
+    cfg.device = "cpu"
+    predict_cli(cfg)
+    assert malloc_calls == ["reuse"]
+    assert devices == ["cuda", "cpu"]
+
+
 def test_cli_attention_panels(module, export_dir, tmp_path, capsys, malloc_calls):
     """attention=true adds the paper's decoder and encoder panels of each readable image."""
     folder = tmp_path / "photos"

@@ -18,8 +18,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from . import host_memory
 from .errors import TrainingStopped
 from .evaluation import max_detections, metric_keys, metrics_payload, result_from_metrics
 from .io import write_json_atomic
@@ -171,6 +173,16 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+class ReuseFreedMemory(pl.Callback):
+    """Sets malloc to keep freed memory for reuse (:mod:`~detr_lightning.host_memory`) in every
+    process of a CPU run, at ``setup``: a rank that the launcher starts afresh (``ddp_spawn``)
+    runs no entry-point code before that, and the data-loader workers are forked after it."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.accelerator, CPUAccelerator):
+            host_memory.reuse_freed_memory()
 
 
 class SigtermCheckpoint(pl.Callback):

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.accelerators import CPUAccelerator
 
 from . import host_memory
+from .callbacks import ReuseFreedMemory
 from .console import quiet_third_party
 from .data.datamodule import CocoDataModule
 from .errors import SetupError
@@ -65,6 +65,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "nothing to evaluate: pass ckpt_path=PATH (a training checkpoint) or pretrained=PATH "
             "(official .pth, Hugging Face directory, or export directory)"
         )
+    # a config from before the key leaves malloc alone
     reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
     quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
@@ -90,9 +91,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     predictions_path = run_dir / cfg.predictions_file
     module.results_file = str(predictions_path)
-    trainer = build_trainer(cfg, stage="test")
-    if reuse and isinstance(trainer.accelerator, CPUAccelerator):
-        host_memory.reuse_freed_memory()
+    trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
     (logged,) = trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = result_from_metrics(logged, "test")
     if trainer.is_global_zero:

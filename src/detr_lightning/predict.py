@@ -523,6 +523,7 @@ def predict_cli(cfg) -> Path:
         raise SetupError("nothing to predict on: pass input=IMAGE, input=FOLDER or input='*.jpg'")
     files = image_files(cfg.input)  # before loading the model: a typo fails fast
     static_shapes = _static_shapes_setting(cfg.get("static_shapes"))
+    # a config from before the key leaves malloc alone
     reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
     quiet_third_party()
     try:
