@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # mallopt's parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-KEEP_ALL = 2**31 - 1  # M_TRIM_THRESHOLD takes an int: up to 2 GiB free at the heap's top stay
+KEEP_ALL = 2**31 - 1  # M_TRIM_THRESHOLD takes an int: the heap's free top is kept up to 2 GiB
 
 # Where a user has already chosen: glibc's variables (MALLOC_ARENA_MAX, MALLOC_TRIM_THRESHOLD_,
 # ...) and tunables, or another allocator.
