@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -104,6 +105,36 @@ def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):
     torch.save({**_training_state(1), "x": _Opaque()}, unsafe)
     with pytest.raises(CheckpointError, match=r"refused to load"):
         io.load_checkpoint(unsafe, weights_only=False)  # the caller cannot turn it off
+
+
+def test_a_checkpoint_handed_over_is_not_read_again(tmp_path, monkeypatch):
+    """train() hands the checkpoint it resumes, already read, to Lightning's load: used once,
+    for that file only, and not if the file changed or across a pickle (ddp_spawn ranks)."""
+    path = tmp_path / "last.ckpt"
+    torch.save(_training_state(1), path)
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    io = AtomicCheckpointIO()
+
+    handed = _training_state(1)
+    io.hand_over(path, handed)
+    assert pickle.loads(pickle.dumps(io))._handed is None
+    assert io.load_checkpoint(str(tmp_path / "." / "last.ckpt")) is handed  # the same file
+    assert reads == []
+    assert io.load_checkpoint(path)["global_step"] == 1  # once only
+    assert reads == [path]
+
+    io.hand_over(path, handed)
+    other = tmp_path / "other.ckpt"
+    torch.save(_training_state(2), other)
+    assert io.load_checkpoint(other)["global_step"] == 2  # another file is read
+    assert io.load_checkpoint(path) is not handed  # and the hand-over is gone
+
+    io.hand_over(path, handed)
+    torch.save(_training_state(3), path)  # rewritten since it was read
+    os.utime(path, ns=(1, 1))
+    assert io.load_checkpoint(path)["global_step"] == 3
 
 
 class _StepLogger(pl.LightningModule):

@@ -103,7 +103,7 @@ class _Batches(pl.Callback):
         return [loss for loss, _ in self.steps]
 
 
-def test_resume_gives_identical_next_steps(tmp_path):
+def test_resume_gives_identical_next_steps(tmp_path, monkeypatch):
     """Resuming from last.ckpt repeats the uninterrupted run's losses (dropout and augmentation
     included): weights, optimizer, scheduler, epoch, step and random state all come back."""
     common = [
@@ -128,7 +128,12 @@ def test_resume_gives_identical_next_steps(tmp_path):
     cfg = compose_config(
         "train", tiny_overrides(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}")
     )
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(str(a[0])) or load(*a, **k))
     train(cfg, [resumed])
+    monkeypatch.undo()
+    assert reads.count(str(checkpoint)) == 1  # checked and resumed from one read
 
     steps_per_epoch = len(first.losses)
     assert steps_per_epoch == 2 and len(straight.losses) == 2 * steps_per_epoch
@@ -215,7 +220,7 @@ def test_accumulated_batches_make_up_the_global_batch(tmp_path):
     assert (data["val_batch_size"], data["train_per_device_batch_size"]) == (2, 2)
 
 
-def test_resume_auto_starts_then_continues_the_run_directory(tmp_path):
+def test_resume_auto_starts_then_continues_the_run_directory(tmp_path, monkeypatch):
     """A requeued job reruns its own command in its own run directory: the first start finds
     no checkpoint and trains from the beginning, the rerun continues from last.ckpt."""
     run_dir = tmp_path / "run"
@@ -228,7 +233,13 @@ def test_resume_auto_starts_then_continues_the_run_directory(tmp_path):
     first = torch.load(checkpoint, weights_only=True)
     second_cfg = compose_config("train", tiny_overrides(run_dir, *common, "trainer.max_epochs=2"))
     assert resume_checkpoint(second_cfg) == str(checkpoint)
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(str(a[0])) or load(*a, **k))
     train(second_cfg)
+    monkeypatch.undo()
+    # found, checked and resumed from one read (a DETR-R50 training state is ~500 MB)
+    assert reads.count(str(checkpoint)) == 1, reads
     second = torch.load(checkpoint, weights_only=True)
     assert second["epoch"] == 1 and second["global_step"] == 2 * first["global_step"]
     history = json.loads((run_dir / "metrics.json").read_text())["history"]

@@ -52,6 +52,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
+    _handed: tuple[Path, tuple[int, int, int], dict[str, Any]] | None = None
+
+    def hand_over(self, path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+        """Give the next :meth:`load_checkpoint` of ``path`` the ``checkpoint`` already read
+        from it, instead of reading the file again (once; not if the file has changed since).
+
+        ``train`` reads the checkpoint it resumes to choose and check it; a DETR-R50 training
+        state is about 500 MB, read by every process of a run, from a shared file system."""
+        self._handed = (Path(path).resolve(), _file_identity(path), checkpoint)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a process started by pickling the trainer (ddp_spawn) reads the file itself
+        return {**self.__dict__, "_handed": None}
+
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
@@ -59,7 +73,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location, weights_only=True)
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        handed, self._handed = self._handed, None
+        if handed is not None and handed[:2] == (Path(path).resolve(), _file_identity(path)):
+            return handed[2]
         return load_torch_file(path)
+
+
+def _file_identity(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(inode, size, modification time): changes when the file is replaced or rewritten."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 # the checkpoints Lightning's SLURM requeue writes into the run dir
@@ -77,13 +100,13 @@ def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     )
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, int]] | None:
-    """The newest checkpoint of ``run_dir`` that loads as a complete training state.
+def load_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of ``run_dir`` that loads as a complete training state, and that
+    state; None when the run has no checkpoint.
 
-    Returns ``(path, {"epoch": ..., "global_step": ...})``, or None when the run has no
-    checkpoint. Files that fail to load (a crash during a save of another program, a disk
-    error) are skipped with a warning; if every one fails, SetupError names them. Temporary
-    files of saves that a kill interrupted are removed.
+    Files that fail to load (a crash during a save of another program, a disk error) are
+    skipped with a warning; if every one fails, SetupError names them. Temporary files of
+    saves that a kill interrupted are removed.
     """
     run_dir = Path(run_dir)
     for folder in (run_dir / "checkpoints", run_dir):
@@ -104,7 +127,7 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, 
             failures.append(f"{path}: no {', '.join(missing)} (not a training checkpoint)")
             log.warning("resume=auto: skipping %s: it lacks %s", path, ", ".join(missing))
             continue
-        return path, {"epoch": int(state["epoch"]), "global_step": int(state["global_step"])}
+        return path, state
     if candidates:
         raise SetupError(
             f"resume=auto: none of the {len(candidates)} checkpoints of {run_dir} loads:\n  "
@@ -114,9 +137,21 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, 
     return None
 
 
+def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, int]] | None:
+    """The newest checkpoint of ``run_dir`` that loads as a complete training state, and its
+    ``{"epoch": ..., "global_step": ...}``; None when the run has no checkpoint (see
+    :func:`load_resume_checkpoint`)."""
+    found = load_resume_checkpoint(run_dir)
+    if found is None:
+        return None
+    path, state = found
+    return path, {"epoch": int(state["epoch"]), "global_step": int(state["global_step"])}
+
+
 __all__ = [
     "AtomicCheckpointIO",
     "find_resume_checkpoint",
     "last_checkpoint_path",
+    "load_resume_checkpoint",
     "run_checkpoints",
 ]

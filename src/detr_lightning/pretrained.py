@@ -347,8 +347,15 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
     }
 
 
-def _read_torch_file(path: Path) -> dict[str, Any]:
-    obj = load_torch_file(path)
+def read_loaded_checkpoint(obj: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_checkpoint` of a torch file already loaded (:func:`load_torch_file`) from
+    ``path``, which is named in errors."""
+    return _read_torch_file(Path(path), obj)
+
+
+def _read_torch_file(path: Path, obj: Any = None) -> dict[str, Any]:
+    if obj is None:
+        obj = load_torch_file(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and "hyper_parameters" in obj:
         hparams = obj["hyper_parameters"]
         if not isinstance(hparams, Mapping) or "model" not in hparams:

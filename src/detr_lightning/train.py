@@ -23,8 +23,8 @@ from .callbacks import MetricsHistory, NonFiniteStop, SigtermCheckpoint
 from .checkpointing import (
     HPC_CHECKPOINT_GLOB,
     AtomicCheckpointIO,
-    find_resume_checkpoint,
     last_checkpoint_path,
+    load_resume_checkpoint,
 )
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
@@ -33,7 +33,13 @@ from .evaluation import report, resolve_backend, result_from_metrics
 from .loggers import ResumableLogs
 from .models.backbone_weights import ensure_imagenet_weights
 from .module import DETRModule, padded_label_map
-from .pretrained import load_state_into, read_checkpoint
+from .pretrained import (
+    CheckpointError,
+    load_state_into,
+    load_torch_file,
+    read_checkpoint,
+    read_loaded_checkpoint,
+)
 from .sweeps import check_optimized_metric
 
 log = logging.getLogger(__name__)
@@ -150,9 +156,16 @@ def _class_head_differs(info: dict[str, Any], module: DETRModule) -> bool:
     return False
 
 
-def check_resume(module: DETRModule, ckpt_path: str) -> None:
-    """Refuse to resume a checkpoint whose model or labels differ from the config's."""
-    info = read_checkpoint(ckpt_path)
+def check_resume(
+    module: DETRModule, ckpt_path: str, checkpoint: dict[str, Any] | None = None
+) -> None:
+    """Refuse to resume a checkpoint whose model or labels differ from the config's.
+
+    ``checkpoint``: the file's contents if they were already loaded (not read again)."""
+    if checkpoint is None:
+        info = read_checkpoint(ckpt_path)
+    else:
+        info = read_loaded_checkpoint(checkpoint, ckpt_path)
     if info["format"] != "lightning":
         raise ValueError(
             f"ckpt_path={ckpt_path} is a {info['format']} checkpoint; ckpt_path resumes a "
@@ -188,6 +201,12 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     restart. Under SLURM a requeued job resumes as with ``resume=auto`` when the run dir holds
     Lightning's ``hpc_ckpt_<n>.ckpt`` (Lightning would load it anyway; here it is checked first).
     """
+    return _resume(cfg)[0]
+
+
+def _resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] | None]:
+    """:func:`resume_checkpoint`, and the checkpoint's contents where finding it loaded them
+    (``resume=auto``, SLURM requeue), else None."""
     ckpt_path, resume = cfg.get("ckpt_path"), cfg.get("resume")
     run_dir = Path(cfg.run_dir)
     if resume not in (None, "auto"):
@@ -204,23 +223,32 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
                 "run_dir: pass the interrupted run's directory as run_dir=... (or "
                 "hydra.run.dir=...), or give the checkpoint file as ckpt_path=PATH"
             )
-        return str(path)
+        return str(path), None
     if ckpt_path:
-        return str(ckpt_path)
+        return str(ckpt_path), None
     requeued = SLURMEnvironment.detect() and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
     if resume is None and not requeued:
-        return None
+        return None, None
     if resume == "auto":
         _check_fixed_run_dir(cfg)
-    found = find_resume_checkpoint(run_dir)
+    found = load_resume_checkpoint(run_dir)
     if found is None:
         log.info("resume=auto: no checkpoint in %s yet, starting a new run there", run_dir)
+        return None, None
+    path, state = found
+    log.info("resuming %s (epoch %d, global step %d)", path, state["epoch"], state["global_step"])
+    return str(path), state
+
+
+def _load_if_torch_file(path: str) -> dict[str, Any] | None:
+    """The contents of ``path`` if it is a loadable torch file, else None (other formats and
+    broken files are then named by :func:`check_resume`)."""
+    if not Path(path).is_file():
         return None
-    path, progress = found
-    log.info(
-        "resuming %s (epoch %d, global step %d)", path, progress["epoch"], progress["global_step"]
-    )
-    return str(path)
+    try:
+        return load_torch_file(path)
+    except CheckpointError:
+        return None
 
 
 def _check_fixed_run_dir(cfg: DictConfig) -> None:
@@ -407,13 +435,19 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     check_optimized_metric(cfg)
     ensure_backbone_weights(cfg)
     run_dir = Path(cfg.run_dir)
-    ckpt_path = resume_checkpoint(cfg)
+    # The resumed checkpoint is read once: chosen and checked here, then handed to Lightning.
+    ckpt_path, resumed = _resume(cfg)
+    if ckpt_path and resumed is None:
+        resumed = _load_if_torch_file(ckpt_path)
     datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule)
     if ckpt_path:
-        check_resume(module, ckpt_path)
+        check_resume(module, ckpt_path, resumed)
     compile_model(module, cfg.get("compile"))
     trainer = build_trainer(cfg, run_callbacks(cfg) + list(callbacks or []))
+    if resumed is not None and isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+        trainer.strategy.checkpoint_io.hand_over(ckpt_path, resumed)
+    del resumed  # held by the checkpoint IO until Lightning takes it
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
