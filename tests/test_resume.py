@@ -19,7 +19,12 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import detr_lightning.io
-from detr_lightning.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from detr_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    LoadedCheckpoint,
+    file_identity,
+    find_resume_checkpoint,
+)
 from detr_lightning.errors import SetupError
 from detr_lightning.loggers import CSVLogger, ResumableLogs
 from detr_lightning.pretrained import CheckpointError
@@ -109,7 +114,8 @@ def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):
 
 def test_a_checkpoint_handed_over_is_not_read_again(tmp_path, monkeypatch):
     """train() hands the checkpoint it resumes, already read, to Lightning's load: used once,
-    for that file only, and not if the file changed or across a pickle (ddp_spawn ranks)."""
+    for that file only, not if the file changed after it was read, not across a pickle
+    (ddp_spawn ranks), and dropped by forget()."""
     path = tmp_path / "last.ckpt"
     torch.save(_training_state(1), path)
     reads = []
@@ -117,24 +123,30 @@ def test_a_checkpoint_handed_over_is_not_read_again(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
     io = AtomicCheckpointIO()
 
-    handed = _training_state(1)
-    io.hand_over(path, handed)
+    handed = LoadedCheckpoint(path, file_identity(path), _training_state(1))
+    io.hand_over(handed)
     assert pickle.loads(pickle.dumps(io))._handed is None
-    assert io.load_checkpoint(str(tmp_path / "." / "last.ckpt")) is handed  # the same file
+    assert io.load_checkpoint(str(tmp_path / "." / "last.ckpt")) is handed.state  # same file
     assert reads == []
     assert io.load_checkpoint(path)["global_step"] == 1  # once only
     assert reads == [path]
 
-    io.hand_over(path, handed)
+    io.hand_over(handed)
     other = tmp_path / "other.ckpt"
     torch.save(_training_state(2), other)
     assert io.load_checkpoint(other)["global_step"] == 2  # another file is read
-    assert io.load_checkpoint(path) is not handed  # and the hand-over is gone
+    assert io.load_checkpoint(path) is not handed.state  # and the hand-over is gone
 
-    io.hand_over(path, handed)
-    torch.save(_training_state(3), path)  # rewritten since it was read
+    io.hand_over(handed)
+    io.forget()
+    assert io.load_checkpoint(path) is not handed.state
+
+    torch.save(_training_state(3), path)  # rewritten after it was read, before the hand-over
     os.utime(path, ns=(1, 1))
+    io.hand_over(handed)
     assert io.load_checkpoint(path)["global_step"] == 3
+    read = LoadedCheckpoint.read(path)  # the identity is taken before the contents
+    assert read.identity == file_identity(path) and read.state["global_step"] == 3
 
 
 class _StepLogger(pl.LightningModule):
@@ -195,7 +207,7 @@ def test_a_step_checkpoint_lands_after_the_rows_of_every_step_before_it(tmp_path
     assert all(len(keys) == len(set(keys)) for keys in logged.values()), logged
 
 
-def test_resume_settings_are_checked(tmp_path, caplog):
+def test_resume_settings_are_checked(tmp_path, caplog, monkeypatch):
     def resolve(*overrides: str):
         return resume_checkpoint(compose_config("train", tiny_overrides(tmp_path, *overrides)))
 
@@ -212,6 +224,28 @@ def test_resume_settings_are_checked(tmp_path, caplog):
     _write(tmp_path / "checkpoints" / "last.ckpt", _training_state(3), 1000)
     assert resolve("ckpt_path=last") == str(tmp_path / "checkpoints" / "last.ckpt")
     assert resolve("resume=auto") == str(tmp_path / "checkpoints" / "last.ckpt")
+    monkeypatch.setenv("HOME", str(tmp_path))  # Lightning's load gets the expanded path
+    assert resolve("ckpt_path='~/checkpoints/last.ckpt'") == str(
+        tmp_path / "checkpoints" / "last.ckpt"
+    )
+
+
+def test_resuming_weights_that_need_their_config_names_it(tmp_path):
+    """ckpt_path at a safetensors file or Hugging Face's pytorch_model.bin is read with the
+    config.json beside it (not as one torch file, which it would load as): its absence is
+    named."""
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    save_file({"w": torch.zeros(2)}, weights / "model.safetensors")
+    torch.save({"w": torch.zeros(2)}, weights / "pytorch_model.bin")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        cfg = compose_config(
+            "train", tiny_overrides(tmp_path / "run", f"ckpt_path={weights / name}")
+        )
+        with pytest.raises(FileNotFoundError, match=r"need the config\.json"):
+            train(cfg)
 
 
 # what srun sets for a one-task job

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,32 @@ def last_checkpoint_path(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints" / "last.ckpt"
 
 
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint file's contents, and the identity of the file they were read from."""
+
+    path: Path
+    identity: tuple[int, int, int]  # see file_identity
+    state: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> LoadedCheckpoint:
+        """Load ``path`` (:func:`~detr_lightning.pretrained.load_torch_file`). The identity is
+        taken first, so that a file replaced during the read does not pass for the one read."""
+        identity = file_identity(path)
+        return cls(Path(path), identity, load_torch_file(path))
+
+    def is_of(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` is still the file these contents were read from."""
+        return Path(path).resolve() == self.path.resolve() and file_identity(path) == self.identity
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int, int]:
+    """(inode, size, modification time): changes when the file is replaced or rewritten."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with crash-safe writes and loads that never unpickle code.
 
@@ -40,7 +67,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     leaves the previous file intact; Lightning's own writer goes through a temporary file in
     the system's temp directory, whose move to another file system is a plain copy. Loads use
     ``weights_only=True`` whatever the caller asks.
+
+    ``train`` reads the checkpoint it resumes to choose and check it, and hands the contents
+    over (:meth:`hand_over`) so that Lightning's load does not read the file again: a DETR-R50
+    training state is about 500 MB, read by every process of a run, often from a shared file
+    system.
     """
+
+    _handed: LoadedCheckpoint | None = None  # for the next load_checkpoint, once
+
+    def hand_over(self, loaded: LoadedCheckpoint) -> None:
+        """Give the next :meth:`load_checkpoint` the contents ``loaded`` instead of reading
+        the file, if it loads that same file and the file has not changed since it was read.
+        Whatever it loads, the next load takes the contents away."""
+        self._handed = loaded
+
+    def forget(self) -> None:
+        """Drop contents handed over and not loaded (a run that failed before its restore)."""
+        self._handed = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a process started by pickling the trainer (ddp_spawn) reads the file itself
+        return {**self.__dict__, "_handed": None}
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -52,37 +100,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
-    _handed: tuple[Path, tuple[int, int, int], dict[str, Any]] | None = None
-
-    def hand_over(self, path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
-        """Give the next :meth:`load_checkpoint` of ``path`` the ``checkpoint`` already read
-        from it, instead of reading the file again (once; not if the file has changed since).
-
-        ``train`` reads the checkpoint it resumes to choose and check it; a DETR-R50 training
-        state is about 500 MB, read by every process of a run, from a shared file system."""
-        self._handed = (Path(path).resolve(), _file_identity(path), checkpoint)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # a process started by pickling the trainer (ddp_spawn) reads the file itself
-        return {**self.__dict__, "_handed": None}
-
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        handed, self._handed = self._handed, None
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        handed, self._handed = self._handed, None
-        if handed is not None and handed[:2] == (Path(path).resolve(), _file_identity(path)):
-            return handed[2]
+        if handed is not None and handed.is_of(path):
+            return handed.state
         return load_torch_file(path)
-
-
-def _file_identity(path: str | os.PathLike) -> tuple[int, int, int]:
-    """(inode, size, modification time): changes when the file is replaced or rewritten."""
-    stat = os.stat(path)
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 # the checkpoints Lightning's SLURM requeue writes into the run dir
@@ -100,9 +128,9 @@ def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     )
 
 
-def load_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint of ``run_dir`` that loads as a complete training state, and that
-    state; None when the run has no checkpoint.
+def load_resume_checkpoint(run_dir: str | os.PathLike) -> LoadedCheckpoint | None:
+    """The newest checkpoint of ``run_dir`` that loads as a complete training state, loaded;
+    None when the run has no checkpoint.
 
     Files that fail to load (a crash during a save of another program, a disk error) are
     skipped with a warning; if every one fails, SetupError names them. Temporary files of
@@ -117,17 +145,17 @@ def load_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, 
     failures = []
     for path in candidates:
         try:
-            state = load_torch_file(path)
+            loaded = LoadedCheckpoint.read(path)
         except CheckpointError as err:
             failures.append(f"{path}: {err}")
             log.warning("resume=auto: skipping %s, which does not load (%s)", path, err)
             continue
-        missing = [key for key in TRAINING_STATE_KEYS if key not in state]
+        missing = [key for key in TRAINING_STATE_KEYS if key not in loaded.state]
         if missing:
             failures.append(f"{path}: no {', '.join(missing)} (not a training checkpoint)")
             log.warning("resume=auto: skipping %s: it lacks %s", path, ", ".join(missing))
             continue
-        return path, state
+        return loaded
     if candidates:
         raise SetupError(
             f"resume=auto: none of the {len(candidates)} checkpoints of {run_dir} loads:\n  "
@@ -144,12 +172,14 @@ def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, 
     found = load_resume_checkpoint(run_dir)
     if found is None:
         return None
-    path, state = found
-    return path, {"epoch": int(state["epoch"]), "global_step": int(state["global_step"])}
+    state = found.state
+    return found.path, {"epoch": int(state["epoch"]), "global_step": int(state["global_step"])}
 
 
 __all__ = [
     "AtomicCheckpointIO",
+    "LoadedCheckpoint",
+    "file_identity",
     "find_resume_checkpoint",
     "last_checkpoint_path",
     "load_resume_checkpoint",

@@ -296,7 +296,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path}: found {CONFIG_FILE} but neither {WEIGHTS_FILE} nor pytorch_model.bin"
             )
         return _read_with_config(weights, config_path)
-    if path.suffix == ".safetensors" or path.name == "pytorch_model.bin":
+    if needs_config_file(path):
         config_path = path.with_name(CONFIG_FILE)
         if not config_path.is_file():
             raise FileNotFoundError(
@@ -345,6 +345,12 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
         "hparams": None,
         "path": weights,
     }
+
+
+def needs_config_file(path: Path) -> bool:
+    """Whether :func:`read_checkpoint` reads the weights file ``path`` with the config.json
+    beside it (safetensors, Hugging Face's pytorch_model.bin), not as one torch file."""
+    return path.suffix == ".safetensors" or path.name == "pytorch_model.bin"
 
 
 def read_loaded_checkpoint(obj: Any, path: str | os.PathLike) -> dict[str, Any]:

@@ -17,12 +17,14 @@ import torch
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from .callbacks import MetricsHistory, NonFiniteStop, SigtermCheckpoint
 from .checkpointing import (
     HPC_CHECKPOINT_GLOB,
     AtomicCheckpointIO,
+    LoadedCheckpoint,
     last_checkpoint_path,
     load_resume_checkpoint,
 )
@@ -36,7 +38,7 @@ from .module import DETRModule, padded_label_map
 from .pretrained import (
     CheckpointError,
     load_state_into,
-    load_torch_file,
+    needs_config_file,
     read_checkpoint,
     read_loaded_checkpoint,
 )
@@ -196,7 +198,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
     ``ckpt_path=<file>`` resumes that file; ``ckpt_path=last`` the run dir's
     ``checkpoints/last.ckpt``; ``resume=auto`` the newest checkpoint of the run dir that loads
-    (:func:`~detr_lightning.checkpointing.find_resume_checkpoint`), or nothing (a new run, with a
+    (:func:`~detr_lightning.checkpointing.load_resume_checkpoint`), or nothing (a new run, with a
     log line) when there is none yet, so that one command serves the first start and every
     restart. Under SLURM a requeued job resumes as with ``resume=auto`` when the run dir holds
     Lightning's ``hpc_ckpt_<n>.ckpt`` (Lightning would load it anyway; here it is checked first).
@@ -204,7 +206,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return _resume(cfg)[0]
 
 
-def _resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] | None]:
+def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
     """:func:`resume_checkpoint`, and the checkpoint's contents where finding it loaded them
     (``resume=auto``, SLURM requeue), else None."""
     ckpt_path, resume = cfg.get("ckpt_path"), cfg.get("resume")
@@ -225,7 +227,7 @@ def _resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] | None]:
             )
         return str(path), None
     if ckpt_path:
-        return str(ckpt_path), None
+        return os.path.expanduser(str(ckpt_path)), None
     requeued = SLURMEnvironment.detect() and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
     if resume is None and not requeued:
         return None, None
@@ -235,20 +237,29 @@ def _resume(cfg: DictConfig) -> tuple[str | None, dict[str, Any] | None]:
     if found is None:
         log.info("resume=auto: no checkpoint in %s yet, starting a new run there", run_dir)
         return None, None
-    path, state = found
-    log.info("resuming %s (epoch %d, global step %d)", path, state["epoch"], state["global_step"])
-    return str(path), state
+    state = found.state
+    log.info(
+        "resuming %s (epoch %d, global step %d)", found.path, state["epoch"], state["global_step"]
+    )
+    return str(found.path), found
 
 
-def _load_if_torch_file(path: str) -> dict[str, Any] | None:
-    """The contents of ``path`` if it is a loadable torch file, else None (other formats and
-    broken files are then named by :func:`check_resume`)."""
-    if not Path(path).is_file():
+def _load_if_torch_file(path: str) -> LoadedCheckpoint | None:
+    """The contents of ``path`` if :func:`check_resume` would read it as one torch file and it
+    loads, else None: other formats and broken files are then named by :func:`check_resume`."""
+    if not Path(path).is_file() or needs_config_file(Path(path)):
         return None
     try:
-        return load_torch_file(path)
+        return LoadedCheckpoint.read(path)
     except CheckpointError:
         return None
+
+
+def _loads_in_this_process(trainer: pl.Trainer) -> bool:
+    """Whether ``trainer.fit`` restores its checkpoint in this process: not where it forks or
+    spawns its ranks (``ddp_fork``, ``ddp_spawn``, ``ddp_notebook``), whose parent only waits
+    and would hold the checkpoint for the whole run."""
+    return not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def _check_fixed_run_dir(cfg: DictConfig) -> None:
@@ -442,11 +453,14 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule)
     if ckpt_path:
-        check_resume(module, ckpt_path, resumed)
+        check_resume(module, ckpt_path, None if resumed is None else resumed.state)
     compile_model(module, cfg.get("compile"))
     trainer = build_trainer(cfg, run_callbacks(cfg) + list(callbacks or []))
-    if resumed is not None and isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
-        trainer.strategy.checkpoint_io.hand_over(ckpt_path, resumed)
+    checkpoint_io = trainer.strategy.checkpoint_io
+    if not isinstance(checkpoint_io, AtomicCheckpointIO):
+        checkpoint_io = None
+    if resumed is not None and checkpoint_io is not None and _loads_in_this_process(trainer):
+        checkpoint_io.hand_over(resumed)
     del resumed  # held by the checkpoint IO until Lightning takes it
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -465,6 +479,9 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
         # SigtermCheckpoint saved last.ckpt; 128 + 15, as for a process that SIGTERM ended, so
         # that schedulers and scripts see an interrupted run, not a finished one
         raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        if checkpoint_io is not None:  # a run that failed before its restore
+            checkpoint_io.forget()
     metrics = result_from_metrics(trainer.callback_metrics, "val")
     history = next((c for c in trainer.callbacks if isinstance(c, MetricsHistory)), None)
     if cfg.get("test_after_fit"):
