@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -195,6 +196,11 @@ def test_batch_and_group_norm_backbones_run(norm: str, norm_type: type) -> None:
         out = detr([torch.randn(3, 64, 96), torch.randn(3, 64, 64)])
     assert out["pred_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
     assert torch.isfinite(out["pred_logits"]).all() and torch.isfinite(out["pred_boxes"]).all()
+    # the model pickles (ddp_spawn sends it to its ranks that way) and computes the same
+    copied = pickle.loads(pickle.dumps(detr))
+    images = [torch.randn(3, 64, 96)]
+    with torch.no_grad():
+        torch.testing.assert_close(copied(images)["pred_boxes"], detr(images)["pred_boxes"])
 
 
 def test_pre_norm_encoder_has_final_norm() -> None:

@@ -81,7 +81,9 @@ def _norm_layer(norm: NormKind):
         return nn.BatchNorm2d
     if norm == "group":
         # 32 groups as in "Group Normalization" (Wu & He); used when training from scratch.
-        return lambda channels: nn.GroupNorm(32, channels)
+        # A partial, not a lambda: torchvision keeps it on the ResNet, which must pickle
+        # (ddp_spawn sends the model to its ranks that way).
+        return functools.partial(nn.GroupNorm, 32)
     raise ValueError(f"backbone norm must be one of 'frozen', 'batch', 'group'; got {norm!r}")
 
 
