@@ -23,7 +23,7 @@ from detr_lightning.checkpointing import (
     AtomicCheckpointIO,
     LoadedCheckpoint,
     file_identity,
-    find_resume_checkpoint,
+    load_resume_checkpoint,
 )
 from detr_lightning.errors import SetupError
 from detr_lightning.loggers import CSVLogger, ResumableLogs
@@ -64,22 +64,23 @@ def test_resume_auto_takes_the_newest_checkpoint_that_loads(tmp_path, caplog):
     stale.write_bytes(b"half a checkpoint")
 
     with caplog.at_level("WARNING"):
-        path, progress = find_resume_checkpoint(tmp_path)
-    assert path == checkpoints / "last.ckpt" and progress == {"epoch": 0, "global_step": 6}
+        found = load_resume_checkpoint(tmp_path)
+    progress = {"epoch": found.state["epoch"], "global_step": found.state["global_step"]}
+    assert found.path == checkpoints / "last.ckpt" and progress == {"epoch": 0, "global_step": 6}
     for skipped in (truncated, code, weights_only):
         assert str(skipped) in caplog.text
     assert not stale.exists()
 
     # an hpc checkpoint (SLURM requeue) that is newest and loads wins
     _write(tmp_path / "hpc_ckpt_2.ckpt", _training_state(10), 6000)
-    assert find_resume_checkpoint(tmp_path)[0] == tmp_path / "hpc_ckpt_2.ckpt"
+    assert load_resume_checkpoint(tmp_path).path == tmp_path / "hpc_ckpt_2.ckpt"
 
     # nothing at all: a new run; checkpoints that all fail: an error naming them
-    assert find_resume_checkpoint(tmp_path / "new") is None
+    assert load_resume_checkpoint(tmp_path / "new") is None
     for path in (older, checkpoints / "last.ckpt", tmp_path / "hpc_ckpt_2.ckpt"):
         path.unlink()
     with pytest.raises(SetupError, match=r"none of the 3 checkpoints(.|\n)*hpc_ckpt_1\.ckpt"):
-        find_resume_checkpoint(tmp_path)
+        load_resume_checkpoint(tmp_path)
 
 
 def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):

@@ -165,22 +165,10 @@ def load_resume_checkpoint(run_dir: str | os.PathLike) -> LoadedCheckpoint | Non
     return None
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, int]] | None:
-    """The newest checkpoint of ``run_dir`` that loads as a complete training state, and its
-    ``{"epoch": ..., "global_step": ...}``; None when the run has no checkpoint (see
-    :func:`load_resume_checkpoint`)."""
-    found = load_resume_checkpoint(run_dir)
-    if found is None:
-        return None
-    state = found.state
-    return found.path, {"epoch": int(state["epoch"]), "global_step": int(state["global_step"])}
-
-
 __all__ = [
     "AtomicCheckpointIO",
     "LoadedCheckpoint",
     "file_identity",
-    "find_resume_checkpoint",
     "last_checkpoint_path",
     "load_resume_checkpoint",
     "run_checkpoints",
