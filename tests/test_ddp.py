@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,68 @@ def test_ddp_resume_mid_epoch_repeats_every_rank(tmp_path):
         resumed = json.loads((tmp_path / f"resume_rank{rank}.json").read_text())
         assert len(straight) == 12 and len(resumed) == 4  # 6 steps per epoch, resumed after 8
         assert resumed == straight[8:], rank
+
+
+# Run by test_sigterm_to_one_rank_stops_every_rank as a script (see _RESUME_SCRIPT).
+_SIGTERM_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from detr_lightning.train import train
+from pipeline_fixtures import compose_config, tiny_overrides
+
+
+class SigtermRank1(pl.Callback):
+    def __init__(self, send):
+        self.send, self.trained = send, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.send and (trainer.global_rank, trainer.current_epoch, batch_idx) == (1, 1, 0):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.trained += 1
+        rank = trainer.global_rank
+        (run_dir.parent / f"trained_rank{rank}").write_text(str(self.trained))
+
+
+if __name__ == "__main__":
+    run_dir, resume = Path(sys.argv[1]), sys.argv[2] == "resume"
+    overrides = ["trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.devices=2",
+                 "trainer.strategy=ddp", "trainer.limit_val_batches=0", "cpu_threads=1"]
+    if resume:
+        overrides.append("resume=auto")
+    train(compose_config("train", tiny_overrides(run_dir, *overrides)), [SigtermRank1(not resume)])
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank(tmp_path):
+    """A SIGTERM that reaches rank 1 alone (one node of a job preempted, one process killed)
+    stops both ranks after the same step with last.ckpt saved, instead of leaving them in
+    different collectives until the process group times out; resume=auto then finishes."""
+    script = tmp_path / "sigterm_run.py"
+    script.write_text(_SIGTERM_SCRIPT)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}  # fmt: skip
+    stopped = subprocess.run(
+        [sys.executable, str(script), str(run_dir), "stop"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGTERM, output[-3000:]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    # 8 images, a global batch of 4: 2 steps in epoch 0, then the one rank 1 was signalled in
+    assert state["global_step"] == 3
+    assert f"SIGTERM: stopped at global step 3 and saved {run_dir}" in output
+    assert [(tmp_path / f"trained_rank{rank}").read_text() for rank in (0, 1)] == ["3", "3"]
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(run_dir), "resume"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # each rank trained the one step left
+    assert [(tmp_path / f"trained_rank{rank}").read_text() for rank in (0, 1)] == ["1", "1"]

@@ -19,16 +19,18 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 import detr_lightning.io
+from detr_lightning.callbacks import SignalStop, requeue_slurm_job
 from detr_lightning.checkpointing import (
     AtomicCheckpointIO,
     LoadedCheckpoint,
     file_identity,
     load_resume_checkpoint,
+    next_hpc_checkpoint,
 )
 from detr_lightning.errors import SetupError
 from detr_lightning.loggers import CSVLogger, ResumableLogs
 from detr_lightning.pretrained import CheckpointError
-from detr_lightning.train import build_trainer, resume_checkpoint, train
+from detr_lightning.train import build_trainer, resume_checkpoint, run_callbacks, train
 from pipeline_fixtures import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,22 +256,36 @@ SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "detr", "SLURM_JOB_ID": "42"
              "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
 
 
-def test_slurm_requeue_settings_reach_lightning(tmp_path, monkeypatch):
+def _signal_stop(cfg) -> SignalStop:
+    (stop,) = [c for c in run_callbacks(cfg) if isinstance(c, SignalStop)]
+    return stop
+
+
+def test_slurm_requeue_settings_reach_the_signal_stop(tmp_path, monkeypatch):
     for key, value in SLURM_ENV.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
     monkeypatch.delenv("SLURM_NNODES", raising=False)
     cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.requeue_signal=USR2"))
+    assert _signal_stop(cfg).requeue_signal == signal.SIGUSR2
+    # Lightning sees the SLURM job but installs no requeue handler of its own
     environment = build_trainer(cfg)._accelerator_connector.cluster_environment
-    assert isinstance(environment, SLURMEnvironment)
-    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR2
+    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
     cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.auto_requeue=false"))
-    assert not build_trainer(cfg)._accelerator_connector.cluster_environment.auto_requeue
-    cfg = compose_config("train", tiny_overrides(tmp_path, "slurm.requeue_signal=USR9"))
-    with pytest.raises(SetupError, match=r"slurm.requeue_signal=USR9"):
-        build_trainer(cfg)
+    assert _signal_stop(cfg).requeue_signal is None
+    for name in ("USR9", "TERM"):
+        cfg = compose_config("train", tiny_overrides(tmp_path, f"slurm.requeue_signal={name}"))
+        with pytest.raises(SetupError, match=rf"slurm.requeue_signal={name}"):
+            run_callbacks(cfg)
+    for key in SLURM_ENV:  # not a SLURM job: no requeue signal
+        monkeypatch.delenv(key)
+    assert _signal_stop(compose_config("train", tiny_overrides(tmp_path))).requeue_signal is None
 
-    # a requeued job (Lightning saved hpc_ckpt_<n>.ckpt) resumes without being told
+
+def test_a_requeued_job_resumes_its_hpc_checkpoint(tmp_path, monkeypatch):
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    # a requeued job (the run dir holds an hpc_ckpt_<n>.ckpt) resumes without being told
     hpc = _write(tmp_path / "hpc_ckpt_1.ckpt", _training_state(5), 1000)
     assert resume_checkpoint(compose_config("train", tiny_overrides(tmp_path))) == str(hpc)
 
@@ -357,15 +373,27 @@ def test_sigkill_mid_epoch_then_resume_auto_continues_the_same_run(tmp_path):
     assert entries[: len(first_epochs)] == first_epochs
 
 
-class _SigtermDuring(pl.Callback):
-    """Notes a SIGTERM as Lightning's handler does, while batch ``batch`` runs."""
+class _SignalDuring(pl.Callback):
+    """Sends this process ``signum`` while training batch ``batch`` of ``epoch`` runs (or, with
+    ``validation``, after that validation batch); counts the training batches."""
 
-    def __init__(self, batch: int) -> None:
-        self.batch, self.trained = batch, 0
+    def __init__(self, batch: int, epoch: int = 0, validation: bool = False,
+                 signum: int = signal.SIGTERM) -> None:  # fmt: skip
+        self.batch, self.epoch, self.validation, self.signum = batch, epoch, validation, signum
+        self.trained = 0
+
+    def _maybe_send(self, trainer, batch_idx: int, validation: bool) -> None:
+        if trainer.sanity_checking or validation != self.validation:
+            return
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            os.kill(os.getpid(), self.signum)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.batch:
-            trainer._signal_connector.received_sigterm = True
+        self._maybe_send(trainer, batch_idx, validation=False)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:  # fmt: skip
+        self._maybe_send(trainer, batch_idx, validation=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.trained += 1
@@ -378,7 +406,7 @@ def test_sigterm_between_accumulated_batches_stops_after_the_step(tmp_path):
                  "callbacks=default", "callbacks.progress_bar=null",
                  "callbacks.metrics_history.plot=false"]  # fmt: skip
     cfg = compose_config("train", tiny_overrides(tmp_path, *overrides))
-    signal_during = _SigtermDuring(batch=2)  # batches 2 and 3 make the second step
+    signal_during = _SignalDuring(batch=2)  # batches 2 and 3 make the second step
     with pytest.raises(SystemExit) as stopped:
         train(cfg, [signal_during])
     assert stopped.value.code == 128 + signal.SIGTERM
@@ -387,6 +415,91 @@ def test_sigterm_between_accumulated_batches_stops_after_the_step(tmp_path):
     assert state["global_step"] == 2
     batches = state["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
     assert batches["processed"] == 4
+
+
+def _history(run_dir: Path) -> list[tuple]:
+    """(epoch, images evaluated, mAP) of every entry of metrics.json."""
+    entries = json.loads((run_dir / "metrics.json").read_text())["history"]
+    return [(e["epoch"], e.get("num_images"), e.get("map")) for e in entries]
+
+
+def test_sigterm_during_validation_lets_it_finish_then_stops(tmp_path):
+    """A resumed run does not repeat an interrupted validation: a stop inside one would lose
+    the epoch's metrics. The run validates to the end, stops after the next step, and the
+    resumed run has every epoch's metrics and losses as the uninterrupted run."""
+    overrides = ["trainer.max_epochs=3", "data.synthetic.num_val=16", "callbacks=default",
+                 "callbacks.progress_bar=null", "callbacks.metrics_history.plot=false"]  # fmt: skip
+    straight = tmp_path / "straight"
+    train(compose_config("train", tiny_overrides(straight, *overrides)))
+    run_dir = tmp_path / "stopped"
+    cfg = compose_config("train", tiny_overrides(run_dir, *overrides))
+    during = _SignalDuring(batch=1, epoch=1, validation=True)  # validation: 4 batches
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, [during])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 5  # epochs 0 and 1 (2 steps each), then one step of epoch 2
+    assert during.trained == 5
+    assert _history(run_dir) == _history(straight)[:2]  # epoch 1 validated in full
+    train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
+    assert _history(run_dir) == _history(straight)
+    assert all(images == 16 for _, images, _ in _history(run_dir))
+    assert _loss_rows(run_dir) == _loss_rows(straight)
+
+
+def test_requeue_signal_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path, monkeypatch):
+    """SLURM's requeue signal (sbatch --signal=USR1@90) stops the run after the step, saves
+    hpc_ckpt_<n>.ckpt and runs scontrol requeue; the requeued job resumes it unasked."""
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    monkeypatch.delenv("SLURM_NNODES", raising=False)
+    fake_bin, calls = tmp_path / "bin", tmp_path / "scontrol-calls"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake_bin / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    run_dir = tmp_path / "run"
+    overrides = ["trainer.max_epochs=2", "trainer.limit_val_batches=0"]
+    cfg = compose_config("train", tiny_overrides(run_dir, *overrides))
+    during = _SignalDuring(batch=0, epoch=1, signum=signal.SIGUSR1)
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, [during])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert calls.read_text() == "requeue 42\n"
+    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]
+    assert torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()  # one save, the one resumed
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # given back after the run
+    # the requeued job: the same command, no resume=auto
+    train(compose_config("train", tiny_overrides(run_dir, *overrides)))
+    assert sorted(_loss_rows(run_dir)) == [0, 1, 2, 3]
+
+
+def test_requeue_helpers(tmp_path, monkeypatch, caplog):
+    assert next_hpc_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+    for name in ("hpc_ckpt_2.ckpt", "hpc_ckpt_10.ckpt", "hpc_ckpt_x.ckpt"):
+        (tmp_path / name).touch()
+    assert next_hpc_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_11.ckpt"
+
+    fake_bin, calls = tmp_path / "bin", tmp_path / "calls"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake_bin))
+    array = {"SLURM_JOB_ID": "107", "SLURM_ARRAY_JOB_ID": "100", "SLURM_ARRAY_TASK_ID": "7"}
+    assert requeue_slurm_job(array)  # a job array's task is requeued by its array id
+    assert calls.read_text() == "requeue 100_7\n"
+    assert not requeue_slurm_job({"SLURM_JOB_ID": "1; rm -rf /"})
+    assert "is not a job id" in caplog.text
+    scontrol.write_text("#!/bin/sh\necho 'Invalid job id' >&2\nexit 1\n")
+    assert not requeue_slurm_job({"SLURM_JOB_ID": "5"})
+    assert "exited with 1: Invalid job id; resubmit the job with resume=auto" in caplog.text
+    scontrol.unlink()
+    assert not requeue_slurm_job({"SLURM_JOB_ID": "5"})
+    assert "scontrol requeue 5 failed" in caplog.text
+    assert calls.read_text() == "requeue 100_7\n"
 
 
 @pytest.mark.slow

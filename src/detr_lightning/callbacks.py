@@ -1,5 +1,6 @@
 """Callbacks of the training entry point: per-epoch history, metrics.json, curves, summaries,
-and the checkpoints written when a run stops early (SIGTERM, a loss that stays non-finite).
+and the stops of a run before its end: on SIGTERM or SLURM's requeue signal, all ranks at
+the same step, and after a loss that stays non-finite; each saves a checkpoint.
 
 They read validation results from Lightning's logged metrics (``val/map``, ...), the same values
 every logger and ``ModelCheckpoint`` sees.
@@ -11,8 +12,12 @@ import logging
 import math
 import os
 import resource
+import signal
+import subprocess
 import sys
+import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +27,11 @@ from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import host_memory
+from .checkpointing import next_hpc_checkpoint
 from .errors import TrainingStopped
 from .evaluation import max_detections, metric_keys, metrics_payload, result_from_metrics
 from .io import write_json_atomic
+from .ops.distributed import max_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -185,47 +192,142 @@ class ReuseFreedMemory(pl.Callback):
             host_memory.reuse_freed_memory()
 
 
-class SigtermCheckpoint(pl.Callback):
-    """Saves ``path`` (the run's last.ckpt) when the run stops on SIGTERM.
+# stop reasons, ordered: the ranks agree on the largest one any of them has seen
+_RUN_ON, _STOP, _REQUEUE = 0, 1, 2
 
-    Lightning's own handler notes a SIGTERM and stops after the batch in progress (all ranks
-    together) by raising ``SIGTERMException``; this callback saves the state there, so a
-    restart with ``resume=auto`` loses no step. With ``accumulate_grad_batches`` > 1 that
-    batch may be one of the several that an optimizer step sums: their gradients would be lost
-    and the resumed step would sum only the rest, so the stop waits for the step's last batch.
-    Other exceptions save nothing: their state may be half-way through a step.
+
+class SignalStop(pl.Callback):
+    """Stops a training run on SIGTERM, or under SLURM on the requeue signal, at an optimizer
+    step that every rank agrees on, and saves the state there.
+
+    - **SIGTERM** (``kill``, ``scancel``, a preempted node): saves ``path`` (the run's
+      last.ckpt); ``train`` then exits with status 143.
+    - **The requeue signal** (``requeue_signal``, e.g. USR1 for ``sbatch --signal=USR1@90``):
+      saves ``<run_dir>/hpc_ckpt_<n>.ckpt``, which a requeued job resumes without being told,
+      and rank 0 runs ``scontrol requeue`` for the job; then the same exit.
+
+    The signal handler only notes the signal. After every optimizer step the ranks take the
+    largest of their notes (one all-reduce of an int) and, if any rank was signalled, all of
+    them stop after that step. Lightning's own SIGTERM handling, which this replaces while the
+    run trains, takes rank 0's flag only and calls collectives from the signal handler (its
+    SLURM handler even saves a checkpoint there, in the middle of whatever the step was doing):
+    a signal that reaches some ranks and not others (one node of a job preempted, one process
+    killed), or reaches them at different points of a step, leaves the ranks in different
+    collectives, and the run hangs until the process group times out, having saved nothing.
+
+    Where the stop waits:
+
+    - between the batches that one optimizer step accumulates: until the step's last one (the
+      gradients of the first ones would otherwise be lost);
+    - during validation: until it ends, then for the next step. A resumed run does not repeat
+      an interrupted validation, so stopping in it would lose the epoch's metrics and its
+      checkpoints; the job's grace period after SIGTERM should outlast a validation.
+
+    A ``SIGTERMException`` that Lightning raised itself (where this could not take the signal
+    over: a trainer outside the main thread) saves last.ckpt as well. Other exceptions save
+    nothing: their state may be half-way through a step.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(
+        self, path: str | os.PathLike, requeue_signal: signal.Signals | None = None
+    ) -> None:
         self.path = Path(path)
-        self._held = False  # a SIGTERM noticed between the accumulated batches of a step
+        self.requeue_signal = requeue_signal
+        self._noted = _RUN_ON  # the largest reason this process has been signalled for
+        self._reason = _RUN_ON  # the reason the ranks agreed on
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        reason = _REQUEUE if signum == self.requeue_signal else _STOP
+        self._noted = max(self._noted, reason)
+
+    def _install(self, trainer: pl.Trainer) -> None:
+        """Take over SIGTERM (and the requeue signal) from Lightning, whose handlers are
+        installed just before the sanity check and training start."""
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and connector.received_sigterm:  # came before this hook
+            connector.received_sigterm = False
+            self._noted = max(self._noted, _STOP)
+        signals = [signal.SIGTERM] + ([self.requeue_signal] if self.requeue_signal else [])
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._note)
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Lightning's own flag and accumulation test (private: without them, stop as it does)
-        connector = getattr(trainer, "_signal_connector", None)
+        # Lightning's accumulation test (private: without it, every batch is a step)
         accumulating = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
-        if connector is None or accumulating is None:
+        if accumulating is not None and accumulating():
             return
-        if accumulating():
-            if connector.received_sigterm:
-                connector.received_sigterm, self._held = False, True
-        elif self._held:
-            connector.received_sigterm, self._held = True, False
+        reason = max_over_ranks(self._noted)  # every rank, every step
+        if reason == _RUN_ON:
+            return
+        self._reason = reason
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is None:  # a Lightning without the flag: stop here
+            raise SIGTERMException
+        # Lightning raises SIGTERMException after this batch's hooks and logging (unless the
+        # run is done), on every rank alike
+        connector.received_sigterm = True
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         if not isinstance(exception, SIGTERMException):
             return
+        step, run_dir = trainer.global_step, Path(trainer.default_root_dir)
+        if self._reason == _REQUEUE:
+            path = next_hpc_checkpoint(run_dir)
+            trainer.save_checkpoint(path, weights_only=False)
+            if trainer.is_global_zero:
+                log.warning("%s: stopped at global step %d and saved %s",
+                            self.requeue_signal.name, step, path)  # fmt: skip
+                requeue_slurm_job()
+            return
         trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
             log.warning(
                 "SIGTERM: stopped at global step %d and saved %s; to continue, run the same "
                 "command with resume=auto (and run_dir=%s if it does not name the run dir)",
-                trainer.global_step,
-                self.path,
-                trainer.default_root_dir,
-            )
+                step, self.path, run_dir,
+            )  # fmt: skip
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            if signal.getsignal(signum) == self._note:  # Lightning may have restored its own
+                signal.signal(signum, handler)
+        self._previous = {}
+
+
+def requeue_slurm_job(environ: Mapping[str, str] = os.environ) -> bool:
+    """Run ``scontrol requeue`` for this SLURM job (the array task, in a job array); False,
+    with the reason logged, when it fails."""
+    job = environ.get("SLURM_JOB_ID", "")
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    if not job.replace("_", "").isdigit():
+        log.error("cannot requeue: SLURM_JOB_ID=%r is not a job id; resubmit the job with "
+                  "resume=auto to continue", job)  # fmt: skip
+        return False
+    command = ["scontrol", "requeue", job]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.error("%s failed (%s); resubmit the job with resume=auto to continue",
+                  " ".join(command), error)  # fmt: skip
+        return False
+    if result.returncode != 0:
+        log.error("%s exited with %d: %s; resubmit the job with resume=auto to continue",
+                  " ".join(command), result.returncode, result.stderr.strip())  # fmt: skip
+        return False
+    log.info("requeued SLURM job %s", job)
+    return True
 
 
 class NonFiniteStop(pl.Callback):

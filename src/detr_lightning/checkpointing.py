@@ -1,8 +1,8 @@
 """Checkpoint files of a training run: crash-safe writes, safe loads, and which one to resume.
 
 A run's checkpoints live in ``<run_dir>/checkpoints/`` (``last.ckpt``: the newest training
-state; ``best-*.ckpt``: the best validation mAP); under SLURM, Lightning adds
-``<run_dir>/hpc_ckpt_<n>.ckpt`` when a job is requeued. Every one is a complete training state
+state; ``best-*.ckpt``: the best validation mAP); under SLURM, a job that requeues itself adds
+``<run_dir>/hpc_ckpt_<n>.ckpt`` (Lightning's names). Every one is a complete training state
 (weights, optimizer, scheduler, loop counters, callbacks, random state) that loads with
 ``torch.load(weights_only=True)``.
 """
@@ -113,8 +113,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_torch_file(path)
 
 
-# the checkpoints Lightning's SLURM requeue writes into the run dir
+# the checkpoints that a SLURM job writes into the run dir when it requeues itself
 HPC_CHECKPOINT_GLOB = "hpc_ckpt_*.ckpt"
+
+
+def next_hpc_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """``<run_dir>/hpc_ckpt_<n>.ckpt`` with ``n`` one above the run dir's highest (Lightning's
+    names for the checkpoints of a requeued SLURM job)."""
+    run_dir = Path(run_dir)
+    suffixes = (path.stem.removeprefix("hpc_ckpt_") for path in run_dir.glob(HPC_CHECKPOINT_GLOB))
+    numbers = [int(suffix) for suffix in suffixes if suffix.isdigit()]
+    return run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
 def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

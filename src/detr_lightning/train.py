@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .callbacks import MetricsHistory, NonFiniteStop, SigtermCheckpoint
+from .callbacks import MetricsHistory, NonFiniteStop, SignalStop
 from .checkpointing import (
     HPC_CHECKPOINT_GLOB,
     AtomicCheckpointIO,
@@ -201,7 +201,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     (:func:`~detr_lightning.checkpointing.load_resume_checkpoint`), or nothing (a new run, with a
     log line) when there is none yet, so that one command serves the first start and every
     restart. Under SLURM a requeued job resumes as with ``resume=auto`` when the run dir holds
-    Lightning's ``hpc_ckpt_<n>.ckpt`` (Lightning would load it anyway; here it is checked first).
+    an ``hpc_ckpt_<n>.ckpt`` (saved before the job requeued itself; Lightning would load it
+    anyway; here it is checked first).
     """
     return _resume(cfg)[0]
 
@@ -327,13 +328,14 @@ def build_trainer(
     cfg: DictConfig, callbacks: list[pl.Callback] | None = None, stage: str = "fit"
 ) -> pl.Trainer:
     """The configured Trainer, with crash-safe checkpoint files that load with
-    ``weights_only=True``, under SLURM the ``slurm.*`` requeue settings, and
+    ``weights_only=True``, under SLURM Lightning's environment without its requeue handler, and
     ``trainer.precision=auto`` resolved for ``stage`` (:func:`resolve_precision`)."""
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks or [])
     plugins: list[Any] = [AtomicCheckpointIO()]
     if cfg.get("slurm") is not None and SLURMEnvironment.detect():
-        plugins.append(_slurm_environment(cfg.slurm))
+        # the requeue is SignalStop's (run_callbacks), which stops all ranks at one step
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     precision = resolve_precision(cfg.trainer, stage)
     if str(cfg.trainer.get("precision")) == "auto":
         log.info("trainer.precision=auto: %s", precision)
@@ -372,26 +374,29 @@ def compile_model(module: DETRModule, setting: Any) -> None:
     module.model.compile(**options)
 
 
-def _slurm_environment(settings: DictConfig) -> SLURMEnvironment:
-    """Lightning's SLURM environment: with auto_requeue, the requeue signal saves
-    ``<run_dir>/hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``."""
+def requeue_signal(cfg: DictConfig) -> signal.Signals | None:
+    """The signal on which a SLURM job saves its state and requeues itself
+    (``slurm.requeue_signal`` with ``slurm.auto_requeue``; :class:`SignalStop`), or None (not
+    under SLURM, or auto_requeue off)."""
+    settings = cfg.get("slurm")
+    if settings is None or not settings.auto_requeue or not SLURMEnvironment.detect():
+        return None
     name = str(settings.requeue_signal).upper()
     name = name if name.startswith("SIG") else f"SIG{name}"
-    if not hasattr(signal.Signals, name):
+    if not hasattr(signal.Signals, name) or name in ("SIGTERM", "SIGKILL", "SIGSTOP"):
         raise SetupError(
-            f"slurm.requeue_signal={settings.requeue_signal} is not a signal name; use the one "
-            "of sbatch --signal (e.g. USR1 for --signal=USR1@90)"
+            f"slurm.requeue_signal={settings.requeue_signal} is not a signal that a job can "
+            "be asked for; use the one of sbatch --signal (e.g. USR1 for --signal=USR1@90)"
         )
-    return SLURMEnvironment(
-        auto_requeue=bool(settings.auto_requeue), requeue_signal=signal.Signals[name]
-    )
+    return signal.Signals[name]
 
 
 def run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """Callbacks that every training run has, whatever the ``callbacks`` group says: loggers
-    flushed into each checkpoint, last.ckpt on SIGTERM, the non-finite loss limit."""
+    flushed into each checkpoint, the stop on SIGTERM and SLURM's requeue signal, the
+    non-finite loss limit."""
     last = last_checkpoint_path(cfg.run_dir)
-    callbacks: list[pl.Callback] = [ResumableLogs(), SigtermCheckpoint(last)]
+    callbacks: list[pl.Callback] = [ResumableLogs(), SignalStop(last, requeue_signal(cfg))]
     limit = cfg.get("nonfinite", {}).get("max_consecutive")
     if limit is not None:
         callbacks.append(NonFiniteStop(limit, last))
@@ -434,8 +439,10 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     """Fit DETR as configured; returns the final validation metrics (+ ``run_dir``).
 
     ``callbacks`` are added to the configured ones (for scripts and tests). ``ckpt_path`` or
-    ``resume=auto`` resume a run (:func:`resume_checkpoint`). A SIGTERM stops the run at the
-    next step boundary, saves ``<run_dir>/checkpoints/last.ckpt`` and raises SystemExit(143).
+    ``resume=auto`` resume a run (:func:`resume_checkpoint`). A SIGTERM to any rank stops
+    every rank after the same optimizer step, saves ``<run_dir>/checkpoints/last.ckpt`` and
+    raises SystemExit(143); SLURM's requeue signal does the same with an ``hpc_ckpt_<n>.ckpt``
+    and requeues the job (:class:`~detr_lightning.callbacks.SignalStop`).
     """
     quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
@@ -476,7 +483,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
-        # SigtermCheckpoint saved last.ckpt; 128 + 15, as for a process that SIGTERM ended, so
+        # SignalStop saved the state; 128 + 15, as for a process that SIGTERM ended, so
         # that schedulers and scripts see an interrupted run, not a finished one
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:

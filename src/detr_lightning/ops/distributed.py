@@ -39,6 +39,19 @@ def any_rank(flag: Tensor) -> bool:
     return bool(value)
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' ``value`` (``value`` itself outside DDP). Every rank must call
+    it."""
+    if not is_distributed():
+        return value
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def gather_to_main(obj: object) -> list | None:
     """Every rank's picklable ``obj`` on rank 0, in rank order; None on the other ranks."""
     if not is_distributed():
