@@ -115,6 +115,11 @@ def test_ddp_resume_mid_epoch_repeats_every_rank(tmp_path):
         resumed = json.loads((tmp_path / f"resume_rank{rank}.json").read_text())
         assert len(straight) == 12 and len(resumed) == 4  # 6 steps per epoch, resumed after 8
         assert resumed == straight[8:], rank
+    # epoch 1's mean loss over both ranks counts its 2 steps before the checkpoint once
+    losses = {run: [entry["train_loss"] for entry in
+                    json.loads((tmp_path / run / "metrics.json").read_text())["history"]]
+              for run in ("straight", "resume")}  # fmt: skip
+    assert len(losses["straight"]) == 2 and losses["resume"] == losses["straight"]
 
 
 # Run by test_sigterm_to_one_rank_stops_every_rank as a script (see _RESUME_SCRIPT).

@@ -418,9 +418,16 @@ def test_sigterm_between_accumulated_batches_stops_after_the_step(tmp_path):
 
 
 def _history(run_dir: Path) -> list[tuple]:
-    """(epoch, images evaluated, mAP) of every entry of metrics.json."""
+    """(epoch, training loss, images evaluated, mAP) of every entry of metrics.json."""
     entries = json.loads((run_dir / "metrics.json").read_text())["history"]
-    return [(e["epoch"], e.get("num_images"), e.get("map")) for e in entries]
+    return [(e["epoch"], e["train_loss"], e.get("num_images"), e.get("map")) for e in entries]
+
+
+def _epoch_rows(run_dir: Path) -> dict[int, str]:
+    """metrics.csv's epoch means of the training loss, by epoch."""
+    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
+        return {int(row["epoch"]): row["train/loss"] for row in csv.DictReader(file)
+                if row.get("train/loss")}  # fmt: skip
 
 
 def test_sigterm_during_validation_lets_it_finish_then_stops(tmp_path):
@@ -442,9 +449,15 @@ def test_sigterm_during_validation_lets_it_finish_then_stops(tmp_path):
     assert during.trained == 5
     assert _history(run_dir) == _history(straight)[:2]  # epoch 1 validated in full
     train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
+    # the same losses, and epoch means: epoch 2's includes the step before the stop
     assert _history(run_dir) == _history(straight)
-    assert all(images == 16 for _, images, _ in _history(run_dir))
+    assert all(images == 16 for *_, images, _ in _history(run_dir))
     assert _loss_rows(run_dir) == _loss_rows(straight)
+    assert _epoch_rows(run_dir) == _epoch_rows(straight) and sorted(_epoch_rows(run_dir)) == [
+        0,
+        1,
+        2,
+    ]
 
 
 def test_requeue_signal_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path, monkeypatch):

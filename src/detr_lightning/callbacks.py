@@ -110,8 +110,14 @@ class MetricsHistory(pl.Callback):
         images = trainer.strategy.reduce(
             torch.tensor(float(self._images), device=pl_module.device), reduce_op="sum"
         )
-        loss = trainer.callback_metrics.get("train/loss")
-        stand_ins = trainer.callback_metrics.get("train/stand_in_images")
+        # DETRModule's own epoch sums, which a run resumed mid-epoch restores (every rank
+        # calls this); other modules' epoch means as Lightning logged them
+        epoch_means = getattr(pl_module, "training_epoch_means", None)
+        if epoch_means is not None:
+            means = {f"train/{name}": value for name, value in epoch_means().items()}
+        else:
+            means = trainer.callback_metrics
+        loss, stand_ins = means.get("train/loss"), means.get("train/stand_in_images")
         entry = {
             "epoch": trainer.current_epoch,
             "train_loss": float(loss) if loss is not None else math.nan,

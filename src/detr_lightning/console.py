@@ -22,3 +22,8 @@ def quiet_third_party() -> None:
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
     )
+    # DETRModule logs the training losses' epoch means already summed over the ranks
+    # (epoch_sums.py): Lightning's advice to sync them across devices does not apply
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self\.log\('train/.*sync_dist=True"
+    )

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .data.labels import LabelMap
 from .data.sampler import sample_seed
+from .epoch_sums import EpochSums
 from .evaluation import CocoEvaluator
 from .io import to_plain
 from .models.criterion import SetCriterion
@@ -135,6 +136,9 @@ class DETRModule(pl.LightningModule):
         self._step_images: list[int] = []
         self._skipping = False  # the current step is skipped: drop its (zero) update
         self._running_stats: list[tuple[Tensor, Tensor]] = []
+        # The epoch's training losses (their epoch means are logged from here, not by
+        # Lightning, so that a checkpoint written mid-epoch carries them).
+        self.epoch_sums = EpochSums()
 
     # ------------------------------------------------------------------------------ inference
     def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None):
@@ -274,25 +278,30 @@ class DETRModule(pl.LightningModule):
             reason = f"the loss is {float(total.detach())}"
             return self._skipped(reason if bool(nonfinite) else None)
         batch_size = len(targets)
-        # The step value is this rank's; the epoch values are averaged over ranks once.
+        # The step value is this rank's; the epoch values are summed here and averaged over
+        # ranks once, at the epoch's end (on_train_epoch_end).
         self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=batch_size)  # fmt: skip
-        self.log("train/loss", total, on_step=False, on_epoch=True, sync_dist=True,
-                 batch_size=batch_size)  # fmt: skip
-        self.log_dict(
-            {f"train/{k}": v for k, v in losses.items()},
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=batch_size,
-        )
+        self.epoch_sums.add({"loss": total, **losses}, weight=batch_size)
         # Samples that stood in for unreadable images (named in the dataset's warnings).
         # (filled in on the device: a host value would be copied over, waiting for the device)
         count = sum(int(target["stand_in_for"]) >= 0 for target in targets)
         stand_ins = torch.full((), float(count), device=total.device)
-        self.log("train/stand_in_images", stand_ins, on_step=False, on_epoch=True,
-                 reduce_fx="sum", sync_dist=True, batch_size=batch_size)  # fmt: skip
+        self.epoch_sums.add({"stand_in_images": stand_ins}, mean=False)
         return total
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_sums.reset()  # a run resumed mid-epoch continues without this hook
+
+    def training_epoch_means(self) -> dict[str, float]:
+        """The epoch's training losses so far, averaged over every rank's batches (weighted by
+        batch size), and ``stand_in_images`` summed. Every rank must call it."""
+        return self.epoch_sums.means()
+
+    def on_train_epoch_end(self) -> None:
+        means = self.training_epoch_means()
+        self.log_dict({f"train/{name}": value for name, value in means.items()},
+                      on_step=False, on_epoch=True)  # fmt: skip
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Seed the global RNG, which dropout draws from, for this batch of this rank.
@@ -481,10 +490,15 @@ class DETRModule(pl.LightningModule):
         # Random state too (rank 0's), for whatever draws from it between batches; training's
         # dropout is seeded per batch and rank (on_train_batch_start).
         checkpoint["rng_states"] = capture_rng_states()
+        # the sums over all ranks (every rank dumps a checkpoint; rank 0's is written)
+        checkpoint["train_epoch_sums"] = self.epoch_sums.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
+        if "train_epoch_sums" in checkpoint:  # counted once: by rank 0
+            self.epoch_sums.load_state_dict(checkpoint["train_epoch_sums"], self.device,
+                                            keep=self.global_rank == 0)  # fmt: skip
 
     # ---------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):

@@ -16,6 +16,15 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def all_reduce_sum(value: Tensor) -> Tensor:
+    """Sum of ``value`` over all ranks (``value`` itself outside DDP). Returns a new tensor
+    outside DDP too."""
+    value = value.clone()
+    if is_distributed():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
 def all_reduce_mean(value: Tensor) -> Tensor:
     """Mean of ``value`` over all ranks (a no-op outside DDP). Returns a new tensor."""
     if not is_distributed():

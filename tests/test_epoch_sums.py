@@ -1,0 +1,41 @@
+"""EpochSums: the training losses' epoch means that a mid-epoch checkpoint carries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detr_lightning.epoch_sums import EpochSums
+
+
+def test_weighted_means_and_totals_by_hand():
+    sums = EpochSums()
+    assert sums.means() == {}
+    sums.add({"loss": torch.tensor(2.0), "loss_ce": torch.tensor(1.0)}, weight=4)
+    sums.add({"loss": torch.tensor(5.0), "loss_ce": torch.tensor(0.5)}, weight=2)
+    sums.add({"stand_in_images": torch.tensor(3.0)}, mean=False)
+    sums.add({"stand_in_images": torch.tensor(1.0)}, mean=False)
+    # (2*4 + 5*2) / 6 = 3; (1*4 + 0.5*2) / 6 = 5/6; 3 + 1 = 4
+    assert sums.means() == pytest.approx({"loss": 3.0, "loss_ce": 5 / 6, "stand_in_images": 4.0})
+    sums.reset()
+    assert sums.means() == {}
+
+
+def test_a_checkpoint_carries_the_sums_to_one_rank():
+    sums = EpochSums()
+    sums.add({"loss": torch.tensor(2.0)}, weight=4)
+    sums.add({"stand_in_images": torch.tensor(1.0)}, mean=False)
+    state = sums.state_dict()
+    # plain lists (a weights_only load takes them), sorted by name
+    assert state == {"names": ["loss", "stand_in_images"], "totals": [8.0, 1.0],
+                     "weights": [4.0, 1.0], "means": [True, False]}  # fmt: skip
+    kept, zeroed = EpochSums(), EpochSums()
+    kept.load_state_dict(state, torch.device("cpu"))
+    zeroed.load_state_dict(state, torch.device("cpu"), keep=False)
+    for restored in (kept, zeroed):  # the resumed epoch's next step
+        restored.add({"loss": torch.tensor(6.0)}, weight=4)
+        restored.add({"stand_in_images": torch.tensor(2.0)}, mean=False)
+    assert kept.means() == pytest.approx({"loss": 4.0, "stand_in_images": 3.0})
+    # another rank: zeros under the same names, so that the ranks' sums line up
+    assert zeroed.state_dict()["names"] == ["loss", "stand_in_images"]
+    assert zeroed.means() == pytest.approx({"loss": 6.0, "stand_in_images": 2.0})
