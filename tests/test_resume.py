@@ -460,6 +460,28 @@ def test_sigterm_during_validation_lets_it_finish_then_stops(tmp_path):
     ]
 
 
+def test_sigterm_during_the_last_validation_leaves_the_test_for_the_restart(tmp_path):
+    """Signalled too late to stop the fit, a run with test_after_fit saves the finished fit and
+    exits 143 instead of starting a test that would outlast the kill's grace period; the
+    restart with resume=auto finds the fit done and runs the test."""
+    overrides = ["trainer.max_epochs=2", "test_after_fit=true", "callbacks=default",
+                 "callbacks.progress_bar=null", "callbacks.metrics_history.plot=false"]  # fmt: skip
+    cfg = compose_config("train", tiny_overrides(tmp_path, *overrides))
+    during = _SignalDuring(batch=0, epoch=1, validation=True)
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, [during])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert during.trained == 4  # the whole fit
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 4 and state["epoch"] == 2  # saved as finished
+    assert len(_history(tmp_path)) == 2
+    restarted = _SignalDuring(batch=-1)  # counts training batches, sends nothing
+    metrics = train(compose_config("train", tiny_overrides(tmp_path, *overrides, "resume=auto")),
+                    [restarted])  # fmt: skip
+    assert restarted.trained == 0 and "map" in metrics
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 4
+
+
 def test_requeue_signal_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path, monkeypatch):
     """SLURM's requeue signal (sbatch --signal=USR1@90) stops the run after the step, saves
     hpc_ckpt_<n>.ckpt and runs scontrol requeue; the requeued job resumes it unasked."""

@@ -260,6 +260,17 @@ class SignalStop(pl.Callback):
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._note)
 
+    def save_if_signalled(self, trainer: pl.Trainer) -> bool:
+        """After a fit that ended normally: if a rank was signalled too late to stop it
+        (during its last validation), save the state as a stop does and return True. Every
+        rank must call it."""
+        reason = max_over_ranks(self._noted)
+        if reason == _RUN_ON:
+            return False
+        self._reason = reason
+        self._save(trainer)
+        return True
+
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install(trainer)
 
@@ -285,8 +296,10 @@ class SignalStop(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
         step, run_dir = trainer.global_step, Path(trainer.default_root_dir)
         if self._reason == _REQUEUE:
             path = next_hpc_checkpoint(run_dir)

@@ -491,6 +491,13 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             checkpoint_io.forget()
     metrics = result_from_metrics(trainer.callback_metrics, "val")
     history = next((c for c in trainer.callbacks if isinstance(c, MetricsHistory)), None)
+    stop = next(c for c in trainer.callbacks if isinstance(c, SignalStop))
+    if cfg.get("test_after_fit") and stop.save_if_signalled(trainer):
+        # signalled during the last validation: the fit is complete and now saved, and the
+        # test is left for the restart (resume=auto finds the fit done and runs the test)
+        if trainer.is_global_zero:
+            log.warning("the fit is complete; test_after_fit is left for the restart")
+        raise SystemExit(128 + signal.SIGTERM)
     if cfg.get("test_after_fit"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", None) or None
         (logged,) = trainer.test(
