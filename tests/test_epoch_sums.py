@@ -23,15 +23,17 @@ def test_weighted_means_and_totals_by_hand():
 
 def test_a_checkpoint_carries_the_sums_to_one_rank():
     sums = EpochSums()
+    sums.reset(epoch=3)
     sums.add({"loss": torch.tensor(2.0)}, weight=4)
     sums.add({"stand_in_images": torch.tensor(1.0)}, mean=False)
     state = sums.state_dict()
-    # plain lists (a weights_only load takes them), sorted by name
-    assert state == {"names": ["loss", "stand_in_images"], "totals": [8.0, 1.0],
+    # plain lists (a weights_only load takes them), sorted by name, and the epoch they sum
+    assert state == {"epoch": 3, "names": ["loss", "stand_in_images"], "totals": [8.0, 1.0],
                      "weights": [4.0, 1.0], "means": [True, False]}  # fmt: skip
     kept, zeroed = EpochSums(), EpochSums()
     kept.load_state_dict(state, torch.device("cpu"))
     zeroed.load_state_dict(state, torch.device("cpu"), keep=False)
+    assert kept.epoch == zeroed.epoch == 3
     for restored in (kept, zeroed):  # the resumed epoch's next step
         restored.add({"loss": torch.tensor(6.0)}, weight=4)
         restored.add({"stand_in_images": torch.tensor(2.0)}, mean=False)

@@ -430,26 +430,33 @@ def _epoch_rows(run_dir: Path) -> dict[int, str]:
                 if row.get("train/loss")}  # fmt: skip
 
 
-def test_sigterm_during_validation_lets_it_finish_then_stops(tmp_path):
+@pytest.mark.parametrize(
+    ("during", "stop_step"),
+    [
+        (_SignalDuring(batch=1, epoch=1, validation=True), 5),  # in validation: 4 batches
+        (_SignalDuring(batch=1, epoch=1), 4),  # in epoch 1's last step, before its validation
+    ],
+    ids=["in-validation", "before-validation"],
+)
+def test_sigterm_near_validation_lets_it_finish_then_stops(tmp_path, during, stop_step):
     """A resumed run does not repeat an interrupted validation: a stop inside one would lose
-    the epoch's metrics. The run validates to the end, stops after the next step, and the
-    resumed run has every epoch's metrics and losses as the uninterrupted run."""
+    the epoch's metrics. The run validates to the end and stops after the next step (or after
+    the epoch's end), and the resumed run has every epoch's metrics and losses as the
+    uninterrupted run."""
     overrides = ["trainer.max_epochs=3", "data.synthetic.num_val=16", "callbacks=default",
                  "callbacks.progress_bar=null", "callbacks.metrics_history.plot=false"]  # fmt: skip
     straight = tmp_path / "straight"
     train(compose_config("train", tiny_overrides(straight, *overrides)))
     run_dir = tmp_path / "stopped"
     cfg = compose_config("train", tiny_overrides(run_dir, *overrides))
-    during = _SignalDuring(batch=1, epoch=1, validation=True)  # validation: 4 batches
     with pytest.raises(SystemExit) as stopped:
         train(cfg, [during])
     assert stopped.value.code == 128 + signal.SIGTERM
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["global_step"] == 5  # epochs 0 and 1 (2 steps each), then one step of epoch 2
-    assert during.trained == 5
+    assert state["global_step"] == stop_step  # 2 steps per epoch
+    assert during.trained == stop_step
     assert _history(run_dir) == _history(straight)[:2]  # epoch 1 validated in full
     train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
-    # the same losses, and epoch means: epoch 2's includes the step before the stop
     assert _history(run_dir) == _history(straight)
     assert all(images == 16 for *_, images, _ in _history(run_dir))
     assert _loss_rows(run_dir) == _loss_rows(straight)
@@ -480,6 +487,44 @@ def test_sigterm_during_the_last_validation_leaves_the_test_for_the_restart(tmp_
                     [restarted])  # fmt: skip
     assert restarted.trained == 0 and "map" in metrics
     assert json.loads((tmp_path / "metrics.json").read_text())["num_images"] == 4
+
+
+def test_a_signal_in_the_last_step_lets_the_run_finish(tmp_path):
+    """The fit ends after that step anyway: it finishes (exit 0) instead of reporting an
+    interrupted run."""
+    cfg = compose_config("train", tiny_overrides(tmp_path, "trainer.max_steps=3"))
+    during = _SignalDuring(batch=0, epoch=1)  # step 3 of 3
+    train(cfg, [during])
+    assert during.trained == 3
+
+
+class _Crash(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (1, 0):
+            raise RuntimeError("crash")
+
+
+def test_epoch_means_after_a_checkpoint_at_an_epochs_last_step(tmp_path):
+    """Lightning takes a checkpoint written at an epoch's last batch for a mid-epoch one and
+    skips the next epoch's on_train_epoch_start: the loss sums restored from it (the finished
+    epoch's) must not flow into the next epoch's means."""
+    overrides = ["callbacks=default", "callbacks.progress_bar=null",
+                 "callbacks.metrics_history.plot=false", "callbacks.last_checkpoint=null",
+                 "callbacks.model_checkpoint=null",
+                 "callbacks.checkpoint.every_n_train_steps=2"]  # fmt: skip
+    straight = tmp_path / "straight"
+    train(compose_config("train", tiny_overrides(straight, *overrides)))
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="crash"):
+        train(compose_config("train", tiny_overrides(run_dir, *overrides)), [_Crash()])
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2  # written at epoch 0's last step
+    train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
+    losses = {
+        run: {epoch: loss for epoch, loss, *_ in _history(run)} for run in (run_dir, straight)
+    }
+    assert losses[run_dir][1] == losses[straight][1]
+    assert _epoch_rows(run_dir)[1] == _epoch_rows(straight)[1]
 
 
 def test_requeue_signal_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path, monkeypatch):

@@ -225,9 +225,12 @@ class SignalStop(pl.Callback):
 
     - between the batches that one optimizer step accumulates: until the step's last one (the
       gradients of the first ones would otherwise be lost);
-    - during validation: until it ends, then for the next step. A resumed run does not repeat
-      an interrupted validation, so stopping in it would lose the epoch's metrics and its
+    - during validation: until it ends, then for the next step; and a validation due after
+      the step the ranks stop at runs in full first. A resumed run does not repeat an
+      interrupted validation, so stopping in it would lose the epoch's metrics and its
       checkpoints; the job's grace period after SIGTERM should outlast a validation.
+    - in the fit's last step or last validation: not at all, the fit finishes (``train``
+      saves it with :meth:`save_if_signalled` when a test would follow).
 
     A ``SIGTERMException`` that Lightning raised itself (where this could not take the signal
     over: a trainer outside the main thread) saves last.ckpt as well. Other exceptions save
@@ -241,7 +244,12 @@ class SignalStop(pl.Callback):
         self.requeue_signal = requeue_signal
         self._noted = _RUN_ON  # the largest reason this process has been signalled for
         self._reason = _RUN_ON  # the reason the ranks agreed on
-        self._previous: dict[signal.Signals, Any] = {}
+        self._installed = False
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning puts back the handlers it found when the fit ends (those of this callback
+        # go with them), so each fit starts afresh
+        self._noted, self._reason, self._installed = _RUN_ON, _RUN_ON, False
 
     def _note(self, signum: int, frame: Any) -> None:
         reason = _REQUEUE if signum == self.requeue_signal else _STOP
@@ -250,7 +258,7 @@ class SignalStop(pl.Callback):
     def _install(self, trainer: pl.Trainer) -> None:
         """Take over SIGTERM (and the requeue signal) from Lightning, whose handlers are
         installed just before the sanity check and training start."""
-        if self._previous or threading.current_thread() is not threading.main_thread():
+        if self._installed or threading.current_thread() is not threading.main_thread():
             return
         connector = getattr(trainer, "_signal_connector", None)
         if connector is not None and connector.received_sigterm:  # came before this hook
@@ -258,7 +266,8 @@ class SignalStop(pl.Callback):
             self._noted = max(self._noted, _STOP)
         signals = [signal.SIGTERM] + ([self.requeue_signal] if self.requeue_signal else [])
         for signum in signals:
-            self._previous[signum] = signal.signal(signum, self._note)
+            signal.signal(signum, self._note)
+        self._installed = True
 
     def save_if_signalled(self, trainer: pl.Trainer) -> bool:
         """After a fit that ended normally: if a rank was signalled too late to stop it
@@ -283,15 +292,26 @@ class SignalStop(pl.Callback):
         if accumulating is not None and accumulating():
             return
         reason = max_over_ranks(self._noted)  # every rank, every step
-        if reason == _RUN_ON:
-            return
+        if reason == _RUN_ON or self._reason != _RUN_ON or _fit_ends_after_this_step(trainer):
+            return  # (a fit that ends here is complete: nothing to stop)
         self._reason = reason
         connector = getattr(trainer, "_signal_connector", None)
         if connector is None:  # a Lightning without the flag: stop here
             raise SIGTERMException
-        # Lightning raises SIGTERMException after this batch's hooks and logging (unless the
-        # run is done), on every rank alike
+        # On every rank alike, Lightning raises SIGTERMException after this batch's hooks,
+        # its logging and a validation due after it (see on_validation_start), or at an
+        # epoch's last batch after the epoch's end
         connector.received_sigterm = True
+
+    # Lightning's evaluation loop stops at its next batch when the flag is set: a validation
+    # due after the step the ranks stop at runs in full with the flag lowered.
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._reason != _RUN_ON and not trainer.sanity_checking:
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._reason != _RUN_ON and not trainer.sanity_checking:
+            trainer._signal_connector.received_sigterm = True
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -317,11 +337,16 @@ class SignalStop(pl.Callback):
                 step, self.path, run_dir,
             )  # fmt: skip
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for signum, handler in self._previous.items():
-            if signal.getsignal(signum) == self._note:  # Lightning may have restored its own
-                signal.signal(signum, handler)
-        self._previous = {}
+
+def _fit_ends_after_this_step(trainer: pl.Trainer) -> bool:
+    """Whether the optimizer step just taken is the fit's last (max_steps, or the last batch
+    of the last epoch)."""
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = (
+        trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    )
+    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
 
 def requeue_slurm_job(environ: Mapping[str, str] = os.environ) -> bool:

@@ -19,8 +19,8 @@ from .ops.distributed import all_reduce_sum
 
 
 class EpochSums:
-    """Weighted sums of named values over this rank's batches of the current epoch, and their
-    means (or totals) over all ranks.
+    """Weighted sums of named values over this rank's batches of one epoch (``epoch``), and
+    their means (or totals) over all ranks.
 
     ``add`` keeps device tensors and never waits for the device. ``means`` and ``state_dict``
     sum over the ranks (one all-reduce): every rank must call them at the same point, and every
@@ -32,7 +32,9 @@ class EpochSums:
     def __init__(self) -> None:
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, epoch: int | None = None) -> None:
+        """Start the sums of ``epoch`` afresh."""
+        self.epoch = epoch
         self._totals: dict[str, Tensor] = {}
         self._weights: dict[str, float] = {}
         self._is_mean: dict[str, bool] = {}
@@ -41,7 +43,7 @@ class EpochSums:
     def add(self, values: Mapping[str, Tensor], weight: float = 1.0, mean: bool = True) -> None:
         """Add ``values`` with ``weight`` (a batch size); ``mean=False``: report the total."""
         for name, value in values.items():
-            value = value.detach().to(torch.float64) * weight
+            value = value.detach().to(_sum_dtype(value.device)) * weight
             total = self._totals.get(name)
             self._totals[name] = value if total is None else total + value
             self._weights[name] = self._weights.get(name, 0.0) + weight
@@ -53,7 +55,7 @@ class EpochSums:
         if not names:
             return [], [], []
         totals = torch.stack([self._totals[name] for name in names])
-        weights = torch.tensor([self._weights[name] for name in names], dtype=torch.float64,
+        weights = torch.tensor([self._weights[name] for name in names], dtype=totals.dtype,
                                device=totals.device)  # fmt: skip
         summed = all_reduce_sum(torch.stack([totals, weights])).cpu()
         return names, summed[0].tolist(), summed[1].tolist()
@@ -73,16 +75,22 @@ class EpochSums:
     def state_dict(self) -> dict[str, Any]:
         names, totals, weights = self._summed()
         means = [self._is_mean[name] for name in names]
-        return {"names": names, "totals": totals, "weights": weights, "means": means}
+        return {"epoch": self.epoch, "names": names, "totals": totals, "weights": weights,
+                "means": means}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device,
                         keep: bool = True) -> None:  # fmt: skip
         """The sums of ``state`` (from :meth:`state_dict`), or zeros under the same names
         where not ``keep``."""
-        self.reset()
+        self.reset(state.get("epoch"))
         for name, total, weight, mean in zip(state["names"], state["totals"], state["weights"],
                                              state["means"], strict=True):  # fmt: skip
-            self._totals[name] = torch.tensor(total if keep else 0.0, dtype=torch.float64,
-                                              device=device)  # fmt: skip
+            self._totals[name] = torch.tensor(total if keep else 0.0, device=device,
+                                              dtype=_sum_dtype(device))  # fmt: skip
             self._weights[name] = float(weight) if keep else 0.0
             self._is_mean[name] = bool(mean)
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the sums, float32 where the device has no float64 (Apple's MPS)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64

@@ -290,9 +290,6 @@ class DETRModule(pl.LightningModule):
         self.epoch_sums.add({"stand_in_images": stand_ins}, mean=False)
         return total
 
-    def on_train_epoch_start(self) -> None:
-        self.epoch_sums.reset()  # a run resumed mid-epoch continues without this hook
-
     def training_epoch_means(self) -> dict[str, float]:
         """The epoch's training losses so far, averaged over every rank's batches (weighted by
         batch size), and ``stand_in_images`` summed. Every rank must call it."""
@@ -304,7 +301,8 @@ class DETRModule(pl.LightningModule):
                       on_step=False, on_epoch=True)  # fmt: skip
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """Seed the global RNG, which dropout draws from, for this batch of this rank.
+        """Start the epoch's loss sums at its first batch; seed the global RNG, which dropout
+        draws from, for this batch of this rank.
 
         Dropout draws as many numbers as the batch's padded size asks, so the ranks' RNG states
         drift apart, and a checkpoint (written by rank 0) would bring back rank 0's state only:
@@ -313,6 +311,10 @@ class DETRModule(pl.LightningModule):
         the run is, and a resume from any checkpoint repeats it on every rank. Runs without
         ``seed_everything`` (no ``PL_GLOBAL_SEED``) keep the RNG as it comes.
         """
+        if self.epoch_sums.epoch != self.current_epoch:
+            # here, not in on_train_epoch_start: Lightning skips that hook in the epoch after
+            # a checkpoint written at an epoch's last batch, as in a run resumed mid-epoch
+            self.epoch_sums.reset(self.current_epoch)
         seed = os.environ.get("PL_GLOBAL_SEED")
         if seed is not None:
             epoch, rank = self.current_epoch, self.global_rank

@@ -333,8 +333,9 @@ def build_trainer(
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks or [])
     plugins: list[Any] = [AtomicCheckpointIO()]
-    if cfg.get("slurm") is not None and SLURMEnvironment.detect():
-        # the requeue is SignalStop's (run_callbacks), which stops all ranks at one step
+    if SLURMEnvironment.detect():
+        # the requeue is SignalStop's (run_callbacks), which stops all ranks at one step;
+        # Lightning's own (by default on an environment it detects) saves mid-step
         plugins.append(SLURMEnvironment(auto_requeue=False))
     precision = resolve_precision(cfg.trainer, stage)
     if str(cfg.trainer.get("precision")) == "auto":

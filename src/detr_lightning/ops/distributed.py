@@ -81,9 +81,11 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 
 __all__ = [
     "all_reduce_mean",
+    "all_reduce_sum",
     "any_rank",
     "broadcast_object",
     "gather_to_main",
     "is_distributed",
+    "max_over_ranks",
     "rank",
 ]
