@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from detr_lightning.epoch_sums import EpochSums
+from detr_lightning.train import train
+from pipeline_fixtures import compose_config, tiny_overrides
 
 
 def test_weighted_means_and_totals_by_hand():
@@ -41,3 +46,21 @@ def test_a_checkpoint_carries_the_sums_to_one_rank():
     # another rank: zeros under the same names, so that the ranks' sums line up
     assert zeroed.state_dict()["names"] == ["loss", "stand_in_images"]
     assert zeroed.means() == pytest.approx({"loss": 6.0, "stand_in_images": 2.0})
+
+
+class _ReadsEpochLoss(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_callbacks_read_the_epoch_loss_at_the_epochs_end(tmp_path):
+    """A callback's on_train_epoch_end runs before the module's: it finds train/loss (as with
+    Lightning's own epoch aggregation), equal to metrics.json's train_loss."""
+    reader = _ReadsEpochLoss()
+    train(compose_config("train", tiny_overrides(tmp_path)), [reader])
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert reader.losses == pytest.approx([entry["train_loss"] for entry in history], rel=1e-6)
+    assert len(reader.losses) == 2

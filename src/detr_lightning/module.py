@@ -139,6 +139,7 @@ class DETRModule(pl.LightningModule):
         # The epoch's training losses (their epoch means are logged from here, not by
         # Lightning, so that a checkpoint written mid-epoch carries them).
         self.epoch_sums = EpochSums()
+        self._epoch_means_logged: int | None = None  # the epoch whose means were logged
 
     # ------------------------------------------------------------------------------ inference
     def forward(self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None):
@@ -295,10 +296,22 @@ class DETRModule(pl.LightningModule):
         batch size), and ``stand_in_images`` summed. Every rank must call it."""
         return self.epoch_sums.means()
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Logged at the epoch's last batch, so that callbacks find train/loss & co. in
+        # trainer.callback_metrics from their on_train_epoch_end on, as with per-step logging
+        # (the module's own on_train_epoch_end runs after theirs).
+        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._log_epoch_means()
+
     def on_train_epoch_end(self) -> None:
+        if self._epoch_means_logged != self.current_epoch:  # an epoch that ended early
+            self._log_epoch_means()
+
+    def _log_epoch_means(self) -> None:
         means = self.training_epoch_means()
         self.log_dict({f"train/{name}": value for name, value in means.items()},
                       on_step=False, on_epoch=True)  # fmt: skip
+        self._epoch_means_logged = self.current_epoch
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         """Start the epoch's loss sums at its first batch; seed the global RNG, which dropout
