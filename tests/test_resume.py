@@ -511,7 +511,10 @@ def test_epoch_means_after_a_checkpoint_at_an_epochs_last_step(tmp_path):
     overrides = ["callbacks=default", "callbacks.progress_bar=null",
                  "callbacks.metrics_history.plot=false", "callbacks.last_checkpoint=null",
                  "callbacks.model_checkpoint=null",
-                 "callbacks.checkpoint.every_n_train_steps=2"]  # fmt: skip
+                 "callbacks.checkpoint.every_n_train_steps=2",
+                 # Lightning's own, which saves at an epoch's last batch (StepCheckpoint not)
+                 f"callbacks.checkpoint._target_={ModelCheckpoint.__module__}.ModelCheckpoint",
+                 ]  # fmt: skip
     straight = tmp_path / "straight"
     train(compose_config("train", tiny_overrides(straight, *overrides)))
     run_dir = tmp_path / "crashed"
@@ -525,6 +528,27 @@ def test_epoch_means_after_a_checkpoint_at_an_epochs_last_step(tmp_path):
     }
     assert losses[run_dir][1] == losses[straight][1]
     assert _epoch_rows(run_dir)[1] == _epoch_rows(straight)[1]
+
+
+def test_no_step_checkpoint_at_an_epochs_last_step(tmp_path):
+    """Resumed from a checkpoint written at an epoch's last batch, Lightning skips that epoch's
+    validation and end-of-epoch hooks; the step checkpoint leaves that batch to the epoch
+    checkpoint, which comes after them. With only step checkpoints, a crash at the next epoch's
+    start resumes from the step before, and metrics.json keeps every epoch."""
+    overrides = ["callbacks=default", "callbacks.progress_bar=null", "data.synthetic.num_train=24",
+                 "callbacks.metrics_history.plot=false", "callbacks.last_checkpoint=null",
+                 "callbacks.model_checkpoint=null",
+                 "callbacks.checkpoint.every_n_train_steps=3"]  # fmt: skip
+    straight = tmp_path / "straight"
+    train(compose_config("train", tiny_overrides(straight, *overrides)))
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="crash"):
+        train(compose_config("train", tiny_overrides(run_dir, *overrides)), [_Crash()])
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 3  # 6 steps per epoch: step 6 ended epoch 0, not saved
+    train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
+    assert _history(run_dir) == _history(straight)
+    assert [epoch for epoch, *_ in _history(run_dir)] == [0, 1]
 
 
 def test_requeue_signal_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path, monkeypatch):

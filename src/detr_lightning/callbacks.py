@@ -24,6 +24,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import host_memory
@@ -196,6 +197,23 @@ class ReuseFreedMemory(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if isinstance(trainer.accelerator, CPUAccelerator):
             host_memory.reuse_freed_memory()
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` for ``every_n_train_steps`` that skips an epoch's last batch.
+
+    Lightning resumes a checkpoint written at an epoch's last batch as one written after that
+    epoch's validation: it skips the validation and the end-of-epoch hooks. Such a step
+    checkpoint is written before them, so a run resumed from it (the epoch checkpoint turned
+    off, or not yet written) lost that epoch's validation and its metrics.json entry. The
+    epoch's end is saved after its validation by the epoch checkpoint (``last_checkpoint``);
+    skipping the step save there also spares a second write of the same state.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 # stop reasons, ordered: the ranks agree on the largest one any of them has seen
