@@ -504,6 +504,19 @@ class _Crash(pl.Callback):
             raise RuntimeError("crash")
 
 
+def _crash_and_resume(tmp_path: Path, overrides: list[str]) -> tuple[Path, Path, int]:
+    """An uninterrupted run; a run that crashes at epoch 1's first batch, then is resumed
+    with resume=auto. Returns both run dirs and the global step of the checkpoint resumed."""
+    straight = tmp_path / "straight"
+    train(compose_config("train", tiny_overrides(straight, *overrides)))
+    run_dir = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="crash"):
+        train(compose_config("train", tiny_overrides(run_dir, *overrides)), [_Crash()])
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
+    return straight, run_dir, state["global_step"]
+
+
 def test_epoch_means_after_a_checkpoint_at_an_epochs_last_step(tmp_path):
     """Lightning takes a checkpoint written at an epoch's last batch for a mid-epoch one and
     skips the next epoch's on_train_epoch_start: the loss sums restored from it (the finished
@@ -515,14 +528,8 @@ def test_epoch_means_after_a_checkpoint_at_an_epochs_last_step(tmp_path):
                  # Lightning's own, which saves at an epoch's last batch (StepCheckpoint not)
                  f"callbacks.checkpoint._target_={ModelCheckpoint.__module__}.ModelCheckpoint",
                  ]  # fmt: skip
-    straight = tmp_path / "straight"
-    train(compose_config("train", tiny_overrides(straight, *overrides)))
-    run_dir = tmp_path / "crashed"
-    with pytest.raises(RuntimeError, match="crash"):
-        train(compose_config("train", tiny_overrides(run_dir, *overrides)), [_Crash()])
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["global_step"] == 2  # written at epoch 0's last step
-    train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
+    straight, run_dir, crashed_at = _crash_and_resume(tmp_path, overrides)
+    assert crashed_at == 2  # written at epoch 0's last step
     losses = {
         run: {epoch: loss for epoch, loss, *_ in _history(run)} for run in (run_dir, straight)
     }
@@ -539,14 +546,8 @@ def test_no_step_checkpoint_at_an_epochs_last_step(tmp_path):
                  "callbacks.metrics_history.plot=false", "callbacks.last_checkpoint=null",
                  "callbacks.model_checkpoint=null",
                  "callbacks.checkpoint.every_n_train_steps=3"]  # fmt: skip
-    straight = tmp_path / "straight"
-    train(compose_config("train", tiny_overrides(straight, *overrides)))
-    run_dir = tmp_path / "crashed"
-    with pytest.raises(RuntimeError, match="crash"):
-        train(compose_config("train", tiny_overrides(run_dir, *overrides)), [_Crash()])
-    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["global_step"] == 3  # 6 steps per epoch: step 6 ended epoch 0, not saved
-    train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
+    straight, run_dir, crashed_at = _crash_and_resume(tmp_path, overrides)
+    assert crashed_at == 3  # 6 steps per epoch: step 6 ended epoch 0, not saved
     assert _history(run_dir) == _history(straight)
     assert [epoch for epoch, *_ in _history(run_dir)] == [0, 1]
 

@@ -280,7 +280,7 @@ class DETRModule(pl.LightningModule):
             return self._skipped(reason if bool(nonfinite) else None)
         batch_size = len(targets)
         # The step value is this rank's; the epoch values are summed here and averaged over
-        # ranks once, at the epoch's end (on_train_epoch_end).
+        # ranks once, at the epoch's last batch (on_train_batch_end).
         self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True,
                  batch_size=batch_size)  # fmt: skip
         self.epoch_sums.add({"loss": total, **losses}, weight=batch_size)

@@ -16,22 +16,28 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def _all_reduced(value: Tensor, op: dist.ReduceOp) -> Tensor:
+    """A copy of ``value`` reduced with ``op`` over all ranks, on a device the backend takes
+    (a host tensor goes to this rank's GPU under NCCL). Every rank must call it."""
+    if value.device.type == "cpu" and dist.get_backend() == "nccl":
+        value = value.to(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        value = value.clone()
+    dist.all_reduce(value, op=op)
+    return value
+
+
 def all_reduce_sum(value: Tensor) -> Tensor:
     """Sum of ``value`` over all ranks (``value`` itself outside DDP). Returns a new tensor
     outside DDP too."""
-    value = value.clone()
-    if is_distributed():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+    return _all_reduced(value, dist.ReduceOp.SUM) if is_distributed() else value.clone()
 
 
 def all_reduce_mean(value: Tensor) -> Tensor:
     """Mean of ``value`` over all ranks (a no-op outside DDP). Returns a new tensor."""
     if not is_distributed():
         return value
-    value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / dist.get_world_size()
+    return _all_reduced(value, dist.ReduceOp.SUM) / dist.get_world_size()
 
 
 def any_rank(flag: Tensor) -> bool:
@@ -41,11 +47,7 @@ def any_rank(flag: Tensor) -> bool:
     value = flag.any()
     if not is_distributed():
         return bool(value)
-    value = value.to(torch.int32)
-    if value.device.type == "cpu" and dist.get_backend() == "nccl":
-        value = value.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value)
+    return bool(_all_reduced(value.to(torch.int32), dist.ReduceOp.MAX))
 
 
 def max_over_ranks(value: int) -> int:
@@ -53,12 +55,7 @@ def max_over_ranks(value: int) -> int:
     it."""
     if not is_distributed():
         return value
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return int(_all_reduced(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MAX).item())
 
 
 def gather_to_main(obj: object) -> list | None:
