@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -65,3 +68,18 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
     with open_dict(cfg):
         cfg.pop("hydra", None)
     return cfg
+
+
+class SignalOnce(pl.Callback):
+    """Sends this process the signal ``name`` (``TERM``, ``USR2``) after global step ``step``,
+    in the first run that gets there: the file ``marker`` records it, so that the resumed run
+    trains on. For runs that tests start through Hydra (``+callbacks.x._target_=...``)."""
+
+    def __init__(self, step: int, marker: str, name: str = "TERM") -> None:
+        self.step, self.marker = int(step), Path(marker)
+        self.signum = signal.Signals[f"SIG{name.upper()}"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.marker.exists():
+            self.marker.write_text(f"{os.getpid()}\n")
+            os.kill(os.getpid(), self.signum)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -114,7 +115,7 @@ def test_slurm_launcher_asks_one_task_per_gpu(tmp_path, monkeypatch):
     executor = submitted["executor"]._executor
     script = executor._make_submission_file_text("python -m job", "uid")
     for line in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10",
-                 "--time=4320", "--signal=USR2@120"]:  # fmt: skip
+                 "--time=4320", "--signal=USR2@300"]:  # fmt: skip
         assert f"#SBATCH {line}\n" in script, (line, script)
     assert executor.max_num_timeout == 30
     assert submitted["arguments"][0] == (["optimizer.lr=2e-4"],)
@@ -151,6 +152,46 @@ def test_two_job_multirun_through_the_submitit_local_launcher(tmp_path):
         assert len(metrics["history"]) == 1 and "map" in metrics
         learning_rates.append(OmegaConf.load(run_dir / "config.yaml").optimizer.lr)
     assert learning_rates == [1e-4, 3e-4]
+
+
+@pytest.mark.slow
+def test_submitit_requeue_stops_at_a_step_and_resumes_there(tmp_path):
+    """Submitit's time-out / preemption signal (USR2) to a job of hydra/launcher=local: the run
+    stops after the step it was in, saves hpc_ckpt_1.ckpt, and then submitit requeues the job,
+    which resumes there and ends as the uninterrupted run does. (Submitit's own handler ends
+    the job in the middle of the step; the requeued job then repeats every step since the last
+    checkpoint, here all of them.)"""
+    sweep_dir, marker = tmp_path / "sweep", tmp_path / "signalled"
+    extra = ("data.synthetic.num_train=16", "resume=auto",  # 4 steps
+             "+callbacks.signal._target_=pipeline_fixtures.SignalOnce",
+             "+callbacks.signal.step=2", f"+callbacks.signal.marker={marker}",
+             "+callbacks.signal.name=USR2")  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}  # fmt: skip
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local",
+               *_multirun_overrides(*extra, searched=("data.synthetic.num_train",)),
+               f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = sweep_dir / "0"
+    assert marker.is_file()  # the signal was sent
+    log = (run_dir / "train.log").read_text()
+    assert "USR2: stopped at global step 2 and saved" in log, log[-3000:]
+    assert "USR2: handing the job to submitit to requeue it" in log
+    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt"]
+    assert torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 2
+    assert f"resuming {run_dir / 'hpc_ckpt_1.ckpt'} (epoch 0, global step 2)" in log
+    # the requeued job trained the 2 steps left, and the epoch is the uninterrupted one's
+    straight = tmp_path / "straight"
+    overrides = [
+        o for o in _multirun_overrides(extra[0]) if not o.startswith("data.synthetic.num_train=")
+    ]
+    train(compose_config("train", [*overrides, extra[0], f"run_dir={straight}"]))
+    history = [json.loads((d / "metrics.json").read_text())["history"] for d in (run_dir, straight)]
+    assert [(h["epoch"], h["train_loss"], h["map"]) for h in history[0]] == [
+        (h["epoch"], h["train_loss"], h["map"]) for h in history[1]
+    ]
 
 
 # ---- Optuna ---------------------------------------------------------------------------------

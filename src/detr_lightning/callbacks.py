@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,29 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 # stop reasons, ordered: the ranks agree on the largest one any of them has seen
-_RUN_ON, _STOP, _REQUEUE = 0, 1, 2
+_RUN_ON, _STOP, _REQUEUE, _LAUNCHER = 0, 1, 2, 3
+
+
+def launcher_requeue_handler() -> tuple[signal.Signals, Callable[[int, Any], Any]] | None:
+    """The signal and handler with which submitit (``hydra/launcher=slurm|local``) requeues
+    the job this process runs in, before its time limit or on preemption; None outside a
+    submitit job.
+
+    Submitit installs the handler before it calls the job's function: on its signal (USR2, or
+    ``SUBMITIT_PREEMPT_SIGNAL``) it lets the launcher write the job's next submission,
+    requeues the job and exits the process, from wherever the signal interrupted it.
+    """
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    signum = getattr(signal.Signals, f"SIG{name}", None)
+    if signum is None:
+        return None
+    handler = signal.getsignal(signum)
+    owner = getattr(handler, "__self__", None)
+    if owner is None or not type(owner).__module__.startswith("submitit."):
+        return None
+    if getattr(handler, "__name__", "") != "checkpoint_and_try_requeue":
+        return None
+    return signum, handler
 
 
 class SignalStop(pl.Callback):
@@ -227,8 +249,13 @@ class SignalStop(pl.Callback):
     - **SIGTERM** (``kill``, ``scancel``, a preempted node): saves ``path`` (the run's
       last.ckpt); ``train`` then exits with status 143.
     - **The requeue signal** (``requeue_signal``, e.g. USR1 for ``sbatch --signal=USR1@90``):
-      saves ``<run_dir>/hpc_ckpt_<n>.ckpt``, which a requeued job resumes without being told,
-      and rank 0 runs ``scontrol requeue`` for the job; then the same exit.
+      saves ``<run_dir>/hpc_ckpt_<n>.ckpt``, which a requeued job resumes without being told;
+      :meth:`requeue` then has rank 0 run ``scontrol requeue`` for the job.
+    - **Submitit's signal** (USR2; a job of ``hydra/launcher=slurm|local``, see
+      :func:`launcher_requeue_handler`): the same save; :meth:`requeue` then hands the job to
+      submitit's handler on rank 0, which requeues it (counting time-outs against
+      ``max_num_timeout``) and exits. Left to itself, that handler ends rank 0 in the middle of
+      a step, and the requeued job repeats every step since the last checkpoint.
 
     The signal handler only notes the signal. After every optimizer step the ranks take the
     largest of their notes (one all-reduce of an int) and, if any rank was signalled, all of
@@ -263,14 +290,21 @@ class SignalStop(pl.Callback):
         self._noted = _RUN_ON  # the largest reason this process has been signalled for
         self._reason = _RUN_ON  # the reason the ranks agreed on
         self._installed = False
+        self._launcher: tuple[signal.Signals, Callable[[int, Any], Any]] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning puts back the handlers it found when the fit ends (those of this callback
         # go with them), so each fit starts afresh
         self._noted, self._reason, self._installed = _RUN_ON, _RUN_ON, False
+        self._launcher = None
 
     def _note(self, signum: int, frame: Any) -> None:
-        reason = _REQUEUE if signum == self.requeue_signal else _STOP
+        if self._launcher is not None and signum == self._launcher[0]:
+            reason = _LAUNCHER
+        elif signum == self.requeue_signal:
+            reason = _REQUEUE
+        else:
+            reason = _STOP
         self._noted = max(self._noted, reason)
 
     def _install(self, trainer: pl.Trainer) -> None:
@@ -283,6 +317,9 @@ class SignalStop(pl.Callback):
             connector.received_sigterm = False
             self._noted = max(self._noted, _STOP)
         signals = [signal.SIGTERM] + ([self.requeue_signal] if self.requeue_signal else [])
+        self._launcher = launcher_requeue_handler()
+        if self._launcher is not None:
+            signals.append(self._launcher[0])
         for signum in signals:
             signal.signal(signum, self._note)
         self._installed = True
@@ -339,13 +376,12 @@ class SignalStop(pl.Callback):
 
     def _save(self, trainer: pl.Trainer) -> None:
         step, run_dir = trainer.global_step, Path(trainer.default_root_dir)
-        if self._reason == _REQUEUE:
+        if self._reason in (_REQUEUE, _LAUNCHER):
             path = next_hpc_checkpoint(run_dir)
             trainer.save_checkpoint(path, weights_only=False)
             if trainer.is_global_zero:
-                log.warning("%s: stopped at global step %d and saved %s",
-                            self.requeue_signal.name, step, path)  # fmt: skip
-                requeue_slurm_job()
+                name = self._requeued_by().name
+                log.warning("%s: stopped at global step %d and saved %s", name, step, path)
             return
         trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
@@ -354,6 +390,31 @@ class SignalStop(pl.Callback):
                 "command with resume=auto (and run_dir=%s if it does not name the run dir)",
                 step, self.path, run_dir,
             )  # fmt: skip
+
+    def _requeued_by(self) -> signal.Signals:
+        if self._reason == _LAUNCHER and self._launcher is not None:
+            return self._launcher[0]
+        return self.requeue_signal or signal.SIGTERM
+
+    def requeue(self, trainer: pl.Trainer) -> None:
+        """After a stop that saved the state: on rank 0, requeue the job if the signal asked
+        for it (``scontrol requeue``, or submitit's handler, which exits the process). Called
+        by ``train`` once ``trainer.fit`` has returned, so that the loggers are closed before
+        the requeue ends the job. Every rank may call it.
+
+        A submitit signal that reached rank 0 after the ranks agreed on a SIGTERM stop (the two
+        come together on a preemption) is handed to submitit too: it would have requeued the
+        job had it come a moment later, after the fit had put its handler back.
+        """
+        if not trainer.is_global_zero:
+            return
+        launcher = self._launcher is not None and _LAUNCHER in (self._reason, self._noted)
+        if launcher:
+            signum, handler = self._launcher
+            log.warning("%s: handing the job to submitit to requeue it", signum.name)
+            handler(signum, None)  # writes the next submission, requeues, raises SystemExit
+        elif self._reason in (_REQUEUE, _LAUNCHER):
+            requeue_slurm_job()
 
 
 def _fit_ends_after_this_step(trainer: pl.Trainer) -> bool:

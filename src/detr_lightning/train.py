@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .callbacks import MetricsHistory, NonFiniteStop, SignalStop
+from .callbacks import MetricsHistory, NonFiniteStop, SignalStop, launcher_requeue_handler
 from .checkpointing import (
     HPC_CHECKPOINT_GLOB,
     AtomicCheckpointIO,
@@ -200,9 +200,9 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     ``checkpoints/last.ckpt``; ``resume=auto`` the newest checkpoint of the run dir that loads
     (:func:`~detr_lightning.checkpointing.load_resume_checkpoint`), or nothing (a new run, with a
     log line) when there is none yet, so that one command serves the first start and every
-    restart. Under SLURM a requeued job resumes as with ``resume=auto`` when the run dir holds
-    an ``hpc_ckpt_<n>.ckpt`` (saved before the job requeued itself; Lightning would load it
-    anyway; here it is checked first).
+    restart. A requeued job (SLURM, or a submitit launcher's job) resumes as with
+    ``resume=auto`` when the run dir holds an ``hpc_ckpt_<n>.ckpt`` (saved before the job
+    requeued itself; under SLURM Lightning would load it anyway; here it is checked first).
     """
     return _resume(cfg)[0]
 
@@ -229,7 +229,8 @@ def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
         return str(path), None
     if ckpt_path:
         return os.path.expanduser(str(ckpt_path)), None
-    requeued = SLURMEnvironment.detect() and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
+    job = SLURMEnvironment.detect() or launcher_requeue_handler() is not None
+    requeued = job and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
     if resume is None and not requeued:
         return None, None
     if resume == "auto":
@@ -442,8 +443,9 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     ``callbacks`` are added to the configured ones (for scripts and tests). ``ckpt_path`` or
     ``resume=auto`` resume a run (:func:`resume_checkpoint`). A SIGTERM to any rank stops
     every rank after the same optimizer step, saves ``<run_dir>/checkpoints/last.ckpt`` and
-    raises SystemExit(143); SLURM's requeue signal does the same with an ``hpc_ckpt_<n>.ckpt``
-    and requeues the job (:class:`~detr_lightning.callbacks.SignalStop`).
+    raises SystemExit(143); SLURM's requeue signal and submitit's (``hydra/launcher=slurm``) do
+    the same with an ``hpc_ckpt_<n>.ckpt`` and requeue the job
+    (:class:`~detr_lightning.callbacks.SignalStop`).
     """
     quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
@@ -481,23 +483,26 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             module.model.num_classes,
             run_dir,
         )
+    stop = next(c for c in trainer.callbacks if isinstance(c, SignalStop))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
-        # SignalStop saved the state; 128 + 15, as for a process that SIGTERM ended, so
-        # that schedulers and scripts see an interrupted run, not a finished one
+        # SignalStop saved the state; requeue the job if the signal asked for it, else exit
+        # with 128 + 15, as a process that SIGTERM ended, so that schedulers and scripts see
+        # an interrupted run, not a finished one
+        stop.requeue(trainer)
         raise SystemExit(128 + signal.SIGTERM) from None
     finally:
         if checkpoint_io is not None:  # a run that failed before its restore
             checkpoint_io.forget()
     metrics = result_from_metrics(trainer.callback_metrics, "val")
     history = next((c for c in trainer.callbacks if isinstance(c, MetricsHistory)), None)
-    stop = next(c for c in trainer.callbacks if isinstance(c, SignalStop))
     if cfg.get("test_after_fit") and stop.save_if_signalled(trainer):
         # signalled during the last validation: the fit is complete and now saved, and the
         # test is left for the restart (resume=auto finds the fit done and runs the test)
         if trainer.is_global_zero:
             log.warning("the fit is complete; test_after_fit is left for the restart")
+        stop.requeue(trainer)
         raise SystemExit(128 + signal.SIGTERM)
     if cfg.get("test_after_fit"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", None) or None
