@@ -10,7 +10,8 @@
 # 4. bench/inference.py: R50 and R101 inference at 800x1066, batch 1, fp32 and bf16, against
 #    the original formulation (the paper: 0.036 / 0.050 s per image on a V100);
 # 5. train.py on the GPU with the defaults (the CPU demo's data and model): the whole pipeline,
-#    precision auto and the fused optimizer as a user gets them;
+#    precision auto and the fused optimizer as a user gets them; then the same run stopped by
+#    a SIGTERM in the middle of epoch 1 and resumed, against the uninterrupted one;
 # 6. when the host CPU has bf16 arithmetic (AMX / AVX512-BF16) and transformers is installed:
 #    CPU inference against transformers' DETR, fp32 and bf16 (bench/inference_hf.py).
 set -u
@@ -42,9 +43,25 @@ timeout 150 "$py" bench/inference.py --device cuda --models R50 R101 --size 800 
     --batch-sizes 1 --precisions fp32 bf16 --channels-last off on --warmup 3 --iters 30 \
     --compare-official --json "$out/inference.json" 2>&1 | tail -20
 
-echo "== 5. train.py on the GPU, defaults"
-timeout 120 "$py" train.py experiment=synthetic_cpu trainer.accelerator=gpu trainer.max_epochs=2 \
-    run_dir="$out/train-run" 2>&1 | grep -E "precision|optimizer|epoch 2/2|Error"
+echo "== 5. train.py on the GPU, defaults; then stopped by SIGTERM mid-epoch and resumed"
+gpu_run="experiment=synthetic_cpu trainer.accelerator=gpu trainer.max_epochs=2 cpu_threads=null"
+timeout 150 "$py" train.py $gpu_run run_dir="$out/train-run" 2>&1 \
+    | grep -E "precision|optimizer|epoch 2/2|Error"
+signal_once="+callbacks.sig._target_=pipeline_fixtures.SignalOnce +callbacks.sig.step=180"
+signal_once="$signal_once +callbacks.sig.marker=$out/train-stopped.signalled"
+for attempt in stop resume; do  # the first stops after step 180 (exit 143), the second resumes
+    PYTHONPATH="$PYTHONPATH:$PWD/tests" timeout 150 "$py" train.py $gpu_run \
+        run_dir="$out/train-stopped" resume=auto $signal_once >"$out/train-$attempt.log" 2>&1
+    echo "$attempt: exit $?"
+done
+"$py" - "$out/train-run" "$out/train-stopped" <<'PY'
+import json, sys
+runs = [json.load(open(f"{d}/metrics.json"))["history"] for d in sys.argv[1:]]
+for name, history in zip(("uninterrupted", "stopped+resumed"), runs):
+    print(name, [(h["epoch"], round(h["train_loss"], 6), h.get("map")) for h in history])
+same = [(h["train_loss"], h.get("map")) for h in runs[0]] == [(h["train_loss"], h.get("map")) for h in runs[1]]
+print("same epoch losses and mAP:", same)
+PY
 
 echo "== 6. CPU inference against transformers"
 if grep -q -w -E "amx_bf16|avx512_bf16" /proc/cpuinfo && "$py" -c "import transformers, timm" 2>/dev/null; then
