@@ -71,15 +71,22 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 
 
 class SignalOnce(pl.Callback):
-    """Sends this process the signal ``name`` (``TERM``, ``USR2``) after global step ``step``,
-    in the first run that gets there: the file ``marker`` records it, so that the resumed run
-    trains on. For runs that tests start through Hydra (``+callbacks.x._target_=...``)."""
+    """Sends the signal ``name`` (``TERM``, ``USR2``) after global step ``step``, in the first
+    run that gets there: the file ``marker`` records it, so that the resumed run trains on. It
+    goes to this process, or with ``to=parent`` to the one that started it (a launcher such as
+    torchrun); with ``rank`` only that global rank sends it. For runs that tests start through
+    Hydra (``+callbacks.x._target_=pipeline_fixtures.SignalOnce``)."""
 
-    def __init__(self, step: int, marker: str, name: str = "TERM") -> None:
-        self.step, self.marker = int(step), Path(marker)
+    def __init__(self, step: int, marker: str, name: str = "TERM", to: str = "self",
+                 rank: int | None = None) -> None:  # fmt: skip
+        if to not in ("self", "parent"):
+            raise ValueError(f"to={to!r}: self or parent")
+        self.step, self.marker, self.to, self.rank = int(step), Path(marker), to, rank
         self.signum = signal.Signals[f"SIG{name.upper()}"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
         if trainer.global_step == self.step and not self.marker.exists():
             self.marker.write_text(f"{os.getpid()}\n")
-            os.kill(os.getpid(), self.signum)
+            os.kill(os.getpid() if self.to == "self" else os.getppid(), self.signum)

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from data_fixtures import make_tiny_synthetic
-from pipeline_fixtures import tiny_overrides
+from detr_lightning.errors import SetupError
+from detr_lightning.train import check_launched_processes
+from pipeline_fixtures import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,3 +187,83 @@ def test_sigterm_to_one_rank_stops_every_rank(tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     # each rank trained the one step left
     assert [(tmp_path / f"trained_rank{rank}").read_text() for rank in (0, 1)] == ["1", "1"]
+
+
+@pytest.mark.slow
+def test_torchrun_stops_every_rank_on_sigterm_and_resumes(tmp_path):
+    """train.py under torchrun (Lightning's torchelastic environment): a SIGTERM to torchrun,
+    which passes it on to its workers, stops both ranks after the same step with last.ckpt
+    saved; the same torchrun command with resume=auto continues from there to the end."""
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(run_dir) if not o.startswith("trainer.max_epochs=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(ROOT / "train.py"), *overrides,
+               "trainer.max_epochs=4", "trainer.devices=2", "trainer.strategy=ddp",
+               "cpu_threads=1", "resume=auto",
+               "+callbacks.sig._target_=pipeline_fixtures.SignalOnce", "+callbacks.sig.step=2",
+               f"+callbacks.sig.marker={tmp_path / 'signalled'}", "+callbacks.sig.to=parent",
+               "+callbacks.sig.rank=0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}  # fmt: skip
+    stopped = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0, output[-3000:]  # torchrun reports the signal it got
+    assert "Received 15 death signal" in output, output[-3000:]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    step = state["global_step"]  # 8 images, 4 per step: 2 steps per epoch, 8 in all
+    assert 2 <= step < 8, output[-3000:]
+    assert f"SIGTERM: stopped at global step {step} and saved" in output, output[-3000:]
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-3000:]
+    assert (
+        f"resuming {run_dir / 'checkpoints' / 'last.ckpt'} (epoch {state['epoch']}, "
+        f"global step {step})" in output
+    )
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [entry["epoch"] for entry in history] == [0, 1, 2, 3]
+
+
+def test_torchrun_processes_must_match_the_trainers_devices(tmp_path, monkeypatch):
+    """Under torchrun a trainer of one device would train once per process, independently,
+    each with the whole batch, into one run dir: refused, naming the settings to pass."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+
+    def trainer(*overrides: str):
+        return compose_config("train", tiny_overrides(tmp_path, *overrides)).trainer
+
+    with pytest.raises(SetupError, match=r"trainer.devices=2 \(torchrun's --nproc_per_node\) "
+                                         r"and trainer.num_nodes=2 \(its --nnodes\)"):  # fmt: skip
+        check_launched_processes(trainer())  # devices=1, num_nodes=1
+    with pytest.raises(SetupError, match="torchrun started 4 processes"):
+        check_launched_processes(trainer("trainer.devices=2"))  # one node of two
+    with pytest.raises(SetupError, match="ask for 8"):
+        check_launched_processes(trainer("trainer.devices=4", "trainer.num_nodes=2"))
+    check_launched_processes(trainer("trainer.devices=2", "trainer.num_nodes=2"))
+    check_launched_processes(trainer("trainer.devices=[0,1]", "trainer.num_nodes=2"))
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # not under torchrun: Lightning's own launcher
+    check_launched_processes(trainer("trainer.devices=2"))
+
+
+def test_srun_tasks_must_match_the_trainers_devices(tmp_path, monkeypatch):
+    """srun's tasks are the ranks: 2 tasks with a trainer of 1 device would be 2 independent
+    runs; a single task may ask for several devices (Lightning starts their processes)."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "detr", "SLURM_JOB_ID": "42",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+
+    def trainer(*overrides: str):
+        return compose_config("train", tiny_overrides(tmp_path, *overrides)).trainer
+
+    with pytest.raises(SetupError, match=r"srun started 2 tasks, but trainer\.devices=1 and "
+                                         r"trainer\.num_nodes=1 ask for 1"):  # fmt: skip
+        check_launched_processes(trainer())
+    check_launched_processes(trainer("trainer.devices=2"))
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    check_launched_processes(trainer("trainer.devices=2"))

@@ -15,7 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -294,6 +294,56 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     ]
 
 
+def _devices_per_node(trainer: DictConfig) -> int | None:
+    """The number of processes per node that ``trainer.devices`` asks for, or None where
+    Lightning decides (``auto`` / -1 on a machine with GPUs)."""
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    text = str(devices).strip()
+    if text.lstrip("-").isdigit() and int(text) >= 0:
+        return int(text)
+    if "," in text:  # "0,1": device indices
+        return len([index for index in text.split(",") if index.strip()])
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        return 1  # auto on a CPU: one process
+    return None
+
+
+def check_launched_processes(trainer: DictConfig) -> None:
+    """Refuse a trainer whose ``devices`` x ``num_nodes`` is not the number of processes that
+    torchrun or srun started: Lightning would then run one independent training per process
+    (with ``devices=1``: each with the whole batch, all writing into the same run dir) or start
+    more processes from each of them."""
+    per_node = _devices_per_node(trainer)
+    nodes = int(trainer.get("num_nodes") or 1)
+    if per_node is None:
+        return
+    asked = (
+        f"trainer.devices={trainer.get('devices')} and trainer.num_nodes={nodes} ask for "
+        f"{per_node * nodes}"
+    )
+    if TorchElasticEnvironment.detect():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if per_node == local and per_node * nodes == world:
+            return
+        raise SetupError(
+            f"torchrun started {world} processes ({local} per node), but {asked}: pass "
+            f"trainer.devices={local} (torchrun's --nproc_per_node) and trainer.num_nodes="
+            f"{world // max(local, 1)} (its --nnodes); each process is one device's rank"
+        )
+    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if SLURMEnvironment.detect() and tasks > 1 and per_node * nodes != tasks:
+        raise SetupError(
+            f"srun started {tasks} tasks, but {asked}: run one task per device "
+            "(trainer.devices = the tasks per node, trainer.num_nodes = the nodes; "
+            "#SBATCH --ntasks-per-node=<trainer.devices>), or a single task in which "
+            "Lightning starts the device processes itself"
+        )
+
+
 def resolve_precision(trainer: DictConfig | dict, stage: str = "fit") -> Any:
     """``trainer.precision``, with ``auto`` resolved for the device the run will use.
 
@@ -331,6 +381,7 @@ def build_trainer(
     """The configured Trainer, with crash-safe checkpoint files that load with
     ``weights_only=True``, under SLURM Lightning's environment without its requeue handler, and
     ``trainer.precision=auto`` resolved for ``stage`` (:func:`resolve_precision`)."""
+    check_launched_processes(cfg.trainer)
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks or [])
     plugins: list[Any] = [AtomicCheckpointIO()]
