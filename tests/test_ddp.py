@@ -15,7 +15,7 @@ import torch
 
 from data_fixtures import make_tiny_synthetic
 from detr_lightning.errors import SetupError
-from detr_lightning.train import check_launched_processes
+from detr_lightning.train import build_trainer
 from pipeline_fixtures import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,44 +226,67 @@ def test_torchrun_stops_every_rank_on_sigterm_and_resumes(tmp_path):
     assert [entry["epoch"] for entry in history] == [0, 1, 2, 3]
 
 
+def _trainer(tmp_path, *overrides: str):
+    return build_trainer(compose_config("train", tiny_overrides(tmp_path, *overrides)))
+
+
 def test_torchrun_processes_must_match_the_trainers_devices(tmp_path, monkeypatch):
     """Under torchrun a trainer of one device would train once per process, independently,
     each with the whole batch, into one run dir: refused, naming the settings to pass."""
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-
-    def trainer(*overrides: str):
-        return compose_config("train", tiny_overrides(tmp_path, *overrides)).trainer
-
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    ddp = "trainer.strategy=ddp"
     with pytest.raises(SetupError, match=r"trainer.devices=2 \(torchrun's --nproc_per_node\) "
                                          r"and trainer.num_nodes=2 \(its --nnodes\)"):  # fmt: skip
-        check_launched_processes(trainer())  # devices=1, num_nodes=1
+        _trainer(tmp_path)  # devices=1, num_nodes=1
     with pytest.raises(SetupError, match="torchrun started 4 processes"):
-        check_launched_processes(trainer("trainer.devices=2"))  # one node of two
-    with pytest.raises(SetupError, match="ask for 8"):
-        check_launched_processes(trainer("trainer.devices=4", "trainer.num_nodes=2"))
-    check_launched_processes(trainer("trainer.devices=2", "trainer.num_nodes=2"))
-    check_launched_processes(trainer("trainer.devices=[0,1]", "trainer.num_nodes=2"))
+        _trainer(tmp_path, "trainer.devices=2", ddp)  # one node of two
+    trainer = _trainer(tmp_path, "trainer.devices=2", "trainer.num_nodes=2", ddp)
+    assert trainer.world_size == 4  # the ranks are torchrun's
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # not under torchrun: Lightning's own launcher
-    check_launched_processes(trainer("trainer.devices=2"))
+    _trainer(tmp_path, "trainer.devices=2", ddp)
+
+
+_SLURM = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_STEP_NUM_TASKS": "2",
+          "SLURM_JOB_NAME": "detr",
+          "SLURM_JOB_ID": "42", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+          "SLURM_NODELIST": "node1"}  # fmt: skip
 
 
 def test_srun_tasks_must_match_the_trainers_devices(tmp_path, monkeypatch):
-    """srun's tasks are the ranks: 2 tasks with a trainer of 1 device would be 2 independent
-    runs; a single task may ask for several devices (Lightning starts their processes)."""
-    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "detr", "SLURM_JOB_ID": "42",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
-    for key, value in slurm.items():
+    """Under SLURM Lightning takes the ranks from srun and starts no process: 2 tasks with a
+    trainer of 1 device would be 2 independent runs, 1 task with 2 devices one process with
+    the whole batch. A batch script's own shell (no srun step) may run one process."""
+    for key, value in _SLURM.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(SetupError, match=r"srun started 2 tasks, but the trainer has 1 device"):
+        _trainer(tmp_path)
+    trainer = _trainer(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
+    environment = trainer.strategy.cluster_environment
+    assert trainer.world_size == 2 and environment.creates_processes_externally
+    assert not environment.auto_requeue  # the stop is SignalStop's
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")  # the batch script's own shell
+    assert _trainer(tmp_path).world_size == 1  # python eval.py ... in it: one process
+    with pytest.raises(SetupError, match="this process is not an srun task"):
+        _trainer(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
+    for key in ("SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.setenv(key, "1")
+    with pytest.raises(SetupError, match="srun started 1 tasks, but the trainer has 2"):
+        _trainer(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
+    monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning's own processes
+    trainer = _trainer(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
+    assert not trainer.strategy.cluster_environment.creates_processes_externally
 
-    def trainer(*overrides: str):
-        return compose_config("train", tiny_overrides(tmp_path, *overrides)).trainer
 
-    with pytest.raises(SetupError, match=r"srun started 2 tasks, but trainer\.devices=1 and "
-                                         r"trainer\.num_nodes=1 ask for 1"):  # fmt: skip
-        check_launched_processes(trainer())
-    check_launched_processes(trainer("trainer.devices=2"))
-    monkeypatch.setenv("SLURM_NTASKS", "1")
-    check_launched_processes(trainer("trainer.devices=2"))
+def test_the_local_launcher_runs_one_device_per_job(tmp_path, monkeypatch):
+    """A job of hydra/launcher=local is one process; Lightning cannot start DDP processes in it
+    (it would run submitit's entry point again): refused with what to do instead."""
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "123")
+    with pytest.raises(SetupError, match="hydra/launcher=local runs each job as one process"):
+        _trainer(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
+    _trainer(tmp_path)

@@ -290,6 +290,69 @@ def test_a_requeued_job_resumes_its_hpc_checkpoint(tmp_path, monkeypatch):
     assert resume_checkpoint(compose_config("train", tiny_overrides(tmp_path))) == str(hpc)
 
 
+def test_a_requeued_job_started_from_a_file_resumes_its_own_later_state(tmp_path, monkeypatch):
+    """A requeued job runs its command again: with ckpt_path=<file> (or last), the run dir's
+    hpc checkpoint saved after that file wins, else every requeue would go back to the file."""
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    start = _write(tmp_path / "elsewhere" / "start.ckpt", _training_state(4), 1000)
+    run_dir = tmp_path / "run"
+    cfg = compose_config("train", tiny_overrides(run_dir, f"ckpt_path={start}"))
+    assert resume_checkpoint(cfg) == str(start)  # the first start
+    hpc = _write(run_dir / "hpc_ckpt_1.ckpt", _training_state(6), 2000)
+    assert resume_checkpoint(cfg) == str(hpc)  # requeued after step 6
+    os.utime(start, (3000, 3000))  # a file newer than the run's own state: as given
+    assert resume_checkpoint(cfg) == str(start)
+    last = _write(run_dir / "checkpoints" / "last.ckpt", _training_state(5), 1500)
+    cfg = compose_config("train", tiny_overrides(run_dir, "ckpt_path=last"))
+    assert resume_checkpoint(cfg) == str(hpc)
+    for key in SLURM_ENV:  # not a job that was requeued: ckpt_path as given
+        monkeypatch.delenv(key)
+    assert resume_checkpoint(cfg) == str(last)
+
+
+class _SubmititHandler:
+    """Stands in for submitit's SignalHandler (same module prefix and method name)."""
+
+    __module__ = "submitit.core.job_environment"
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def checkpoint_and_try_requeue(self, signum, frame=None) -> None:
+        self.calls.append(signum)
+
+
+def test_submitit_signal_after_a_sigterm_stop_is_handed_over_with_an_hpc_checkpoint(
+    tmp_path, monkeypatch
+):
+    """Submitit's signal reaching rank 0 after the ranks agreed on a SIGTERM stop (the two come
+    together on a preemption): last.ckpt, just saved, becomes the next hpc checkpoint (a
+    requeued job looks for those) and older ones go; then submitit requeues."""
+    from detr_lightning.callbacks import _LAUNCHER, _STOP, launcher_requeue_handler
+
+    submitit = _SubmititHandler()
+    previous = signal.signal(signal.SIGUSR2, submitit.checkpoint_and_try_requeue)
+    try:
+        assert launcher_requeue_handler() == (signal.SIGUSR2, submitit.checkpoint_and_try_requeue)
+        monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")  # another signal: not submitit's
+        assert launcher_requeue_handler() is None
+        monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL")
+        last = _write(tmp_path / "checkpoints" / "last.ckpt", _training_state(7), 2000)
+        old = _write(tmp_path / "hpc_ckpt_3.ckpt", _training_state(2), 1000)
+        stop = SignalStop(last)
+        stop._launcher = launcher_requeue_handler()
+        stop._reason, stop._noted = _STOP, _LAUNCHER
+        trainer = type("T", (), {"is_global_zero": True, "default_root_dir": str(tmp_path)})()
+        stop.requeue(trainer)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert submitit.calls == [signal.SIGUSR2]
+    assert not old.exists()
+    assert torch.load(tmp_path / "hpc_ckpt_4.ckpt", weights_only=True)["global_step"] == 7
+    assert last.is_file()
+
+
 # ------------------------------------------------------------------------ real processes
 def _command(*extra: str) -> list[str]:
     overrides = [o for o in tiny_overrides(Path("unused")) if not o.startswith("run_dir")]

@@ -126,7 +126,7 @@ def test_local_launcher_shows_the_job_its_gpus():
     cfg = _with_hydra(["hydra/launcher=local", "trainer.devices=2", "run_dir=x"])
     launcher = instantiate(cfg.hydra.launcher)
     assert launcher.params["gpus_per_node"] == 2  # submitit hides every GPU not asked for
-    assert launcher.params["tasks_per_node"] == 1  # Lightning starts the DDP processes
+    assert launcher.params["tasks_per_node"] == 1  # one process per job
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from . import host_memory
-from .checkpointing import next_hpc_checkpoint
+from .checkpointing import next_hpc_checkpoint, prune_hpc_checkpoints, save_as_hpc_checkpoint
 from .errors import TrainingStopped
 from .evaluation import max_detections, metric_keys, metrics_payload, result_from_metrics
 from .io import write_json_atomic
@@ -216,6 +216,9 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
+# how long the other ranks wait for rank 0 to requeue the job (which ends them) before exiting
+REQUEUE_WAIT_S = 60.0
+
 # stop reasons, ordered: the ranks agree on the largest one any of them has seen
 _RUN_ON, _STOP, _REQUEUE, _LAUNCHER = 0, 1, 2, 3
 
@@ -382,6 +385,7 @@ class SignalStop(pl.Callback):
             if trainer.is_global_zero:
                 name = self._requeued_by().name
                 log.warning("%s: stopped at global step %d and saved %s", name, step, path)
+                prune_hpc_checkpoints(path)
             return
         trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
@@ -400,17 +404,26 @@ class SignalStop(pl.Callback):
         """After a stop that saved the state: on rank 0, requeue the job if the signal asked
         for it (``scontrol requeue``, or submitit's handler, which exits the process). Called
         by ``train`` once ``trainer.fit`` has returned, so that the loggers are closed before
-        the requeue ends the job. Every rank may call it.
+        the requeue ends the job. Every rank calls it: the others then wait up to
+        ``REQUEUE_WAIT_S`` for the requeue to end them.
 
         A submitit signal that reached rank 0 after the ranks agreed on a SIGTERM stop (the two
         come together on a preemption) is handed to submitit too: it would have requeued the
         job had it come a moment later, after the fit had put its handler back.
         """
         if not trainer.is_global_zero:
+            if self._reason in (_REQUEUE, _LAUNCHER):
+                # the requeue ends this task; exiting first could end rank 0 before it
+                # requeues (srun --kill-on-bad-exit, KillOnBadExit=1)
+                time.sleep(REQUEUE_WAIT_S)
             return
         launcher = self._launcher is not None and _LAUNCHER in (self._reason, self._noted)
         if launcher:
             signum, handler = self._launcher
+            if self._reason == _STOP:  # saved as last.ckpt: the requeued job looks for hpc_*
+                path = save_as_hpc_checkpoint(self.path, trainer.default_root_dir)
+                prune_hpc_checkpoints(path)
+                log.warning("%s came after the stop: %s is also %s", signum.name, self.path, path)
             log.warning("%s: handing the job to submitit to requeue it", signum.name)
             handler(signum, None)  # writes the next submission, requeues, raises SystemExit
         elif self._reason in (_REQUEUE, _LAUNCHER):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,39 @@ def next_hpc_checkpoint(run_dir: str | os.PathLike) -> Path:
     """``<run_dir>/hpc_ckpt_<n>.ckpt`` with ``n`` one above the run dir's highest (Lightning's
     names for the checkpoints of a requeued SLURM job)."""
     run_dir = Path(run_dir)
-    suffixes = (path.stem.removeprefix("hpc_ckpt_") for path in run_dir.glob(HPC_CHECKPOINT_GLOB))
-    numbers = [int(suffix) for suffix in suffixes if suffix.isdigit()]
-    return run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    numbers = [_hpc_number(path) for path in run_dir.glob(HPC_CHECKPOINT_GLOB)]
+    highest = max((number for number in numbers if number is not None), default=0)
+    return run_dir / f"hpc_ckpt_{highest + 1}.ckpt"
+
+
+def _hpc_number(path: Path) -> int | None:
+    suffix = path.stem.removeprefix("hpc_ckpt_")
+    return int(suffix) if suffix.isdigit() else None
+
+
+def save_as_hpc_checkpoint(source: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """Make the checkpoint ``source`` the run dir's next ``hpc_ckpt_<n>.ckpt`` (a hard link,
+    or a copy where the file system has none), so that a requeued job resumes it."""
+    target = next_hpc_checkpoint(run_dir)
+    try:
+        os.link(source, target)
+    except OSError:
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target
+
+
+def prune_hpc_checkpoints(keep: str | os.PathLike) -> list[Path]:
+    """Delete the ``hpc_ckpt_<n>.ckpt`` beside ``keep`` with a lower ``n``: each requeue
+    saves the whole training state, and only the newest is resumed. Returns those deleted."""
+    keep = Path(keep)
+    newest = _hpc_number(keep)
+    deleted = []
+    for path in keep.parent.glob(HPC_CHECKPOINT_GLOB):
+        number = _hpc_number(path)
+        if newest is not None and number is not None and number < newest:
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+    return deleted
 
 
 def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -69,6 +69,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
     quiet_third_party()
     pl.seed_everything(cfg.seed, workers=True)
+    # first: it checks the devices against the processes that a launcher started
+    trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
     module = load_pretrained(source)
     if cfg.get("postprocess") is not None:
         from .models.postprocess import PostProcess
@@ -91,7 +93,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     predictions_path = run_dir / cfg.predictions_file
     module.results_file = str(predictions_path)
-    trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
     (logged,) = trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = result_from_metrics(logged, "test")
     if trainer.is_global_zero:

@@ -202,7 +202,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     log line) when there is none yet, so that one command serves the first start and every
     restart. A requeued job (SLURM, or a submitit launcher's job) resumes as with
     ``resume=auto`` when the run dir holds an ``hpc_ckpt_<n>.ckpt`` (saved before the job
-    requeued itself; under SLURM Lightning would load it anyway; here it is checked first).
+    requeued itself; under SLURM Lightning would load it anyway; here it is checked first),
+    also when its command gives ``ckpt_path`` and the run dir's newest checkpoint is newer.
     """
     return _resume(cfg)[0]
 
@@ -218,6 +219,22 @@ def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
         raise SetupError(
             f"ckpt_path={ckpt_path} and resume=auto both say what to resume; pass one of them"
         )
+    job = SLURMEnvironment.detect() or launcher_requeue_handler() is not None
+    requeued = job and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
+    if requeued and ckpt_path:
+        # a requeued job runs its first command again: its own later state wins over the file
+        # that command resumed (or the run would go back to that file at every requeue)
+        given = last_checkpoint_path(run_dir) if ckpt_path == "last" else Path(str(ckpt_path))
+        found = load_resume_checkpoint(run_dir)
+        if found is not None and (
+            not given.expanduser().is_file()
+            or found.path.stat().st_mtime_ns > given.expanduser().stat().st_mtime_ns
+        ):
+            log.info(
+                "requeued job: resuming %s (epoch %d, global step %d), saved after ckpt_path=%s",
+                found.path, found.state["epoch"], found.state["global_step"], ckpt_path,
+            )  # fmt: skip
+            return str(found.path), found
     if ckpt_path == "last":
         path = last_checkpoint_path(run_dir)
         if not path.is_file():
@@ -229,8 +246,6 @@ def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
         return str(path), None
     if ckpt_path:
         return os.path.expanduser(str(ckpt_path)), None
-    job = SLURMEnvironment.detect() or launcher_requeue_handler() is not None
-    requeued = job and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
     if resume is None and not requeued:
         return None, None
     if resume == "auto":
@@ -294,53 +309,48 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     ]
 
 
-def _devices_per_node(trainer: DictConfig) -> int | None:
-    """The number of processes per node that ``trainer.devices`` asks for, or None where
-    Lightning decides (``auto`` / -1 on a machine with GPUs)."""
-    devices = trainer.get("devices", "auto")
-    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        return len(devices)
-    text = str(devices).strip()
-    if text.lstrip("-").isdigit() and int(text) >= 0:
-        return int(text)
-    if "," in text:  # "0,1": device indices
-        return len([index for index in text.split(",") if index.strip()])
-    accelerator = str(trainer.get("accelerator", "auto"))
-    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
-        return 1  # auto on a CPU: one process
-    return None
+def check_launched_processes(trainer: pl.Trainer) -> None:
+    """Refuse a trainer whose devices x nodes is not the number of processes that torchrun or
+    srun started, or that would start processes inside a job of the submitit local launcher.
 
-
-def check_launched_processes(trainer: DictConfig) -> None:
-    """Refuse a trainer whose ``devices`` x ``num_nodes`` is not the number of processes that
-    torchrun or srun started: Lightning would then run one independent training per process
-    (with ``devices=1``: each with the whole batch, all writing into the same run dir) or start
-    more processes from each of them."""
-    per_node = _devices_per_node(trainer)
-    nodes = int(trainer.get("num_nodes") or 1)
-    if per_node is None:
-        return
+    Lightning checks the count only where it starts the DDP processes itself. Otherwise, with
+    one device, it runs one independent training per process (each with the whole batch, all
+    writing into the same run dir), and with more devices per task each task starts its own.
+    """
+    devices, nodes = trainer.num_devices, trainer.num_nodes
     asked = (
-        f"trainer.devices={trainer.get('devices')} and trainer.num_nodes={nodes} ask for "
-        f"{per_node * nodes}"
+        f"the trainer has {devices} device(s) x {nodes} node(s) (trainer.devices, "
+        "trainer.num_nodes)"
     )
     if TorchElasticEnvironment.detect():
         world = int(os.environ.get("WORLD_SIZE", "1"))
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if per_node == local and per_node * nodes == world:
+        if devices == local and devices * nodes == world:
             return
         raise SetupError(
             f"torchrun started {world} processes ({local} per node), but {asked}: pass "
             f"trainer.devices={local} (torchrun's --nproc_per_node) and trainer.num_nodes="
             f"{world // max(local, 1)} (its --nnodes); each process is one device's rank"
         )
-    tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-    if SLURMEnvironment.detect() and tasks > 1 and per_node * nodes != tasks:
+    if SLURMEnvironment.detect():
+        # Lightning takes the ranks from SLURM and starts no process itself: srun's tasks
+        # (SLURM_STEP_NUM_TASKS; unset in a batch script's own shell, one process) are the ranks
+        step = os.environ.get("SLURM_STEP_NUM_TASKS")
+        tasks = int(step) if step and step.isdigit() else 1
+        if devices * nodes != tasks:
+            started = f"srun started {tasks} tasks" if step else "this process is not an srun task"
+            raise SetupError(
+                f"{started}, but {asked}: under SLURM every device is one srun task "
+                "(#SBATCH --ntasks-per-node=<trainer.devices> --nodes=<trainer.num_nodes>, "
+                "then srun python train.py ...); to have Lightning start the processes of one "
+                "task itself, run it as a job named interactive (srun --job-name=interactive)"
+            )
+    if os.environ.get("SUBMITIT_LOCAL_JOB_ID") and devices * nodes > 1:
         raise SetupError(
-            f"srun started {tasks} tasks, but {asked}: run one task per device "
-            "(trainer.devices = the tasks per node, trainer.num_nodes = the nodes; "
-            "#SBATCH --ntasks-per-node=<trainer.devices>), or a single task in which "
-            "Lightning starts the device processes itself"
+            f"hydra/launcher=local runs each job as one process, in which Lightning cannot start "
+            f"DDP processes ({asked}): use trainer.devices=1 with it, or run multi-device jobs "
+            "one after the other with Hydra's basic launcher (python train.py -m ... without "
+            "hydra/launcher)"
         )
 
 
@@ -379,27 +389,31 @@ def build_trainer(
     cfg: DictConfig, callbacks: list[pl.Callback] | None = None, stage: str = "fit"
 ) -> pl.Trainer:
     """The configured Trainer, with crash-safe checkpoint files that load with
-    ``weights_only=True``, under SLURM Lightning's environment without its requeue handler, and
+    ``weights_only=True``, under SLURM Lightning's environment without its requeue handler, a
+    device count that matches the processes torchrun or srun started, and
     ``trainer.precision=auto`` resolved for ``stage`` (:func:`resolve_precision`)."""
-    check_launched_processes(cfg.trainer)
     loggers = _instantiate_dict(cfg.get("logger"))
     all_callbacks = _instantiate_dict(cfg.get("callbacks")) + list(callbacks or [])
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        # the requeue is SignalStop's (run_callbacks), which stops all ranks at one step;
-        # Lightning's own (by default on an environment it detects) saves mid-step
-        plugins.append(SLURMEnvironment(auto_requeue=False))
     precision = resolve_precision(cfg.trainer, stage)
     if str(cfg.trainer.get("precision")) == "auto":
         log.info("trainer.precision=auto: %s", precision)
-    return instantiate(
+    trainer = instantiate(
         cfg.trainer,
         callbacks=all_callbacks,
         logger=loggers or False,
         default_root_dir=cfg.run_dir,
-        plugins=plugins,
+        plugins=[AtomicCheckpointIO()],
         precision=precision,
     )
+    # Lightning chooses the cluster environment (torchrun's over SLURM's, SLURM's only where
+    # srun started one task per device); the requeue is SignalStop's (run_callbacks), which
+    # stops all ranks at one step, not that of Lightning's SLURM environment, which saves
+    # from its signal handler, mid-step
+    environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+    if isinstance(environment, SLURMEnvironment):
+        environment.auto_requeue = False
+    check_launched_processes(trainer)
+    return trainer
 
 
 def compile_model(module: DETRModule, setting: Any) -> None:
@@ -505,6 +519,8 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     limit_cpu_kernel_cache(cfg.get("cpu_kernel_cache"))
     check_data_source(cfg.data.get("root"), cfg.data.get("synthetic"))
     check_optimized_metric(cfg)
+    # first: it checks the devices against the processes that a launcher started
+    trainer = build_trainer(cfg, run_callbacks(cfg) + list(callbacks or []))
     ensure_backbone_weights(cfg)
     run_dir = Path(cfg.run_dir)
     # The resumed checkpoint is read once: chosen and checked here, then handed to Lightning.
@@ -516,7 +532,6 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     if ckpt_path:
         check_resume(module, ckpt_path, None if resumed is None else resumed.state)
     compile_model(module, cfg.get("compile"))
-    trainer = build_trainer(cfg, run_callbacks(cfg) + list(callbacks or []))
     checkpoint_io = trainer.strategy.checkpoint_io
     if not isinstance(checkpoint_io, AtomicCheckpointIO):
         checkpoint_io = None
