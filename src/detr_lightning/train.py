@@ -405,10 +405,9 @@ def build_trainer(
         plugins=[AtomicCheckpointIO()],
         precision=precision,
     )
-    # Lightning chooses the cluster environment (torchrun's over SLURM's, SLURM's only where
-    # srun started one task per device); the requeue is SignalStop's (run_callbacks), which
-    # stops all ranks at one step, not that of Lightning's SLURM environment, which saves
-    # from its signal handler, mid-step
+    # Lightning chooses the cluster environment (torchrun's over SLURM's); the requeue is
+    # SignalStop's (run_callbacks), which stops all ranks at one step, not that of Lightning's
+    # SLURM environment, which saves from its signal handler, mid-step
     environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
     if isinstance(environment, SLURMEnvironment):
         environment.auto_requeue = False
