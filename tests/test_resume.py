@@ -353,6 +353,29 @@ def test_submitit_signal_after_a_sigterm_stop_is_handed_over_with_an_hpc_checkpo
     assert last.is_file()
 
 
+def test_submitit_signal_requeues_without_the_save_near_the_time_limit(tmp_path, monkeypatch):
+    """A stop that waits (a long validation) past REQUEUE_DEADLINE_MARGIN_S before the job's
+    time limit would leave the job ended by SLURM and never requeued: rank 0 then hands it to
+    submitit without the save, once; a stop in time hands it over itself, once."""
+    from detr_lightning.callbacks import _LAUNCHER, REQUEUE_DEADLINE_MARGIN_S
+
+    trainer = type("T", (), {"is_global_zero": True, "default_root_dir": str(tmp_path)})()
+    for seconds_left, calls_before_the_stop in ((REQUEUE_DEADLINE_MARGIN_S, 1), (3600, 0)):
+        monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(time.time() + seconds_left)))
+        submitit = _SubmititHandler()
+        stop = SignalStop(tmp_path / "last.ckpt")
+        stop._launcher = (signal.SIGUSR2, submitit.checkpoint_and_try_requeue)
+        stop._global_zero = True
+        stop._note(signal.SIGUSR2, None)
+        deadline = time.monotonic() + 5
+        while calls_before_the_stop and not submitit.calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(submitit.calls) == calls_before_the_stop
+        stop._reason = _LAUNCHER  # the ranks stop and save: the stop's own hand-over
+        stop.requeue(trainer)
+        assert submitit.calls == [signal.SIGUSR2]
+
+
 # ------------------------------------------------------------------------ real processes
 def _command(*extra: str) -> list[str]:
     overrides = [o for o in tiny_overrides(Path("unused")) if not o.startswith("run_dir")]

@@ -218,6 +218,9 @@ class StepCheckpoint(ModelCheckpoint):
 
 # how long the other ranks wait for rank 0 to requeue the job (which ends them) before exiting
 REQUEUE_WAIT_S = 60.0
+# submitit's signal came and the stop has not handed the job over this long before the job's
+# time limit (SLURM_JOB_END_TIME): requeue it without the save
+REQUEUE_DEADLINE_MARGIN_S = 60.0
 
 # stop reasons, ordered: the ranks agree on the largest one any of them has seen
 _RUN_ON, _STOP, _REQUEUE, _LAUNCHER = 0, 1, 2, 3
@@ -258,7 +261,9 @@ class SignalStop(pl.Callback):
       :func:`launcher_requeue_handler`): the same save; :meth:`requeue` then hands the job to
       submitit's handler on rank 0, which requeues it (counting time-outs against
       ``max_num_timeout``) and exits. Left to itself, that handler ends rank 0 in the middle of
-      a step, and the requeued job repeats every step since the last checkpoint.
+      a step, and the requeued job repeats every step since the last checkpoint. If the stop
+      has not come ``REQUEUE_DEADLINE_MARGIN_S`` before the job's time limit, rank 0 calls
+      the handler then, without the save (:meth:`_start_deadline`).
 
     The signal handler only notes the signal. After every optimizer step the ranks take the
     largest of their notes (one all-reduce of an int) and, if any rank was signalled, all of
@@ -294,12 +299,17 @@ class SignalStop(pl.Callback):
         self._reason = _RUN_ON  # the reason the ranks agreed on
         self._installed = False
         self._launcher: tuple[signal.Signals, Callable[[int, Any], Any]] | None = None
+        self._global_zero = False
+        self._handed_over = threading.Lock()  # held once the job went to submitit's handler
+        self._deadline: threading.Timer | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning puts back the handlers it found when the fit ends (those of this callback
         # go with them), so each fit starts afresh
         self._noted, self._reason, self._installed = _RUN_ON, _RUN_ON, False
-        self._launcher = None
+        self._launcher, self._global_zero = None, trainer.is_global_zero
+        self._handed_over = threading.Lock()
+        self._deadline = None
 
     def _note(self, signum: int, frame: Any) -> None:
         if self._launcher is not None and signum == self._launcher[0]:
@@ -309,6 +319,39 @@ class SignalStop(pl.Callback):
         else:
             reason = _STOP
         self._noted = max(self._noted, reason)
+        if reason == _LAUNCHER and self._global_zero and self._deadline is None:
+            self._deadline = self._start_deadline()
+
+    def _start_deadline(self) -> threading.Timer | None:
+        """On rank 0, after submitit's signal: a timer that hands the job to submitit without
+        the save if the stop has not done so ``REQUEUE_DEADLINE_MARGIN_S`` before the job's
+        time limit (a validation longer than the signal's lead). A job that SLURM ends before
+        it was requeued is not requeued at all; requeued, it resumes its last checkpoint.
+        None where the limit is unknown (no ``SLURM_JOB_END_TIME``)."""
+        end = os.environ.get("SLURM_JOB_END_TIME", "")
+        if not end.isdigit():
+            return None
+        delay = max(int(end) - time.time() - REQUEUE_DEADLINE_MARGIN_S, 0.0)
+        timer = threading.Timer(delay, self._hand_over, kwargs={"saved": False})
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _hand_over(self, saved: bool = True) -> None:
+        """Call submitit's handler, once (the stop or the deadline, whichever comes first)."""
+        if self._launcher is None or not self._handed_over.acquire(blocking=False):
+            return
+        signum, handler = self._launcher
+        if saved:
+            log.warning("%s: handing the job to submitit to requeue it", signum.name)
+        else:
+            log.error(
+                "%s: the run has not stopped %.0f s before the job's time limit; handing the "
+                "job to submitit to requeue it now, without saving: it resumes from its last "
+                "checkpoint (hydra.launcher.signal_delay_s sets how early the signal comes)",
+                signum.name, REQUEUE_DEADLINE_MARGIN_S,
+            )  # fmt: skip
+        handler(signum, None)  # writes the next submission, requeues, raises SystemExit
 
     def _install(self, trainer: pl.Trainer) -> None:
         """Take over SIGTERM (and the requeue signal) from Lightning, whose handlers are
@@ -419,13 +462,14 @@ class SignalStop(pl.Callback):
             return
         launcher = self._launcher is not None and _LAUNCHER in (self._reason, self._noted)
         if launcher:
-            signum, handler = self._launcher
+            if self._deadline is not None:
+                self._deadline.cancel()
             if self._reason == _STOP:  # saved as last.ckpt: the requeued job looks for hpc_*
                 path = save_as_hpc_checkpoint(self.path, trainer.default_root_dir)
                 prune_hpc_checkpoints(path)
-                log.warning("%s came after the stop: %s is also %s", signum.name, self.path, path)
-            log.warning("%s: handing the job to submitit to requeue it", signum.name)
-            handler(signum, None)  # writes the next submission, requeues, raises SystemExit
+                name = self._launcher[0].name
+                log.warning("%s came after the stop: %s is also %s", name, self.path, path)
+            self._hand_over()
         elif self._reason in (_REQUEUE, _LAUNCHER):
             requeue_slurm_job()
 
