@@ -26,6 +26,7 @@ from detr_lightning.checkpointing import (
     file_identity,
     load_resume_checkpoint,
     next_hpc_checkpoint,
+    run_checkpoints,
 )
 from detr_lightning.errors import SetupError
 from detr_lightning.loggers import CSVLogger, ResumableLogs
@@ -291,8 +292,10 @@ def test_a_requeued_job_resumes_its_hpc_checkpoint(tmp_path, monkeypatch):
 
 
 def test_a_requeued_job_started_from_a_file_resumes_its_own_later_state(tmp_path, monkeypatch):
-    """A requeued job runs its command again: with ckpt_path=<file> (or last), the run dir's
-    hpc checkpoint saved after that file wins, else every requeue would go back to the file."""
+    """A job that SLURM requeued runs its command again: with ckpt_path=<file> (or last), the
+    run dir's checkpoint saved after that file wins, else every requeue would go back to the
+    file. A job that was not requeued (a new sbatch into the same run dir, rolling back on
+    purpose) resumes the file it names."""
     for key, value in SLURM_ENV.items():
         monkeypatch.setenv(key, value)
     start = _write(tmp_path / "elsewhere" / "start.ckpt", _training_state(4), 1000)
@@ -300,14 +303,18 @@ def test_a_requeued_job_started_from_a_file_resumes_its_own_later_state(tmp_path
     cfg = compose_config("train", tiny_overrides(run_dir, f"ckpt_path={start}"))
     assert resume_checkpoint(cfg) == str(start)  # the first start
     hpc = _write(run_dir / "hpc_ckpt_1.ckpt", _training_state(6), 2000)
+    assert resume_checkpoint(cfg) == str(start)  # not requeued: as given
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert resume_checkpoint(cfg) == str(hpc)  # requeued after step 6
     os.utime(start, (3000, 3000))  # a file newer than the run's own state: as given
     assert resume_checkpoint(cfg) == str(start)
-    last = _write(run_dir / "checkpoints" / "last.ckpt", _training_state(5), 1500)
+    # the step checkpoint and the stop's hpc checkpoint within one second: the stop's is later
+    last = _write(run_dir / "checkpoints" / "last.ckpt", _training_state(5), 2000)
     cfg = compose_config("train", tiny_overrides(run_dir, "ckpt_path=last"))
     assert resume_checkpoint(cfg) == str(hpc)
-    for key in SLURM_ENV:  # not a job that was requeued: ckpt_path as given
-        monkeypatch.delenv(key)
+    assert run_checkpoints(run_dir) == [hpc, last]
+    (run_dir / "hpc_ckpt_1.ckpt").write_bytes(b"broken")  # none newer loads: as given
+    os.utime(hpc, (2500, 2500))
     assert resume_checkpoint(cfg) == str(last)
 
 

@@ -158,12 +158,14 @@ def prune_hpc_checkpoints(keep: str | os.PathLike) -> list[Path]:
 
 
 def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The run's checkpoint files, newest first (``checkpoints/*.ckpt``, ``hpc_ckpt_*.ckpt``)."""
+    """The run's checkpoint files, newest first (``checkpoints/*.ckpt``, ``hpc_ckpt_*.ckpt``);
+    of two with the same time (file systems that keep whole seconds) the hpc checkpoint, saved
+    by a stop after the step checkpoint of that step or later."""
     run_dir = Path(run_dir)
     files = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob(HPC_CHECKPOINT_GLOB)]
     return sorted(
         (path for path in files if path.is_file()),
-        key=lambda path: path.stat().st_mtime_ns,
+        key=lambda path: (path.stat().st_mtime_ns, _hpc_number(path) is not None),
         reverse=True,
     )
 

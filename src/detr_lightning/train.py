@@ -27,6 +27,7 @@ from .checkpointing import (
     LoadedCheckpoint,
     last_checkpoint_path,
     load_resume_checkpoint,
+    run_checkpoints,
 )
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
@@ -202,8 +203,9 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     log line) when there is none yet, so that one command serves the first start and every
     restart. A requeued job (SLURM, or a submitit launcher's job) resumes as with
     ``resume=auto`` when the run dir holds an ``hpc_ckpt_<n>.ckpt`` (saved before the job
-    requeued itself; under SLURM Lightning would load it anyway; here it is checked first),
-    also when its command gives ``ckpt_path`` and the run dir's newest checkpoint is newer.
+    requeued itself; under SLURM Lightning would load it anyway; here it is checked first). A job
+    that SLURM requeued (``SLURM_RESTART_COUNT`` > 0) resumes the run dir's newest checkpoint
+    also when its command gives ``ckpt_path``, if that checkpoint is newer than the file.
     """
     return _resume(cfg)[0]
 
@@ -221,19 +223,9 @@ def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
         )
     job = SLURMEnvironment.detect() or launcher_requeue_handler() is not None
     requeued = job and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
-    if requeued and ckpt_path:
-        # a requeued job runs its first command again: its own later state wins over the file
-        # that command resumed (or the run would go back to that file at every requeue)
-        given = last_checkpoint_path(run_dir) if ckpt_path == "last" else Path(str(ckpt_path))
-        found = load_resume_checkpoint(run_dir)
-        if found is not None and (
-            not given.expanduser().is_file()
-            or found.path.stat().st_mtime_ns > given.expanduser().stat().st_mtime_ns
-        ):
-            log.info(
-                "requeued job: resuming %s (epoch %d, global step %d), saved after ckpt_path=%s",
-                found.path, found.state["epoch"], found.state["global_step"], ckpt_path,
-            )  # fmt: skip
+    if ckpt_path and _slurm_restarts() > 0:
+        found = _newer_run_checkpoint(run_dir, ckpt_path)
+        if found is not None:
             return str(found.path), found
     if ckpt_path == "last":
         path = last_checkpoint_path(run_dir)
@@ -259,6 +251,41 @@ def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
         "resuming %s (epoch %d, global step %d)", found.path, state["epoch"], state["global_step"]
     )
     return str(found.path), found
+
+
+def _slurm_restarts() -> int:
+    """How many times SLURM has requeued this job (``SLURM_RESTART_COUNT``; 0 if never)."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(count) if count.isdigit() else 0
+
+
+def _newer_run_checkpoint(run_dir: Path, ckpt_path: str) -> LoadedCheckpoint | None:
+    """For a requeued job that runs its first command again: the run dir's newest checkpoint
+    that loads, where it is newer than ``ckpt_path`` (the file that command resumed; resumed
+    again at every requeue, the run would go back to it every time), else None."""
+    given = last_checkpoint_path(run_dir) if ckpt_path == "last" else Path(str(ckpt_path))
+    given = given.expanduser()
+    newest = next(iter(run_checkpoints(run_dir)), None)
+    if newest is None or (given.is_file() and newest.samefile(given)):
+        return None
+    given_time = given.stat().st_mtime_ns if given.is_file() else -1
+    if newest.stat().st_mtime_ns < given_time:
+        return None
+    try:
+        found = load_resume_checkpoint(run_dir)
+    except SetupError as error:
+        log.warning("requeued job: %s; resuming ckpt_path=%s as given", error, ckpt_path)
+        return None
+    if found is None or found.path.stat().st_mtime_ns < given_time:
+        return None
+    if given.is_file() and found.path.samefile(given):
+        return None
+    log.warning(
+        "requeued job (SLURM_RESTART_COUNT=%d): resuming %s (epoch %d, global step %d), saved "
+        "after ckpt_path=%s, which the job's command names",
+        _slurm_restarts(), found.path, found.state["epoch"], found.state["global_step"], ckpt_path,
+    )  # fmt: skip
+    return found
 
 
 def _load_if_torch_file(path: str) -> LoadedCheckpoint | None:
