@@ -281,6 +281,9 @@ def test_srun_tasks_must_match_the_trainers_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning's own processes
     trainer = _trainer(tmp_path, "trainer.devices=2", "trainer.strategy=ddp")
     assert not trainer.strategy.cluster_environment.creates_processes_externally
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # srun -n 2 in it: 2 separate runs
+    with pytest.raises(SetupError, match="srun started 2 tasks in the job 'interactive'"):
+        _trainer(tmp_path)
 
 
 def test_the_local_launcher_runs_one_device_per_job(tmp_path, monkeypatch):

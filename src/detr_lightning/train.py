@@ -372,6 +372,17 @@ def check_launched_processes(trainer: pl.Trainer) -> None:
                 "then srun python train.py ...); to have Lightning start the processes of one "
                 "task itself, run it as a job named interactive (srun --job-name=interactive)"
             )
+    else:
+        step = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+        if step.isdigit() and int(step) > 1:
+            # a job named bash or interactive: Lightning ignores SLURM, so every srun task
+            # would be a separate run (and start its own processes for devices > 1)
+            raise SetupError(
+                f"srun started {step} tasks in the job {os.environ.get('SLURM_JOB_NAME')!r}, "
+                "and Lightning does not take ranks from SLURM in a job of that name: run one "
+                "srun task (Lightning then starts trainer.devices processes), or name the job "
+                "otherwise (srun --job-name=detr) to run one task per device"
+            )
     if os.environ.get("SUBMITIT_LOCAL_JOB_ID") and devices * nodes > 1:
         raise SetupError(
             f"hydra/launcher=local runs each job as one process, in which Lightning cannot start "
