@@ -170,9 +170,12 @@ def run_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     )
 
 
-def load_resume_checkpoint(run_dir: str | os.PathLike) -> LoadedCheckpoint | None:
+def load_resume_checkpoint(
+    run_dir: str | os.PathLike, newer_than: str | os.PathLike | None = None
+) -> LoadedCheckpoint | None:
     """The newest checkpoint of ``run_dir`` that loads as a complete training state, loaded;
-    None when the run has no checkpoint.
+    None when the run has no checkpoint. With ``newer_than`` (an existing file), only the run's
+    checkpoints at least as new as it, other than it, count.
 
     Files that fail to load (a crash during a save of another program, a disk error) are
     skipped with a warning; if every one fails, SetupError names them. Temporary files of
@@ -184,6 +187,13 @@ def load_resume_checkpoint(run_dir: str | os.PathLike) -> LoadedCheckpoint | Non
             log.info("removing %s, left by a save that was interrupted", stale)
             stale.unlink(missing_ok=True)
     candidates = run_checkpoints(run_dir)
+    if newer_than is not None and Path(newer_than).is_file():
+        given = Path(newer_than)
+        since = given.stat().st_mtime_ns
+        candidates = [
+            path for path in candidates
+            if path.stat().st_mtime_ns >= since and not path.samefile(given)
+        ]  # fmt: skip
     failures = []
     for path in candidates:
         try:

@@ -27,7 +27,6 @@ from .checkpointing import (
     LoadedCheckpoint,
     last_checkpoint_path,
     load_resume_checkpoint,
-    run_checkpoints,
 )
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
@@ -221,8 +220,6 @@ def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
         raise SetupError(
             f"ckpt_path={ckpt_path} and resume=auto both say what to resume; pass one of them"
         )
-    job = SLURMEnvironment.detect() or launcher_requeue_handler() is not None
-    requeued = job and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
     if ckpt_path and _slurm_restarts() > 0:
         found = _newer_run_checkpoint(run_dir, ckpt_path)
         if found is not None:
@@ -238,6 +235,8 @@ def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
         return str(path), None
     if ckpt_path:
         return os.path.expanduser(str(ckpt_path)), None
+    job = SLURMEnvironment.detect() or launcher_requeue_handler() is not None
+    requeued = job and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
     if resume is None and not requeued:
         return None, None
     if resume == "auto":
@@ -264,27 +263,18 @@ def _newer_run_checkpoint(run_dir: Path, ckpt_path: str) -> LoadedCheckpoint | N
     that loads, where it is newer than ``ckpt_path`` (the file that command resumed; resumed
     again at every requeue, the run would go back to it every time), else None."""
     given = last_checkpoint_path(run_dir) if ckpt_path == "last" else Path(str(ckpt_path))
-    given = given.expanduser()
-    newest = next(iter(run_checkpoints(run_dir)), None)
-    if newest is None or (given.is_file() and newest.samefile(given)):
-        return None
-    given_time = given.stat().st_mtime_ns if given.is_file() else -1
-    if newest.stat().st_mtime_ns < given_time:
-        return None
     try:
-        found = load_resume_checkpoint(run_dir)
+        found = load_resume_checkpoint(run_dir, newer_than=given.expanduser())
     except SetupError as error:
         log.warning("requeued job: %s; resuming ckpt_path=%s as given", error, ckpt_path)
         return None
-    if found is None or found.path.stat().st_mtime_ns < given_time:
-        return None
-    if given.is_file() and found.path.samefile(given):
-        return None
-    log.warning(
-        "requeued job (SLURM_RESTART_COUNT=%d): resuming %s (epoch %d, global step %d), saved "
-        "after ckpt_path=%s, which the job's command names",
-        _slurm_restarts(), found.path, found.state["epoch"], found.state["global_step"], ckpt_path,
-    )  # fmt: skip
+    if found is not None:
+        log.warning(
+            "requeued job (SLURM_RESTART_COUNT=%d): resuming %s (epoch %d, global step %d), "
+            "saved after ckpt_path=%s, which the job's command names",
+            _slurm_restarts(), found.path, found.state["epoch"], found.state["global_step"],
+            ckpt_path,
+        )  # fmt: skip
     return found
 
 
@@ -359,30 +349,29 @@ def check_launched_processes(trainer: pl.Trainer) -> None:
             f"trainer.devices={local} (torchrun's --nproc_per_node) and trainer.num_nodes="
             f"{world // max(local, 1)} (its --nnodes); each process is one device's rank"
         )
+    # srun's tasks (unset in a batch script's own shell, one process)
+    step = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    tasks = int(step) if step.isdigit() else None
     if SLURMEnvironment.detect():
-        # Lightning takes the ranks from SLURM and starts no process itself: srun's tasks
-        # (SLURM_STEP_NUM_TASKS; unset in a batch script's own shell, one process) are the ranks
-        step = os.environ.get("SLURM_STEP_NUM_TASKS")
-        tasks = int(step) if step and step.isdigit() else 1
-        if devices * nodes != tasks:
-            started = f"srun started {tasks} tasks" if step else "this process is not an srun task"
+        # Lightning takes the ranks from SLURM and starts no process itself: the srun tasks
+        # are the ranks
+        if devices * nodes != (tasks or 1):
+            started = f"srun started {tasks} tasks" if tasks else "this process is not an srun task"
             raise SetupError(
                 f"{started}, but {asked}: under SLURM every device is one srun task "
                 "(#SBATCH --ntasks-per-node=<trainer.devices> --nodes=<trainer.num_nodes>, "
                 "then srun python train.py ...); to have Lightning start the processes of one "
                 "task itself, run it as a job named interactive (srun --job-name=interactive)"
             )
-    else:
-        step = os.environ.get("SLURM_STEP_NUM_TASKS", "")
-        if step.isdigit() and int(step) > 1:
-            # a job named bash or interactive: Lightning ignores SLURM, so every srun task
-            # would be a separate run (and start its own processes for devices > 1)
-            raise SetupError(
-                f"srun started {step} tasks in the job {os.environ.get('SLURM_JOB_NAME')!r}, "
-                "and Lightning does not take ranks from SLURM in a job of that name: run one "
-                "srun task (Lightning then starts trainer.devices processes), or name the job "
-                "otherwise (srun --job-name=detr) to run one task per device"
-            )
+    elif tasks is not None and tasks > 1:
+        # a job named bash or interactive: Lightning ignores SLURM, so every srun task would
+        # be a separate run (and start its own processes for devices > 1)
+        raise SetupError(
+            f"srun started {tasks} tasks in the job {os.environ.get('SLURM_JOB_NAME')!r}, "
+            "and Lightning does not take ranks from SLURM in a job of that name: run one "
+            "srun task (Lightning then starts trainer.devices processes), or name the job "
+            "otherwise (srun --job-name=detr) to run one task per device"
+        )
     if os.environ.get("SUBMITIT_LOCAL_JOB_ID") and devices * nodes > 1:
         raise SetupError(
             f"hydra/launcher=local runs each job as one process, in which Lightning cannot start "
