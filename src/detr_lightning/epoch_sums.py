@@ -35,28 +35,45 @@ class EpochSums:
     def reset(self, epoch: int | None = None) -> None:
         """Start the sums of ``epoch`` afresh."""
         self.epoch = epoch
-        self._totals: dict[str, Tensor] = {}
+        # one device tensor per set of names that ``add`` takes together: a step adds all of
+        # its values with a few kernels, not a few per value
+        self._totals: dict[tuple[str, ...], Tensor] = {}
         self._weights: dict[str, float] = {}
         self._is_mean: dict[str, bool] = {}
+        self._restored: dict[str, float] = {}  # from a checkpoint, until their next ``add``
+        self._device: torch.device | None = None
         self._means: dict[str, float] | None = None
 
     def add(self, values: Mapping[str, Tensor], weight: float = 1.0, mean: bool = True) -> None:
         """Add ``values`` with ``weight`` (a batch size); ``mean=False``: report the total."""
-        for name, value in values.items():
-            value = value.detach().to(_sum_dtype(value.device)) * weight
-            total = self._totals.get(name)
-            self._totals[name] = value if total is None else total + value
+        names = tuple(values)
+        batch = torch.stack([value.detach() for value in values.values()])
+        batch = batch.to(_sum_dtype(batch.device)) * weight
+        total = self._totals.get(names)
+        if total is None and any(name in self._restored for name in names):
+            restored = [self._restored.pop(name, 0.0) for name in names]
+            total = torch.tensor(restored, dtype=batch.dtype, device=batch.device)
+        self._totals[names] = batch if total is None else total + batch
+        for name in names:
             self._weights[name] = self._weights.get(name, 0.0) + weight
             self._is_mean[name] = mean
         self._means = None
 
     def _summed(self) -> tuple[list[str], list[float], list[float]]:
-        names = sorted(self._totals)
-        if not names:
+        keys = [name for names in self._totals for name in names] + list(self._restored)
+        if not keys:
             return [], [], []
-        totals = torch.stack([self._totals[name] for name in names])
-        weights = torch.tensor([self._weights[name] for name in names], dtype=totals.dtype,
-                               device=totals.device)  # fmt: skip
+        parts = list(self._totals.values())
+        device = parts[0].device if parts else self._device
+        dtype = _sum_dtype(device)
+        if self._restored:
+            parts.append(torch.tensor(list(self._restored.values()), dtype=dtype, device=device))
+        names = sorted(set(keys))
+        index = torch.tensor([names.index(key) for key in keys], device=device)
+        totals = torch.zeros(len(names), dtype=dtype, device=device)
+        totals.index_add_(0, index, torch.cat(parts))
+        weights = torch.tensor([self._weights[name] for name in names], dtype=dtype,
+                               device=device)  # fmt: skip
         summed = all_reduce_sum(torch.stack([totals, weights])).cpu()
         return names, summed[0].tolist(), summed[1].tolist()
 
@@ -83,10 +100,10 @@ class EpochSums:
         """The sums of ``state`` (from :meth:`state_dict`), or zeros under the same names
         where not ``keep``."""
         self.reset(state.get("epoch"))
+        self._device = torch.device(device)
         for name, total, weight, mean in zip(state["names"], state["totals"], state["weights"],
                                              state["means"], strict=True):  # fmt: skip
-            self._totals[name] = torch.tensor(total if keep else 0.0, device=device,
-                                              dtype=_sum_dtype(device))  # fmt: skip
+            self._restored[name] = float(total) if keep else 0.0
             self._weights[name] = float(weight) if keep else 0.0
             self._is_mean[name] = bool(mean)
 
