@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_CACHE = ROOT / "bench" / ".data"
 
 
+# bench/inference_hf.py's row that times our backbone alone: a bound on any model built on its
+# trunk, not a variant (bench/run_all.py puts it in the summary)
+INFERENCE_BOUND_ROW = "bound: detr-lightning backbone alone"
+
+
 def environment() -> dict[str, Any]:
     """What the figures depend on: versions, CPU, cores, load, commit."""
     import torch

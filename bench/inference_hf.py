@@ -11,12 +11,19 @@ transformers / ours / ours with the eager ResNet trunk (``backbone.inference_gra
 ours with the image's shape declared static (``backbone.set_static_shapes``, a trunk graph
 compiled by oneDNN Graph for that shape; its compilation and warm-up come at the first,
 untimed, call; fp32 only) / ours as ``DETR.bf16_inference_copy``, the backbone's weights folded
-and cast once (bf16 only; what ``predict`` runs from a call's second batch on) under
-``torch.inference_mode`` (and ``torch.autocast`` for bf16), so background
-load hits all alike. Reported: the median seconds per image, the speedup (median of the
-per-round ratios to transformers' pass of the same round, so that slow spells of the machine
-cancel out), the largest box difference and the share of queries whose top label (no-object
-excluded) agrees, both against transformers' fp32 output.
+and cast once (bf16 only; what ``predict`` runs from a call's second batch on) / our fastest
+backbone alone (fp32: the static-shape one; bf16: the inference copy's), under
+``torch.inference_mode`` (and ``torch.autocast`` for bf16), so background load hits all alike.
+Reported: the median seconds per image, the speedup (median of the per-round ratios to
+transformers' pass of the same round, so that slow spells of the machine cancel out), the
+largest box difference and the share of queries whose top label (no-object excluded) agrees,
+both against transformers' fp32 output.
+
+The backbone-alone row is a bound, not a variant: no model whose ResNet trunk runs at that
+speed can beat transformers by more than its speedup. Below the table the trunk's floating
+point operations (counted by ``torch.utils.flop_counter``) are divided by its median time and
+set beside what a 2048x2048x2048 matrix product of the same precision reaches on the
+machine, showing how close the convolutions are to the arithmetic the CPU can do.
 
 ``--reuse-freed-memory`` first sets the process's malloc as ``predict.py`` and ``eval.py`` do
 on a CPU (``detr_lightning.host_memory``); it speeds up both code bases, transformers' more.
@@ -37,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import INFERENCE_BOUND_ROW as BOUND
 from common import environment, print_table, write_json
 
 from hf_reference import build_hf_detr
@@ -79,6 +87,7 @@ def main() -> None:
     static = copy.deepcopy(ours)
     static.backbone.set_static_shapes([tuple(images.shape)])
     prepared = ours.bf16_inference_copy() if "bf16" in args.precisions else None
+    no_padding = torch.zeros(1, height, width, dtype=torch.bool)
     runs = {
         "transformers": lambda: reference(pixel_values=images, pixel_mask=pixel_mask),
         "detr-lightning": lambda: ours(images),
@@ -89,6 +98,12 @@ def main() -> None:
         # bf16 only: the backbone's weights folded and cast once (what predict runs from a
         # call's second batch on)
         "detr-lightning, bf16 inference copy": lambda: prepared(images),
+    }
+    # our fastest backbone alone, a bound on any model built on it: in fp32 the static-shape
+    # graph, in bf16 the inference copy's
+    bounds = {
+        "fp32": lambda: static.backbone(images, no_padding),
+        "bf16": lambda: prepared.backbone(images, no_padding),
     }
     with torch.inference_mode():
         truth = reference(pixel_values=images, pixel_mask=pixel_mask)
@@ -102,6 +117,7 @@ def main() -> None:
         # under autocast a static shape runs the eager trunk, as the eager row does
         skip = "bf16 inference copy" if precision == "fp32" else "static"
         timed = {k: v for k, v in runs.items() if skip not in k}
+        timed[BOUND] = bounds[precision]
         times: dict[str, list[float]] = {name: [] for name in timed}
         outputs = {}
         with torch.inference_mode(), autocast:
@@ -125,7 +141,7 @@ def main() -> None:
                 "speedup_of_medians": statistics.median(base) / median,
             }
             boxes, agree = "", ""
-            if name != "transformers":
+            if name not in ("transformers", BOUND):
                 out = outputs[name]
                 diff = (out["pred_boxes"].float() - truth.pred_boxes).abs().max().item()
                 top = out["pred_logits"].float()[..., :-1].argmax(-1)
@@ -137,6 +153,11 @@ def main() -> None:
                 precision, name, f"{median:.3f} ({min(values):.3f}-{max(values):.3f})",
                 f"{speedup:.2f}x", boxes, agree,
             ])  # fmt: skip
+    roofline = _roofline(
+        eager.backbone,
+        images,
+        {r["precision"]: r["s_per_img"] for r in records if r["code"] == BOUND},
+    )
     malloc = ", malloc reusing freed memory" if args.reuse_freed_memory else ""
     table = print_table(
         f"Inference {args.model} {height}x{width}, batch 1, CPU, {torch.get_num_threads()} "
@@ -145,11 +166,51 @@ def main() -> None:
          "top labels = HF fp32"],
         rows,
     )  # fmt: skip
+    for precision, rate in roofline["precisions"].items():
+        line = (
+            f"ResNet trunk, {precision}: {roofline['trunk_gflop']:.0f} GFLOP in "
+            f"{rate['backbone_s']:.3f} s = {rate['trunk_gflop_per_s']:.0f} GFLOP/s; a "
+            f"{precision} 2048^3 matrix product on this machine: "
+            f"{rate['matmul_gflop_per_s']:.0f} GFLOP/s (median of {MATMUL_RUNS})"
+        )
+        print(line)
+        table += "\n" + line + "\n"
     settings = {"reuse_freed_memory": args.reuse_freed_memory}
     write_json(
         args.json,
-        {"environment": environment(), "settings": settings, "rows": records, "table": table},
-    )
+        {"environment": environment(), "settings": settings, "rows": records,
+         "roofline": roofline, "table": table},
+    )  # fmt: skip
+
+
+MATMUL_RUNS = 10  # timed matrix products per precision, after 2 untimed
+
+
+def _roofline(backbone: torch.nn.Module, images: torch.Tensor, seconds: dict[str, float]) -> dict:
+    """The trunk's arithmetic rate in each precision (``seconds``: the backbone's median time)
+    against a matrix product's in that precision on this machine."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        backbone.trunk(images)
+    flop = counter.get_total_flops()
+    rates = {}
+    for precision, backbone_s in seconds.items():
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        times = []
+        with torch.inference_mode():
+            for step in range(2 + MATMUL_RUNS):
+                started = time.perf_counter()
+                a @ b
+                if step >= 2:
+                    times.append(time.perf_counter() - started)
+        rates[precision] = {
+            "backbone_s": backbone_s,
+            "trunk_gflop_per_s": flop / backbone_s / 1e9,
+            "matmul_gflop_per_s": 2 * 2048**3 / statistics.median(times) / 1e9,
+        }
+    return {"trunk_gflop": flop / 1e9, "precisions": rates}
 
 
 if __name__ == "__main__":

@@ -84,12 +84,42 @@ def test_inference_benchmark_against_transformers(tmp_path: Path) -> None:
     out = tmp_path / "hf.json"
     _bench("inference_hf.py", "--model", "R50", "--size", "96", "128", "--precisions", "fp32",
            "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out))  # fmt: skip
-    rows = {row["code"]: row for row in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    rows = {row["code"]: row for row in report["rows"]}
     ours_rows = ("detr-lightning", "detr-lightning, eager trunk", "detr-lightning, static shape")
-    assert set(rows) == {"transformers", *ours_rows}
+    bound = "bound: detr-lightning backbone alone"
+    assert set(rows) == {"transformers", *ours_rows, bound}
     for ours in ours_rows:
         assert rows[ours]["max_box_diff"] < 1e-4
         assert rows[ours]["top_label_agreement"] == 1.0
+    # the trunk's arithmetic, counted here from the convolutions' shapes
+    roofline = report["roofline"]
+    assert roofline["trunk_gflop"] * 1e9 == pytest.approx(_resnet_conv_flop("resnet50", 96, 128))
+    rate = roofline["precisions"]["fp32"]
+    assert rate["backbone_s"] == rows[bound]["s_per_img"] > 0
+    assert rate["trunk_gflop_per_s"] == pytest.approx(roofline["trunk_gflop"] / rate["backbone_s"])
+    assert rate["matmul_gflop_per_s"] > 0 and set(roofline["precisions"]) == {"fp32"}
+
+
+def _resnet_conv_flop(name: str, height: int, width: int) -> float:
+    """2 x multiply-adds of a torchvision ResNet's convolutions (no head) on one image."""
+    import torch
+    import torchvision
+
+    body = getattr(torchvision.models, name)(weights=None)
+    flop = []
+
+    def count(conv: torch.nn.Conv2d, inputs: tuple, output: torch.Tensor) -> None:
+        kh, kw = conv.kernel_size
+        flop.append(2 * output.numel() * conv.in_channels // conv.groups * kh * kw)
+
+    for module in body.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(count)
+    trunk = torch.nn.Sequential(*list(body.children())[:-2])
+    with torch.no_grad():
+        trunk(torch.zeros(1, 3, height, width))
+    return float(sum(flop))
 
 
 @pytest.mark.slow
