@@ -101,6 +101,24 @@ def test_inference_benchmark_against_transformers(tmp_path: Path) -> None:
     assert rate["matmul_gflop_per_s"] > 0 and set(roofline["precisions"]) == {"fp32"}
 
 
+def test_winograd_convolution_of_the_conv_benchmark_matches_float64(tmp_path: Path) -> None:
+    out = tmp_path / "conv.json"
+    _bench("conv_algorithms.py", "--size", "64", "96", "--warmup", "0", "--iters", "1",
+           "--json", str(out))  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["stage"] for row in rows} == {"layer1", "layer2", "layer3", "layer4"}
+    # feature sizes of a 64x96 image: strides 4, 8, 16, 32, rounded up
+    assert [(r["height"], r["width"]) for r in rows if r["algorithm"] == "direct"] == [
+        (16, 24),
+        (8, 12),
+        (4, 6),
+        (2, 3),
+    ]
+    for row in rows:
+        assert row["ms"] > 0 and row["max_abs_error"] < 1e-4, row
+    assert {row["algorithm"] for row in rows} >= {"direct", "winograd"}
+
+
 def _resnet_conv_flop(name: str, height: int, width: int) -> float:
     """2 x multiply-adds of a torchvision ResNet's convolutions (no head) on one image."""
     import torch
