@@ -152,6 +152,8 @@ def main() -> None:
         "detr-lightning": "",
         # a fixed input size declared with backbone.set_static_shapes (timed in fp32 only)
         "detr-lightning, static shape": ", static shape",
+        # the backbone's weights folded and cast once, what predict(bf16=True) runs (bf16 only)
+        "detr-lightning, bf16 inference copy": ", bf16 inference copy",
         # the backbone alone: no model with this trunk can be faster
         BOUND: ", bound: our backbone alone",
     }
