@@ -126,6 +126,19 @@ def test_random_bytes(tmp_path):
         dl.load_pretrained(path)
 
 
+def test_a_file_that_is_no_checkpoint_is_not_called_unsafe(tmp_path):
+    """An image saved as .pth is garbage to the unpickler: the message says so, and does not
+    send the user to the unsafe-pickle advice (nor to weights_only=False)."""
+    from PIL import Image
+
+    path = tmp_path / "photo.pth"
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(path, format="JPEG")
+    with pytest.raises(CheckpointError, match=r"photo\.pth: not a PyTorch checkpoint") as info:
+        dl.load_pretrained(path)
+    assert "Unsupported operand" in str(info.value)
+    assert "could execute code" not in str(info.value) and "weights_only" not in str(info.value)
+
+
 def test_corrupt_safetensors(tmp_path):
     directory = dl.export(_tiny_module(), tmp_path / "export")
     weights = directory / "model.safetensors"
@@ -177,6 +190,9 @@ def test_malicious_pickle_never_runs(tmp_path):
     zipped = tmp_path / "evil-zip.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "extra": _Payload(marker)}, zipped)
     for bad in (path, zipped):
-        with pytest.raises(CheckpointError, match=bad.name):
+        with pytest.raises(CheckpointError, match=bad.name) as info:
             dl.load_pretrained(bad)
+        assert "weights_only" not in str(info.value)  # no advice to turn the check off
+    # torch's own file names the refused class (a bare pickle is no PyTorch file to torch)
+    assert "refused to load" in str(info.value) and "Unsupported global" in str(info.value)
     assert not marker.exists()

@@ -56,11 +56,17 @@ def load_torch_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        detail = _unpickler_detail(err)
+        if "Unsupported global" not in detail:  # garbage bytes, not a refused class
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint, or a truncated or corrupt one ({detail}). "
+                "Check the path; if it is the right file, download it again."
+            ) from None
         raise CheckpointError(
             f"{path}: refused to load: the file contains pickled objects other than tensors and "
-            f"plain containers ({str(err).splitlines()[0]}). Loading it could execute code. If "
-            "you trust its source, re-save only its state dict (torch.save(sd, ...)) or convert "
-            "it to safetensors."
+            f"plain containers ({detail}). Loading it could execute code. If you trust its "
+            "source, re-save only its state dict (torch.save(sd, ...)) or convert it to "
+            "safetensors."
         ) from None
     except Exception as err:  # the unpickler raises anything on garbage (IndexError, KeyError..)
         raise CheckpointError(
@@ -68,6 +74,16 @@ def load_torch_file(path: str | os.PathLike) -> Any:
             f"{str(err).splitlines()[0] if str(err) else 'no details'}). The file may be "
             "truncated or corrupt: download it again."
         ) from None
+
+
+def _unpickler_detail(err: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused (e.g. "Unsupported global: GLOBAL foo.Bar"
+    or "Unsupported operand 255"), without its advice to load with ``weights_only=False``."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if found:
+        return found.group(1).strip().split(" was not an allowed global")[0]
+    return text.strip().splitlines()[0] if text.strip() else "no details"
 
 
 def _safetensors_load(path: Path) -> dict[str, Tensor]:
