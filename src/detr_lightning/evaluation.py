@@ -206,7 +206,7 @@ class CocoEvaluator:
                 " ..." if len(skipped) > 10 else "",
             )
         COCO, COCOeval = coco_api(self.backend)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _quiet_backend():
             ground_truth = COCO(str(self.annotation_file))
             evaluator = COCOeval(ground_truth, _load_results(ground_truth, results), "bbox")
             evaluator.params.imgIds = image_ids
@@ -348,6 +348,21 @@ def report(metrics: Mapping[str, float], label_map: Mapping[str, Any] | None) ->
         names = {e["category_id"]: e["name"] for e in payload["per_class_ap"]}
         lines += ["AP per category:", format_per_class_table(per_class, names)]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _quiet_backend():
+    """Silence the COCO backends, whose table the caller reports itself: pycocotools prints
+    to stdout, faster_coco_eval logs at INFO (shown wherever the root logger is at INFO, as in
+    train.py and eval.py)."""
+    logger = logging.getLogger("faster_coco_eval")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def coco_eval_file(annotation_file: str | os.PathLike, results_file: str | os.PathLike) -> list:

@@ -293,9 +293,14 @@ class CocoDetection(Dataset):
             f"the image, {num_dropped} left empty and dropped."
         )
         if self.strict:
-            raise ValueError(message + " Fix these annotations, or pass strict=False to clamp.")
+            raise ValueError(
+                message + " Fix these annotations, or set data.strict=false (strict=False in "
+                "Python) to clamp them."
+            )
         log.warning(
-            "%s Fix the annotation file, or pass strict=True to make this an error.", message
+            "%s Fix the annotation file, or set data.strict=true (strict=True in Python) to make "
+            "this an error.",
+            message,
         )
 
     def __len__(self) -> int:
