@@ -407,3 +407,15 @@ def test_two_processes_give_the_statistics_and_results_of_one(trained_run, tmp_p
     # and pycocotools agrees on the written file (the unreadable image's objects missed)
     reference = coco_eval_file(annotation_file, double / "predictions.json")
     assert max(abs(two[k] - r) for k, r in zip(COCO_METRIC_KEYS, reference)) <= 1e-6
+
+
+def test_eval_of_a_missing_or_unreadable_checkpoint_is_a_one_line_error(tmp_path):
+    """What entry points print as ``error: ...`` without a traceback, naming the key."""
+    from detr_lightning.errors import SetupError
+
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_text("hello")
+    for key, path in (("ckpt_path", tmp_path / "nope.ckpt"), ("pretrained", not_a_checkpoint)):
+        cfg = compose_config("eval", [f"run_dir={tmp_path / 'run'}", f"{key}={path}"])
+        with pytest.raises(SetupError, match=rf"^{key}={path}: "):
+            evaluate(cfg)

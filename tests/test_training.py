@@ -299,6 +299,48 @@ def test_pretrained_with_other_labels_of_the_same_count_reinitializes_head(tmp_p
     assert torch.equal(kept.model.class_embed.weight, original.model.class_embed.weight)
 
 
+def test_pretrained_of_another_architecture_names_each_override(tmp_path, caplog):
+    """A checkpoint whose weights need another backbone or transformer than the config's is
+    refused before any model is built, naming each override; an official DC5 file name on a
+    config without DC5 (the weights fit both) is a warning."""
+    from detr_lightning.errors import SetupError
+    from detr_lightning.train import build_module
+
+    source = compose_config("train", tiny_overrides(tmp_path / "a", "model.enc_layers=2"))
+    datamodule = CocoDataModule(root=None, synthetic=dict(source.data.synthetic), num_workers=0)
+    original = build_module(source, datamodule)
+    exported = dl.export(original, tmp_path / "export")
+    other = ["backbone=resnet34", "model.enc_layers=1", f"pretrained={exported}"]
+    cfg = compose_config("train", tiny_overrides(tmp_path / "b", *other))
+    with pytest.raises(SetupError) as info:
+        build_module(cfg, datamodule)
+    message = str(info.value)
+    assert "backbone: checkpoint resnet18, config resnet34: set backbone=resnet18" in message
+    assert "enc_layers: checkpoint 2, config 1: set model.enc_layers=2" in message
+    assert "dec_layers" not in message and "hidden_dim" not in message
+
+    # the official release's name for the DC5 model, on a config without DC5
+    state = {
+        key.replace("backbone.", "backbone.0.", 1) if key.startswith("backbone.") else key: value
+        for key, value in original.model.state_dict().items()
+    }
+    official = tmp_path / "detr-r50-dc5-f0fb7ef5.pth"
+    torch.save({"model": state}, official)
+    cfg = compose_config("train", tiny_overrides(tmp_path / "c", "model.enc_layers=2",
+                                                 f"pretrained={official}"))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        module = build_module(cfg, datamodule)
+    assert "is the official DC5 checkpoint, but the config does not dilate" in caplog.text
+    assert "use model=detr_r50_dc5" in caplog.text
+    assert torch.equal(module.model.query_embed.weight, original.model.query_embed.weight)
+
+    # a file that does not exist, and one that is no checkpoint: one line each, no traceback
+    for bad in (tmp_path / "nope.pth", tmp_path / "a" / "config.yaml"):
+        cfg = compose_config("train", tiny_overrides(tmp_path / "d", f"pretrained={bad}"))
+        with pytest.raises(SetupError, match=rf"pretrained={bad}: "):
+            build_module(cfg, datamodule)
+
+
 def test_resume_with_another_model_names_the_keys(tmp_path):
     first = tiny_overrides(tmp_path / "first", "trainer.max_epochs=1", "callbacks=default",
                            "callbacks.progress_bar=null")  # fmt: skip

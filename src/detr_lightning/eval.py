@@ -26,7 +26,7 @@ from .data.datamodule import CocoDataModule
 from .errors import SetupError
 from .evaluation import coco_eval_file, metrics_payload, report, result_from_metrics
 from .io import write_json_atomic
-from .pretrained import load_pretrained
+from .pretrained import CheckpointError, load_pretrained
 from .train import build_trainer
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     # first: it checks the devices against the processes that a launcher started
     trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
-    module = load_pretrained(source)
+    try:
+        module = load_pretrained(source)
+    except (CheckpointError, FileNotFoundError) as err:
+        key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
+        raise SetupError(f"{key}={source}: {err}") from None
     if cfg.get("postprocess") is not None:
         from .models.postprocess import PostProcess
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,13 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
     label_map = padded_label_map(
         datamodule.label_map, model["num_classes"], datamodule.val_annotation_file
     )
+    info = None
+    if cfg.get("pretrained"):  # read and checked before the model is built
+        try:
+            info = read_checkpoint(cfg.pretrained)
+        except (CheckpointError, FileNotFoundError) as err:
+            raise SetupError(f"pretrained={cfg.pretrained}: {err}") from None
+        check_architecture(info, model)
     if cfg.get("pretrained") and model["pretrained_backbone"]:
         log.info("pretrained=%s given: not loading ImageNet backbone weights", cfg.pretrained)
         model["pretrained_backbone"] = False
@@ -119,12 +127,72 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
         data=datamodule.evaluation_settings(),
         eval_backend=cfg.eval_backend,
     )
-    if cfg.get("pretrained"):
-        info = read_checkpoint(cfg.pretrained)
+    if info is not None:
         reinit = _class_head_differs(info, module)
-        load_state_into(module.model, info["state_dict"], info["path"], reinit_class_head=reinit)
+        try:
+            load_state_into(
+                module.model, info["state_dict"], info["path"], reinit_class_head=reinit
+            )
+        except CheckpointError as err:
+            raise SetupError(f"pretrained={cfg.pretrained}: {err}") from None
         log.info("initialized from %s (%s format)", cfg.pretrained, info["format"])
     return module
+
+
+# build_detr arguments that a checkpoint's weights fix, and the override that sets each
+ARCHITECTURE_OVERRIDES = {
+    "backbone": "backbone",  # a config of the backbone group, e.g. backbone=resnet101
+    "num_stages": "backbone.num_stages",
+    "hidden_dim": "model.hidden_dim",
+    "num_queries": "model.num_queries",
+    "enc_layers": "model.enc_layers",
+    "dec_layers": "model.dec_layers",
+    "dim_feedforward": "model.dim_feedforward",
+    "pre_norm": "model.pre_norm",
+    "position_embedding": "model.position_embedding",
+}
+PAPER_MODELS = {"resnet50": "detr_r50", "resnet101": "detr_r101"}
+# the official release's file names, e.g. detr-r101-dc5-a2e86def.pth
+OFFICIAL_FILE_NAME = re.compile(r"detr-r(50|101)(-dc5)?(-panoptic)?-[0-9a-f]{8}\.pth")
+
+
+def check_architecture(info: dict[str, Any], model: dict[str, Any]) -> None:
+    """Refuse (SetupError) a ``pretrained`` checkpoint whose weights belong to another
+    architecture than the config's, naming each override that fixes it; warn when an official
+    file's name says DC5 and the config does not, or the other way round (the weights fit
+    both)."""
+    theirs = info["model"]
+    defaults = {"num_stages": 4}  # read off the weights only when it is 3
+    lines = []
+    for key, override in ARCHITECTURE_OVERRIDES.items():
+        value = theirs.get(key, defaults.get(key))
+        if value is None or model.get(key) == value:
+            continue
+        fix = f"{override}={str(value).lower() if isinstance(value, bool) else value}"
+        if key == "backbone" and value in PAPER_MODELS:
+            fix += f" (model={PAPER_MODELS[value]} for the paper's {value} model)"
+        lines.append(f"  {key}: checkpoint {value}, config {model.get(key)}: set {fix}")
+    if lines:
+        raise SetupError(
+            f"pretrained={info['path']} holds the weights of another architecture than the "
+            "config builds:\n" + "\n".join(lines) + "\nOnly the class head may differ (it is "
+            "re-initialized when the dataset's classes differ from the checkpoint's)."
+        )
+    name = Path(info["path"]).name
+    official = OFFICIAL_FILE_NAME.fullmatch(name)
+    if official and bool(official.group(2)) != bool(model.get("dilation")):
+        log.warning(
+            "%s is the official %s checkpoint, but the config %s the last stage (dilation=%s): "
+            "the weights fit either way, but they were trained %s. For the model they come "
+            "from, use model=detr_r%s%s",
+            info["path"],
+            "DC5" if official.group(2) else "non-DC5",
+            "dilates" if model.get("dilation") else "does not dilate",
+            str(bool(model.get("dilation"))).lower(),
+            "with it" if official.group(2) else "without it",
+            official.group(1),
+            "_dc5" if official.group(2) else "",
+        )
 
 
 def _class_head_differs(info: dict[str, Any], module: DETRModule) -> bool:
