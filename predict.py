@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import detr_lightning.hydra_dirs  # noqa: F401  (hydra.run.dir follows run_dir=)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:

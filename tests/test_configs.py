@@ -4,6 +4,7 @@ every experiment composes and instantiates, bad overrides fail."""
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,26 @@ def test_plain_training_needs_no_launcher_or_sweeper_plugin():
     )
     assert hydra_cfg.sweeper._target_ == "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
     assert compose_config("train", ["run_dir=x"]).optimized_metric is None
+
+
+@pytest.mark.parametrize("name", ["train", "eval", "predict", "export"])
+def test_hydra_output_dir_follows_a_given_run_dir(name, tmp_path, monkeypatch):
+    """run_dir=PATH moves Hydra's directory too (its log and .hydra/ go with the run); without
+    it, run_dir is Hydra's default directory, named after the start time or SLURM's job id."""
+    from hydra import compose, initialize_config_dir
+
+    import detr_lightning.hydra_dirs  # noqa: F401  (what the entry scripts import)
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        # resolved at once: the default reads the environment
+        given = compose(name, [f"run_dir={tmp_path / 'run'}"], return_hydra_config=True)
+        assert given.hydra.run.dir == str(tmp_path / "run")
+        default = compose(name, [], return_hydra_config=True).hydra.run.dir
+        assert re.fullmatch(rf"outputs/{name}/\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d", default)
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        slurm = compose(name, [], return_hydra_config=True).hydra.run.dir
+        assert slurm == f"outputs/{name}/4242"
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

@@ -1,5 +1,6 @@
 """detr-lightning: DETR (End-to-End Object Detection with Transformers) on PyTorch Lightning."""
 
+from . import hydra_dirs  # noqa: F401  (registers the configs' ${detr.run_dir:...})
 from .models import DETR, HungarianMatcher, PostProcess, SetCriterion, build_detr
 from .module import DETRModule
 from .pretrained import CheckpointError, export, load_pretrained

@@ -1,0 +1,39 @@
+"""The ``${detr.run_dir:DEFAULT}`` resolver of the entry points' ``hydra.run.dir``.
+
+Checkpoints, metrics and plots go to ``run_dir``; Hydra writes its log (``train.log``) and
+``.hydra/`` to its own output directory. ``run_dir`` defaults to that directory, so the two are
+one. For a ``run_dir=PATH`` given on the command line, Hydra's directory must follow it, or the
+log and ``.hydra/`` land in ``outputs/<task>/<time>/`` of the current directory, away from the
+run. ``hydra.run.dir: ${detr.run_dir:DEFAULT}`` is that ``run_dir`` when the user set one, and
+``DEFAULT`` when ``run_dir`` is still the interpolation of Hydra's directory (``hydra.run.dir``
+itself can then not refer to it: it would refer to itself). Multi-runs (sweeps) keep Hydra's
+sweep directories, which ``run_dir`` follows by default.
+
+Registered when the package is imported; the entry scripts import it before ``@hydra.main``
+resolves the config.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+RESOLVER = "detr.run_dir"
+DEFAULT_RUN_DIR = "${hydra:runtime.output_dir}"
+
+
+def hydra_run_dir(default: str, *, _root_: DictConfig) -> str:
+    """``run_dir`` if the config sets it to something else than Hydra's directory, else
+    ``default``."""
+    raw = OmegaConf.to_container(OmegaConf.masked_copy(_root_, ["run_dir"]), resolve=False)
+    if raw.get("run_dir") in (None, DEFAULT_RUN_DIR):
+        return default
+    return str(_root_.run_dir)
+
+
+def register() -> None:
+    """Register the resolver (idempotent)."""
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, hydra_run_dir)
+
+
+register()
