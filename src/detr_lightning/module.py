@@ -309,8 +309,10 @@ class DETRModule(pl.LightningModule):
 
     def _log_epoch_means(self) -> None:
         means = self.training_epoch_means()
+        # logged once per epoch, already the epoch's means: the batch size weighs nothing (it
+        # is given so that Lightning does not guess it from the batch under way, with a warning)
         self.log_dict({f"train/{name}": value for name, value in means.items()},
-                      on_step=False, on_epoch=True)  # fmt: skip
+                      on_step=False, on_epoch=True, batch_size=1)  # fmt: skip
         self._epoch_means_logged = self.current_epoch
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
