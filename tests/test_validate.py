@@ -316,6 +316,10 @@ def test_setup_problems_exit_with_status_2(
     assert "error: no dataset: set data.root=" in capsys.readouterr().err
     assert main([f"data.root={tmp_path}", "data.nonsense_key=1"]) == 2
     assert "nonsense_key" in capsys.readouterr().err
+    # the run would fail at once: so does its check
+    missing = tmp_path / "weights" / "detr-r50.pth"
+    assert main([f"data.root={tmp_path}", f"pretrained={missing}", "decode=false"]) == 2
+    assert f"error: pretrained={missing}: no such file" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and Lightning (~10-30 s)

@@ -243,7 +243,8 @@ def annotation_findings(
     add(
         INFO,
         "no_annotations",
-        "images without annotations: they teach the model 'no object' only",
+        "images without usable annotations (annotations reported as errors do not count): "
+        "they teach the model 'no object' only",
         [f"image {image_id}" for image_id in empty],
     )
     return findings

@@ -83,6 +83,9 @@ def training_plan(cfg: DictConfig) -> TrainingPlan:
 
 def validate(cfg: DictConfig, *, progress: bool = False) -> DatasetReport:
     """Report of the dataset that ``cfg.data`` points at (SetupError when it names none)."""
+    pretrained = OmegaConf.select(cfg, "pretrained", default=None)
+    if pretrained and not Path(str(pretrained)).expanduser().exists():
+        raise SetupError(f"pretrained={pretrained}: no such file or directory; check the path")
     data = cfg.data
     synthetic = data.get("synthetic")
     if synthetic is not None:
