@@ -58,6 +58,20 @@ def test_export_round_trip(tmp_path):
     _same_outputs(module, loaded)
 
 
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_export_round_trip_of_a_trainable_norm(tmp_path, norm):
+    """BatchNorm's step counters (num_batches_tracked) are dropped on reading, as for every
+    format, and the export still loads: the CPU demo's model (backbone.norm=batch)."""
+    module = _tiny_module(norm=norm, pretrained_backbone=False)
+    with torch.no_grad():  # statistics away from the initial ones, so that they must load
+        for name, buffer in module.model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                buffer.uniform_(0.5, 1.5)
+    directory = dl.export(module, tmp_path / "export")
+    loaded = dl.load_pretrained(directory)
+    _same_outputs(module, loaded)
+
+
 def test_lightning_checkpoint_round_trip(tmp_path):
     import pytorch_lightning as pl
 

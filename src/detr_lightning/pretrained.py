@@ -442,6 +442,9 @@ def load_state_into(
     """
     own = model.state_dict()
     skip = set(CLASS_HEAD_KEYS) if reinit_class_head else set()
+    # BatchNorm's step counters are dropped on reading (the official and Hugging Face files
+    # have none; they change no output): the model keeps its own
+    skip |= {k for k in own if k.endswith("num_batches_tracked") and k not in state}
     missing = sorted(k for k in own if k not in state and k not in skip)
     unexpected = sorted(k for k in state if k not in own)
     mismatched = sorted(
