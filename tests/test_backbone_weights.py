@@ -118,6 +118,20 @@ def test_missing_file(tmp_path) -> None:
     assert "backbone.weights" in str(info.value)
 
 
+def test_train_refuses_a_missing_weights_file_before_any_work(tmp_path) -> None:
+    from detr_lightning.train import ensure_backbone_weights
+    from pipeline_fixtures import compose_config, tiny_overrides
+
+    path = tmp_path / "nowhere.pth"
+    cfg = compose_config("train", tiny_overrides(tmp_path, f"backbone.weights={path}"))
+    with pytest.raises(SetupError, match=rf"backbone.weights={path}: no such file"):
+        ensure_backbone_weights(cfg)
+    # a pretrained= checkpoint replaces the backbone's weights: the file is not needed
+    cfg = compose_config("train", tiny_overrides(tmp_path, f"backbone.weights={path}",
+                                                 "pretrained=some.pth"))  # fmt: skip
+    ensure_backbone_weights(cfg)
+
+
 def test_weights_of_another_resnet(tmp_path) -> None:
     path = tmp_path / "r18.pth"
     torch.save(random_resnet18_state(), path)

@@ -460,6 +460,18 @@ def test_cli_needs_a_checkpoint_that_exists(tmp_path):
         predict_cli(_cli_config(tmp_path, *overrides))
 
 
+def test_cli_fails_when_no_image_reads_or_the_device_is_missing(export_dir, tmp_path, monkeypatch):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a JPEG")
+    cfg = _cli_config(tmp_path, f"pretrained={export_dir}", f"input={broken}")
+    with pytest.raises(SetupError, match=r"none of the 1 image\(s\) could be read"):
+        predict_cli(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _cli_config(tmp_path, f"pretrained={export_dir}", f"input={broken}", "device=cuda")
+    with pytest.raises(SetupError, match=r"device=cuda: no CUDA device here"):
+        predict_cli(cfg)
+
+
 def test_cli_end_to_end(module, export_dir, tmp_path, capsys, malloc_calls):
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -510,10 +522,11 @@ def test_cli_sets_malloc_on_the_cpu_only(module, export_dir, tmp_path, monkeypat
     def predict_files(module, files, run_dir, **options):
         devices.append(options["device"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "detections.json").write_text("[]")
+        (run_dir / "detections.json").write_text('[{"file_name": "a.png", "detections": []}]')
         return run_dir / "detections.json"
 
     monkeypatch.setattr("detr_lightning.predict.predict_files", predict_files)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = _cli_config(tmp_path, f"pretrained={export_dir}", f"input={tmp_path / 'a.png'}")
     cfg.device = "cuda"
     predict_cli(cfg)

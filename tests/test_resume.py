@@ -225,6 +225,8 @@ def test_resume_settings_are_checked(tmp_path, caplog, monkeypatch):
         resolve("ckpt_path=last", "resume=auto")
     with pytest.raises(SetupError, match=r"resume='yes'"):
         resolve("resume=yes")
+    with pytest.raises(SetupError, match=r"ckpt_path=nope\.ckpt: no such file(.|\n)*resume=auto"):
+        resolve("ckpt_path=nope.ckpt")
     _write(tmp_path / "checkpoints" / "last.ckpt", _training_state(3), 1000)
     assert resolve("ckpt_path=last") == str(tmp_path / "checkpoints" / "last.ckpt")
     assert resolve("resume=auto") == str(tmp_path / "checkpoints" / "last.ckpt")

@@ -531,7 +531,15 @@ def predict_cli(cfg) -> Path:
     except (CheckpointError, FileNotFoundError) as err:
         raise SetupError(str(err)) from None
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    if reuse and torch.device(device).type == "cpu":
+    try:
+        device_type = torch.device(device).type
+    except RuntimeError as err:
+        raise SetupError(f"device={device}: {err}; e.g. device=cpu or device=cuda:0") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(
+            f"device={device}: no CUDA device here; use device=cpu (or leave device unset)"
+        )
+    if reuse and device_type == "cpu":
         host_memory.reuse_freed_memory()
     run_dir = Path(cfg.run_dir)
     json_path = predict_files(
@@ -556,6 +564,10 @@ def predict_cli(cfg) -> Path:
         print(f"attention panels of {panels} image(s) in {run_dir / 'attention'}", flush=True)
     if skipped:
         print(f"skipped {skipped} unreadable image(s) (named in the warnings above)", flush=True)
+    if files and not processed:  # a script must see that it failed
+        raise SetupError(
+            f"none of the {len(files)} image(s) could be read (named in the warnings above)"
+        )
     return json_path
 
 

@@ -89,7 +89,13 @@ def ensure_backbone_weights(cfg: DictConfig) -> None:
     """Fetch (or find in the cache) the ImageNet weights the config asks for, before any data
     work, so an offline node fails at once with one message (SetupError)."""
     backbone = cfg.backbone
-    if backbone.pretrained and not backbone.weights and not cfg.get("pretrained"):
+    if backbone.weights and not cfg.get("pretrained"):
+        if not Path(str(backbone.weights)).expanduser().is_file():
+            raise SetupError(
+                f"backbone.weights={backbone.weights}: no such file; give a torchvision ResNet "
+                "state-dict file, or backbone.weights=null to use backbone.pretrained"
+            )
+    elif backbone.pretrained and not cfg.get("pretrained"):
         ensure_imagenet_weights(backbone.name)
 
 
@@ -302,7 +308,14 @@ def _resume(cfg: DictConfig) -> tuple[str | None, LoadedCheckpoint | None]:
             )
         return str(path), None
     if ckpt_path:
-        return os.path.expanduser(str(ckpt_path)), None
+        path = os.path.expanduser(str(ckpt_path))
+        if not os.path.isfile(path):
+            raise SetupError(
+                f"ckpt_path={ckpt_path}: no such file. Give a Lightning checkpoint of the run "
+                "(<run_dir>/checkpoints/last.ckpt), ckpt_path=last for the one of run_dir, or "
+                "resume=auto to resume the newest checkpoint of run_dir"
+            )
+        return path, None
     job = SLURMEnvironment.detect() or launcher_requeue_handler() is not None
     requeued = job and any(run_dir.glob(HPC_CHECKPOINT_GLOB))
     if resume is None and not requeued:
