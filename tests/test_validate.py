@@ -295,6 +295,21 @@ def test_advice_follows_the_numbers(tmp_path: Path) -> None:
     assert any("num_classes = max id + 1 = 3 for 2 categories" in t for t in mapping.advice)
 
 
+def test_epoch_advice_names_lr_drop_only_for_a_schedule_that_has_it() -> None:
+    from detr_lightning.data.advice import _schedule
+    from detr_lightning.data.validate import compose_config, training_plan
+
+    # 2000 images in batches of 4: 500 steps per epoch, 10 epochs for 5000 steps
+    step = TrainingPlan(batch_size=4, max_epochs=1, pretrained="detr.pth", lr_drop=True)
+    assert "trainer.max_epochs=10 with schedule.lr_drop=8." in " ".join(_schedule(2000, step))
+    cosine = TrainingPlan(batch_size=4, max_epochs=1, pretrained="detr.pth", lr_drop=False)
+    advice = " ".join(_schedule(2000, cosine))
+    assert "trainer.max_epochs=10 (the schedule follows" in advice and "lr_drop" not in advice
+    # what each config's schedule is: the paper's step schedule, the CPU demo's cosine
+    assert training_plan(compose_config(["data=synthetic"])).lr_drop
+    assert not training_plan(compose_config(["experiment=synthetic_cpu"])).lr_drop
+
+
 def test_small_box_advice_measures_at_the_input_size(tmp_path: Path) -> None:
     write_many_objects(tmp_path, 6)  # 8x8 boxes in a 400x300 image
     # at the evaluation size (short side 800) the boxes are 21x21 px: still small

@@ -39,6 +39,7 @@ class TrainingPlan:
     strict: bool = False  # data.strict: boxes beyond their image are errors
     val_size: int = 800  # data.val_size: short side of evaluated images
     max_size: int = 1333  # data.max_size: long side cap
+    lr_drop: bool = True  # the schedule drops the learning rate at schedule.lr_drop epochs
 
 
 def input_scales(scan: AnnotationScan, val_size: int, max_size: int) -> np.ndarray:
@@ -121,8 +122,10 @@ def _schedule(num_images: int, plan: TrainingPlan) -> list[str]:
         f"scratch and set matching settles slowly; a rule of thumb: {MIN_FINETUNE_STEPS})"
     )
     if needed <= MAX_SUGGESTED_EPOCHS:
-        suggestion = (
-            f"trainer.max_epochs={needed} with schedule.lr_drop={max(1, round(0.8 * needed))}"
+        suggestion = f"trainer.max_epochs={needed}" + (
+            f" with schedule.lr_drop={max(1, round(0.8 * needed))}"
+            if plan.lr_drop
+            else " (the schedule follows the run's length)"
         )
     else:
         suggestion = (

@@ -78,6 +78,7 @@ def training_plan(cfg: DictConfig) -> TrainingPlan:
         strict=bool(cfg.data.strict),
         val_size=int(cfg.data.val_size),
         max_size=int(cfg.data.max_size),
+        lr_drop="lr_drop" in (OmegaConf.select(cfg, "schedule", default=None) or {}),
     )
 
 
