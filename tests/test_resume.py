@@ -727,3 +727,40 @@ def test_resume_auto_needs_a_run_dir_that_stays(tmp_path):
     assert result.returncode == 1
     assert "error: resume=auto resumes the run in its run dir" in result.stderr
     assert "hydra.run.dir=outputs/train/<name>" in result.stderr
+    assert "(hydra.run.dir=outputs/${task_name}/" in result.stderr  # the default, readable
+
+
+@pytest.mark.parametrize("slurm_job", [None, "4242"])
+def test_resume_auto_takes_a_given_run_dir_or_a_slurm_job_id(tmp_path, monkeypatch, slurm_job):
+    """Through Hydra: the default run dir is new at every start (refused with resume=auto,
+    unless SLURM's job id names it); a given run_dir, which Hydra's directory follows, is not."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    import detr_lightning.hydra_dirs  # noqa: F401  (as the entry scripts)
+    from detr_lightning.train import _check_fixed_run_dir
+
+    if slurm_job:
+        monkeypatch.setenv("SLURM_JOB_ID", slurm_job)
+    else:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    for overrides, refused in (([], not slurm_job), ([f"run_dir={tmp_path / 'run'}"], False)):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("train", ["resume=auto", *overrides], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(cfg.hydra.run.dir)  # what Hydra sets
+        HydraConfig.instance().set_config(cfg)
+        try:
+            task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            assert task.run_dir == (overrides[0][len("run_dir=") :] if overrides else
+                                    cfg.hydra.runtime.output_dir)  # fmt: skip
+            if refused:
+                with pytest.raises(SetupError, match=r"new at every start \(hydra\.run\.dir="
+                                                     r"outputs/\$\{task_name\}/"):  # fmt: skip
+                    _check_fixed_run_dir(task)
+            else:
+                _check_fixed_run_dir(task)
+        finally:
+            HydraConfig.instance().cfg = None

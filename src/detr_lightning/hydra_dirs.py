@@ -21,13 +21,19 @@ RESOLVER = "detr.run_dir"
 DEFAULT_RUN_DIR = "${hydra:runtime.output_dir}"
 
 
+def run_dir_given(cfg: DictConfig) -> bool:
+    """Whether ``cfg.run_dir`` was set (on the command line or in a config) rather than left
+    as Hydra's directory."""
+    if "run_dir" not in cfg:
+        return False
+    raw = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["run_dir"]), resolve=False)
+    return raw.get("run_dir") not in (None, DEFAULT_RUN_DIR)
+
+
 def hydra_run_dir(default: str, *, _root_: DictConfig) -> str:
     """``run_dir`` if the config sets it to something else than Hydra's directory, else
     ``default``."""
-    raw = OmegaConf.to_container(OmegaConf.masked_copy(_root_, ["run_dir"]), resolve=False)
-    if raw.get("run_dir") in (None, DEFAULT_RUN_DIR):
-        return default
-    return str(_root_.run_dir)
+    return str(_root_.run_dir) if run_dir_given(_root_) else default
 
 
 def register() -> None:

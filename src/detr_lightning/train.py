@@ -33,6 +33,7 @@ from .console import quiet_third_party
 from .data.datamodule import check_data_source
 from .errors import SetupError
 from .evaluation import report, resolve_backend, result_from_metrics
+from .hydra_dirs import run_dir_given
 from .loggers import ResumableLogs
 from .models.backbone_weights import ensure_imagenet_weights
 from .module import DETRModule, padded_label_map
@@ -386,10 +387,15 @@ def _check_fixed_run_dir(cfg: DictConfig) -> None:
     if not HydraConfig.initialized():  # called from Python: run_dir is what the caller gave
         return
     hydra = HydraConfig.get()
-    if Path(cfg.run_dir).resolve() != Path(hydra.runtime.output_dir).resolve():
-        return  # run_dir=... given
+    if (
+        run_dir_given(cfg)
+        or Path(cfg.run_dir).resolve() != Path(hydra.runtime.output_dir).resolve()
+    ):
+        return  # run_dir=... given (Hydra's directory follows it: detr_lightning.hydra_dirs)
     node = "sweep" if hydra.mode == RunMode.MULTIRUN else "run"
     pattern = str(OmegaConf.to_container(hydra[node], resolve=False)["dir"])
+    default = re.fullmatch(r"\$\{detr\.run_dir:'(.*)'\}", pattern)  # see hydra_dirs
+    pattern = default.group(1) if default else pattern
     if "${now:" in pattern and not ("SLURM_JOB_ID" in pattern and os.environ.get("SLURM_JOB_ID")):
         raise SetupError(
             f"resume=auto resumes the run in its run dir, but the run dir {cfg.run_dir} is new "
