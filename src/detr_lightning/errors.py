@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -31,3 +32,14 @@ def exit_on_setup_error(function: Callable[[Any], Any], cfg: Any) -> Any:
     except (SetupError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def reported_as_setup_error(setting: str, *kinds: type[Exception]) -> Iterator[None]:
+    """Turn the exceptions ``kinds`` raised inside into a SetupError ``"<setting>: <message>"``
+    (e.g. ``setting="pretrained=weights/x.pth"``): what a user gave on the command line,
+    reported in one line."""
+    try:
+        yield
+    except kinds as err:
+        raise SetupError(f"{setting}: {err}") from None

@@ -23,7 +23,7 @@ from . import host_memory
 from .callbacks import ReuseFreedMemory
 from .console import quiet_third_party
 from .data.datamodule import CocoDataModule
-from .errors import SetupError
+from .errors import SetupError, reported_as_setup_error
 from .evaluation import coco_eval_file, metrics_payload, report, result_from_metrics
 from .io import write_json_atomic
 from .pretrained import CheckpointError, load_pretrained
@@ -71,11 +71,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     # first: it checks the devices against the processes that a launcher started
     trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
-    try:
+    key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
+    with reported_as_setup_error(f"{key}={source}", CheckpointError, FileNotFoundError):
         module = load_pretrained(source)
-    except (CheckpointError, FileNotFoundError) as err:
-        key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
-        raise SetupError(f"{key}={source}: {err}") from None
     if cfg.get("postprocess") is not None:
         from .models.postprocess import PostProcess
 

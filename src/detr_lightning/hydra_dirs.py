@@ -15,6 +15,8 @@ resolves the config.
 
 from __future__ import annotations
 
+import re
+
 from omegaconf import DictConfig, OmegaConf
 
 RESOLVER = "detr.run_dir"
@@ -34,6 +36,13 @@ def hydra_run_dir(default: str, *, _root_: DictConfig) -> str:
     """``run_dir`` if the config sets it to something else than Hydra's directory, else
     ``default``."""
     return str(_root_.run_dir) if run_dir_given(_root_) else default
+
+
+def without_resolver(pattern: str) -> str:
+    """``hydra.run.dir`` as written in the configs, ``${detr.run_dir:'DEFAULT'}``, shown as
+    ``DEFAULT`` (other patterns unchanged)."""
+    default = re.fullmatch(r"\$\{" + re.escape(RESOLVER) + r":'(.*)'\}", pattern)
+    return default.group(1) if default else pattern
 
 
 def register() -> None:

@@ -31,9 +31,9 @@ from .checkpointing import (
 )
 from .console import quiet_third_party
 from .data.datamodule import check_data_source
-from .errors import SetupError
+from .errors import SetupError, reported_as_setup_error
 from .evaluation import report, resolve_backend, result_from_metrics
-from .hydra_dirs import run_dir_given
+from .hydra_dirs import run_dir_given, without_resolver
 from .loggers import ResumableLogs
 from .models.backbone_weights import ensure_imagenet_weights
 from .module import DETRModule, padded_label_map
@@ -114,10 +114,10 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
     )
     info = None
     if cfg.get("pretrained"):  # read and checked before the model is built
-        try:
+        with reported_as_setup_error(
+            f"pretrained={cfg.pretrained}", CheckpointError, FileNotFoundError
+        ):
             info = read_checkpoint(cfg.pretrained)
-        except (CheckpointError, FileNotFoundError) as err:
-            raise SetupError(f"pretrained={cfg.pretrained}: {err}") from None
         check_architecture(info, model)
     if cfg.get("pretrained") and model["pretrained_backbone"]:
         log.info("pretrained=%s given: not loading ImageNet backbone weights", cfg.pretrained)
@@ -136,12 +136,10 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
     )
     if info is not None:
         reinit = _class_head_differs(info, module)
-        try:
+        with reported_as_setup_error(f"pretrained={cfg.pretrained}", CheckpointError):
             load_state_into(
                 module.model, info["state_dict"], info["path"], reinit_class_head=reinit
             )
-        except CheckpointError as err:
-            raise SetupError(f"pretrained={cfg.pretrained}: {err}") from None
         log.info("initialized from %s (%s format)", cfg.pretrained, info["format"])
     return module
 
@@ -393,9 +391,7 @@ def _check_fixed_run_dir(cfg: DictConfig) -> None:
     ):
         return  # run_dir=... given (Hydra's directory follows it: detr_lightning.hydra_dirs)
     node = "sweep" if hydra.mode == RunMode.MULTIRUN else "run"
-    pattern = str(OmegaConf.to_container(hydra[node], resolve=False)["dir"])
-    default = re.fullmatch(r"\$\{detr\.run_dir:'(.*)'\}", pattern)  # see hydra_dirs
-    pattern = default.group(1) if default else pattern
+    pattern = without_resolver(str(OmegaConf.to_container(hydra[node], resolve=False)["dir"]))
     if "${now:" in pattern and not ("SLURM_JOB_ID" in pattern and os.environ.get("SLURM_JOB_ID")):
         raise SetupError(
             f"resume=auto resumes the run in its run dir, but the run dir {cfg.run_dir} is new "
