@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, print_table, write_json
 
-from detr_lightning.evaluation import COCO_METRIC_KEYS, CocoEvaluator
+from detr_lightning.evaluation.evaluator import COCO_METRIC_KEYS, CocoEvaluator
 
 
 def make_split(folder: Path, images: int, detections: int, seed: int = 0):

@@ -7,10 +7,10 @@
 The reference is built with random weights and random frozen-BN statistics (timm ResNet, no
 download), written with ``save_pretrained`` and loaded into ours with ``load_pretrained``, the
 path users take. Batch 1, one normalized random image of ``--size``. Timed passes alternate
-transformers / ours / ours with the eager ResNet trunk (``backbone.inference_graph = False``) /
-ours with the image's shape declared static (``backbone.set_static_shapes``, a trunk graph
+transformers / ours / ours with the eager ResNet trunk (``enable_cpu_graphs(model, False)``) /
+ours with the image's shape declared static (``set_static_shapes``, a trunk graph
 compiled by oneDNN Graph for that shape; its compilation and warm-up come at the first,
-untimed, call; fp32 only) / ours as ``DETR.bf16_inference_copy``, the backbone's weights folded
+untimed, call; fp32 only) / ours as ``bf16_inference_copy(model)``, the backbone's weights folded
 and cast once (bf16 only; what ``predict`` runs from a call's second batch on) / our fastest
 backbone alone (fp32: the static-shape one; bf16: the inference copy's), under
 ``torch.inference_mode`` (and ``torch.autocast`` for bf16), so background load hits all alike.
@@ -26,7 +26,7 @@ set beside what a 2048x2048x2048 matrix product of the same precision reaches on
 machine, showing how close the convolutions are to the arithmetic the CPU can do.
 
 ``--reuse-freed-memory`` first sets the process's malloc as ``predict.py`` and ``eval.py`` do
-on a CPU (``detr_lightning.host_memory``); it speeds up both code bases, transformers' more.
+on a CPU (``detr_lightning.utils.host_memory``); it speeds up both code bases, transformers' more.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.reuse_freed_memory:
-        from detr_lightning.host_memory import reuse_freed_memory, why_not_reused
+        from detr_lightning.utils.host_memory import reuse_freed_memory, why_not_reused
 
         if why_not_reused() or not reuse_freed_memory():
             parser.error(f"--reuse-freed-memory: malloc left as it is: {why_not_reused()}")
@@ -82,11 +82,12 @@ def main() -> None:
     height, width = args.size
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     pixel_mask = torch.ones(1, height, width, dtype=torch.long)
-    eager = copy.deepcopy(ours)
-    eager.backbone.inference_graph = False
+    from detr_lightning.inference import bf16_inference_copy, enable_cpu_graphs, set_static_shapes
+
+    eager = enable_cpu_graphs(copy.deepcopy(ours), False)
     static = copy.deepcopy(ours)
-    static.backbone.set_static_shapes([tuple(images.shape)])
-    prepared = ours.bf16_inference_copy() if "bf16" in args.precisions else None
+    set_static_shapes(static.backbone, [tuple(images.shape)])
+    prepared = bf16_inference_copy(ours) if "bf16" in args.precisions else None
     no_padding = torch.zeros(1, height, width, dtype=torch.bool)
     runs = {
         "transformers": lambda: reference(pixel_values=images, pixel_mask=pixel_mask),

@@ -93,7 +93,7 @@ def main() -> None:
         ]
     inference = _run("inference_hf.py", inference_args, args.out, summarize_only)
     # both code bases again with malloc as predict.py / eval.py set it on a CPU
-    from detr_lightning.host_memory import why_not_reused
+    from detr_lightning.utils.host_memory import why_not_reused
 
     reused, not_reused = None, why_not_reused()
     reused_file = args.out / "inference_hf-reuse.json"  # older result folders have none
@@ -150,7 +150,7 @@ def main() -> None:
                  f"{evaluation['max_stat_difference']:.0e}"])  # fmt: skip
     labels = {
         "detr-lightning": "",
-        # a fixed input size declared with backbone.set_static_shapes (timed in fp32 only)
+        # a fixed input size declared with set_static_shapes (timed in fp32 only)
         "detr-lightning, static shape": ", static shape",
         # the backbone's weights folded and cast once, what predict(bf16=True) runs (bf16 only)
         "detr-lightning, bf16 inference copy": ", bf16 inference copy",

@@ -85,7 +85,7 @@ def run_ours(log_path: str, overrides: list[str]) -> None:
     import pytorch_lightning as pl
     from hydra import compose, initialize_config_dir
 
-    from detr_lightning.train import train
+    from detr_lightning.cli.train import train
 
     class EpochTimer(pl.Callback):
         # The clock runs from the epoch's start to the end of its last training step: data
@@ -123,7 +123,9 @@ def run_ours(log_path: str, overrides: list[str]) -> None:
             with open(log_path, "a") as log:
                 log.write(json.dumps(record) + "\n")
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(
+        config_dir=str(ROOT / "src" / "detr_lightning" / "conf"), version_base="1.3"
+    ):
         cfg = compose("train", overrides=overrides)
     train(cfg, callbacks=[EpochTimer()])
 

@@ -24,7 +24,7 @@ def malloc_calls(monkeypatch) -> list[str]:
     """The entry points' calls of ``host_memory.reuse_freed_memory``, recorded, not made: it
     sets malloc for the whole process, and one test process runs many tests
     (tests/test_host_memory.py runs the real one in processes of its own)."""
-    from detr_lightning import host_memory
+    from detr_lightning.utils import host_memory
 
     calls: list[str] = []
     monkeypatch.setattr(host_memory, "reuse_freed_memory", lambda: calls.append("reuse") or True)

@@ -10,7 +10,9 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+import detr_lightning.cli.config  # noqa: F401  (the configs' ${detr.run_dir:...} resolver)
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "src" / "detr_lightning" / "conf")
 
 # A DETR small enough for a CPU test: ResNet-18, 32-wide transformer, 8 queries.
 TINY_MODEL = [

@@ -10,19 +10,21 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from detr_lightning.attention import (
+from detr_lightning.data.images import inference_transform, read_image
+from detr_lightning.inference.attention import (
     AttentionMaps,
-    attention_panels,
     attention_weights,
     capture_attention,
     detect_with_attention,
+)
+from detr_lightning.lightning.module import DETRModule
+from detr_lightning.models import DETR, PositionEmbeddingSine, Transformer
+from detr_lightning.ops.padding import pad_images
+from detr_lightning.viz.attention_figures import (
+    attention_panels,
     plot_decoder_attention,
     plot_encoder_attention,
 )
-from detr_lightning.data.images import inference_transform, read_image
-from detr_lightning.models import DETR, PositionEmbeddingSine, Transformer
-from detr_lightning.module import DETRModule
-from detr_lightning.ops.padding import pad_images
 from model_fixtures import NUM_CLASSES, NUM_QUERIES, TINY_MODEL, PatchBackbone
 from model_fixtures import tiny_detr as tiny_model
 
@@ -281,7 +283,7 @@ def test_detections_match_evaluation_and_postprocess(image_file) -> None:
         expected = module.model(inputs[None])
     scores = expected["pred_logits"][0].softmax(-1)[:, :-1].max(-1).values
     threshold = float(scores.median())  # keeps about half of the queries
-    found = detect_with_attention(module, image_file, threshold=threshold)
+    found = detect_with_attention(module.predictor(), image_file, threshold=threshold)
     assert torch.equal(found.image, original) and torch.equal(found.inputs, inputs)
     for key in ("pred_logits", "pred_boxes"):
         assert torch.equal(found.outputs[key], expected[key])
@@ -303,11 +305,15 @@ def test_detections_match_evaluation_and_postprocess(image_file) -> None:
 
 
 def test_labels_without_category_are_not_detections(image_file) -> None:
-    found = detect_with_attention(tiny_module(confident_label=4), image_file, threshold=0.3)
+    found = detect_with_attention(
+        tiny_module(confident_label=4).predictor(), image_file, threshold=0.3
+    )
     assert len(found.captions) == 0 and found.boxes.shape == (0, 4)
     assert found.decoder.shape == (0, 4, 7)
     # while the same scores on a label with a category are detections
-    found = detect_with_attention(tiny_module(confident_label=2), image_file, threshold=0.3)
+    found = detect_with_attention(
+        tiny_module(confident_label=2).predictor(), image_file, threshold=0.3
+    )
     assert len(found.captions) == NUM_QUERIES
 
 
@@ -322,7 +328,7 @@ def test_attention_panels_write_both_figures(image_file, tmp_path) -> None:
     module = tiny_module(confident_label=1)
     module.train()  # put back in eval for the pass, then back in training mode
     out_dir = tmp_path / "panels"
-    paths = attention_panels(module, image_file, out_dir, threshold=0.3)
+    paths = attention_panels(module.predictor(), image_file, out_dir, threshold=0.3)
     assert module.training and module.model.training
     assert paths == [out_dir / "street_decoder.png", out_dir / "street_encoder.png"]
     decoder_width, decoder_height = open_png(paths[0])
@@ -330,13 +336,15 @@ def test_attention_panels_write_both_figures(image_file, tmp_path) -> None:
     # 7 detections: 7 columns of map-over-box
     assert 1_200 < decoder_width <= 2_000 and 250 < decoder_height < decoder_width
     # the image + one map per box centre, the centres in distinct feature cells (up to 4)
-    found = detect_with_attention(module, image_file, threshold=0.3)
+    found = detect_with_attention(module.predictor(), image_file, threshold=0.3)
     centres = ((found.boxes[:, :2] + found.boxes[:, 2:]) / 2).tolist()
     cells = {(int(y * 4 / 150), int(x * 7 / 230)) for x, y in centres}
     panels = 1 + min(len(cells), 4)
     assert panels * 200 < encoder_width < panels * 300 and encoder_height < 300
     # no detection: the image alone, and the encoder maps at 4 spread points
-    paths = attention_panels(module, image_file, out_dir, threshold=0.9999, stem="empty")
+    paths = attention_panels(
+        module.predictor(), image_file, out_dir, threshold=0.9999, stem="empty"
+    )
     assert [path.name for path in paths] == ["empty_decoder.png", "empty_encoder.png"]
     empty_width, empty_height = open_png(paths[0])
     assert 150 < empty_width < decoder_width / 3 and empty_height < decoder_height
@@ -346,7 +354,7 @@ def test_attention_panels_write_both_figures(image_file, tmp_path) -> None:
 def test_attention_panels_from_a_tensor_with_points(tmp_path) -> None:
     module = tiny_module(confident_label=4)  # detects nothing
     image = torch.randint(0, 256, (3, 90, 60), dtype=torch.uint8)
-    paths = attention_panels(module, image, tmp_path, points=[(10, 10), (80, 50)])
+    paths = attention_panels(module.predictor(), image, tmp_path, points=[(10, 10), (80, 50)])
     assert [path.name for path in paths] == ["image_decoder.png", "image_encoder.png"]
     width, height = open_png(paths[1])
     assert height > width / 3  # the image and 2 maps, of a tall image

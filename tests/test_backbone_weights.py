@@ -13,10 +13,10 @@ import pytest
 import torch
 import torchvision
 
-from detr_lightning.errors import SetupError
 from detr_lightning.models import Backbone
 from detr_lightning.models.backbone import FrozenBatchNorm2d
 from detr_lightning.models.backbone_weights import ensure_imagenet_weights, imagenet_weights_file
+from detr_lightning.utils.errors import SetupError
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET18_V1 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
@@ -119,7 +119,7 @@ def test_missing_file(tmp_path) -> None:
 
 
 def test_train_refuses_a_missing_weights_file_before_any_work(tmp_path) -> None:
-    from detr_lightning.train import ensure_backbone_weights
+    from detr_lightning.cli.train import ensure_backbone_weights
     from pipeline_fixtures import compose_config, tiny_overrides
 
     path = tmp_path / "nowhere.pth"

@@ -10,9 +10,9 @@ import logging
 import pytest
 import torch
 
-from detr_lightning.eval import evaluate
+from detr_lightning.cli.eval import evaluate
+from detr_lightning.cli.train import build_module, check_resume, instantiate_data, train
 from detr_lightning.models import DETR
-from detr_lightning.train import build_module, check_resume, instantiate_data, train
 from model_fixtures import tiny_detr, tiny_eval_detr
 from pipeline_fixtures import compose_config, tiny_overrides
 

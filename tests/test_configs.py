@@ -14,21 +14,15 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from data_fixtures import make_tiny_synthetic
-from detr_lightning.data import CocoDataModule
-from detr_lightning.errors import SetupError
+from detr_lightning.cli.build import BACKBONE_ARGUMENTS, model_settings
+from detr_lightning.cli.train import build_module, build_trainer, instantiate_data, train
+from detr_lightning.lightning import CocoDataModule
+from detr_lightning.lightning.module import MATCHER_KEYS
 from detr_lightning.models import HungarianMatcher, PostProcess, SetCriterion, build_detr
-from detr_lightning.module import MATCHER_KEYS
-from detr_lightning.train import (
-    BACKBONE_ARGUMENTS,
-    build_module,
-    build_trainer,
-    instantiate_data,
-    model_settings,
-    train,
-)
+from detr_lightning.utils.errors import SetupError
 from pipeline_fixtures import compose_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "src" / "detr_lightning" / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 # DETR-R50 on COCO as in Carion et al. 2020 (section 4 and A.4) and the official main.py,
@@ -64,14 +58,14 @@ PAPER_RECIPE = {
     "optimizer._target_": "torch.optim.AdamW",
     "optimizer.lr": 1e-4,
     "optimizer.weight_decay": 1e-4,
-    "schedule._target_": "detr_lightning.schedules.step_lr",
+    "schedule._target_": "detr_lightning.lightning.optim.step_lr",
     "schedule.lr_drop": 400,
     "schedule.gamma": 0.1,
     "trainer.max_epochs": 500,
     "trainer.gradient_clip_val": 0.1,
     "trainer.gradient_clip_algorithm": "norm",
     "trainer.precision": "auto",  # 32-true except for training on GPUs with bf16
-    "data._target_": "detr_lightning.data.CocoDataModule",
+    "data._target_": "detr_lightning.lightning.CocoDataModule",
     "data.root": None,  # must be given (or $COCO_ROOT)
     "data.train_images": "train2017",
     "data.val_images": "val2017",
@@ -249,7 +243,7 @@ def test_hydra_output_dir_follows_a_given_run_dir(name, tmp_path, monkeypatch):
     it, run_dir is Hydra's default directory, named after the start time or SLURM's job id."""
     from hydra import compose, initialize_config_dir
 
-    import detr_lightning.hydra_dirs  # noqa: F401  (what the entry scripts import)
+    import detr_lightning.cli.config  # noqa: F401  (what the entry scripts import)
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from data_fixtures import TINY_SYNTHETIC, make_tiny_synthetic
-from detr_lightning.data import CocoDataModule, collate_detection
-from detr_lightning.data.datamodule import default_num_workers
+from detr_lightning.data import collate_detection
+from detr_lightning.lightning import CocoDataModule
+from detr_lightning.lightning.datamodule import default_num_workers
 
 SMALL_AUGMENT = {
     "scales": [48, 64],

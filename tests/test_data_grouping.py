@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from data_fixtures import make_tiny_synthetic
-from detr_lightning.data import CocoDataModule
 from detr_lightning.data.coco import CocoDetection
 from detr_lightning.data.presets import make_train_transforms
 from detr_lightning.data.sampler import EpochSeededSampler, sample_seed
+from detr_lightning.lightning import CocoDataModule
 
 AUGMENTATION = {
     "scales": [48, 56, 64, 72],

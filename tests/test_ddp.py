@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from data_fixtures import make_tiny_synthetic
-from detr_lightning.errors import SetupError
-from detr_lightning.train import build_trainer
+from detr_lightning.cli.train import build_trainer
+from detr_lightning.utils.errors import SetupError
 from pipeline_fixtures import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ _RESUME_SCRIPT = """
 import json, os, sys
 from pathlib import Path
 
-from detr_lightning.train import train
+from detr_lightning.cli.train import train
 from pipeline_fixtures import compose_config, tiny_overrides
 from test_training import _Batches
 
@@ -131,7 +131,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from detr_lightning.train import train
+from detr_lightning.cli.train import train
 from pipeline_fixtures import compose_config, tiny_overrides
 
 

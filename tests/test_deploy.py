@@ -11,16 +11,12 @@ import pytest
 import torch
 
 from detr_lightning import DETRModule, export
-from detr_lightning.deploy import (
-    export_cli,
-    export_onnx,
-    export_torchscript,
-    nearest_resize_mask,
-    sidecar_path,
-)
-from detr_lightning.errors import SetupError
+from detr_lightning.cli.export import export_cli
+from detr_lightning.deploy.exporters import export_onnx, export_torchscript, sidecar_path
+from detr_lightning.deploy.graph import nearest_resize_mask
 from detr_lightning.models.backbone import Backbone, resize_mask
 from detr_lightning.ops.padding import pad_images
+from detr_lightning.utils.errors import SetupError
 from model_fixtures import NUM_CLASSES, NUM_QUERIES, TINY_MODEL, randomize_frozen_batchnorm
 from pipeline_fixtures import compose_config
 

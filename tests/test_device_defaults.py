@@ -14,15 +14,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from detr_lightning.errors import SetupError
-from detr_lightning.module import DETRModule, fused_by_default
-from detr_lightning.train import (
-    ONEDNN_CACHE_VARIABLE,
-    compile_model,
-    limit_cpu_kernel_cache,
-    resolve_precision,
-    train,
-)
+from detr_lightning.cli.train import compile_model, limit_cpu_kernel_cache, train
+from detr_lightning.cli.trainer import resolve_precision
+from detr_lightning.lightning.module import DETRModule
+from detr_lightning.lightning.optim import fused_by_default
+from detr_lightning.lightning.runtime import ONEDNN_CACHE_VARIABLE
+from detr_lightning.utils.errors import SetupError
 from pipeline_fixtures import compose_config, tiny_overrides
 
 
@@ -208,7 +205,7 @@ def test_the_base_config_leaves_compile_off_and_precision_to_the_device(tmp_path
 
 KERNEL_CACHE_PROBE = """
 import sys, torch
-from detr_lightning.train import limit_cpu_kernel_cache
+from detr_lightning.lightning.runtime import limit_cpu_kernel_cache
 limit_cpu_kernel_cache(None if sys.argv[1] == "null" else int(sys.argv[1]))
 conv = torch.nn.Conv2d(64, 64, 3).to(memory_format=torch.channels_last)
 x = torch.randn(2, 64, 56, 56).contiguous(memory_format=torch.channels_last)

@@ -8,8 +8,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from detr_lightning.epoch_sums import EpochSums
-from detr_lightning.train import train
+from detr_lightning.cli.train import train
+from detr_lightning.lightning.epoch_sums import EpochSums
 from pipeline_fixtures import compose_config, tiny_overrides
 
 

@@ -20,17 +20,17 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from data_fixtures import make_tiny_synthetic
+from detr_lightning.cli.eval import evaluate
+from detr_lightning.cli.train import train
 from detr_lightning.data.labels import LabelMap
 from detr_lightning.data.synthetic import ensure_synthetic_coco
-from detr_lightning.eval import evaluate
-from detr_lightning.evaluation import (
+from detr_lightning.evaluation.evaluator import (
     COCO_METRIC_KEYS,
     CocoEvaluator,
     coco_eval_file,
     metric_keys,
-    report,
 )
-from detr_lightning.train import train
+from detr_lightning.evaluation.report import report
 from pipeline_fixtures import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_eval_config_with_a_data_group_states_every_setting(monkeypatch):
     cap below the short side is valid."""
     from omegaconf import OmegaConf
 
-    from detr_lightning.eval import EVAL_DATA_KEYS, evaluation_data
+    from detr_lightning.cli.eval import EVAL_DATA_KEYS, evaluation_data
 
     monkeypatch.delenv("COCO_ROOT", raising=False)
     overrides = ["data=coco", "data.root=/r", "data.val_size=128", "data.max_size=160", "run_dir=x"]
@@ -206,7 +206,7 @@ def test_auto_backend_is_faster_coco_eval_when_installed(split, monkeypatch):
     assert CocoEvaluator(annotation_file, label_map.category_ids).backend == "faster_coco_eval"
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        evaluation.importlib.util,
+        evaluation.evaluator.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "faster_coco_eval" else real_find_spec(name, *a),
     )
@@ -411,7 +411,7 @@ def test_two_processes_give_the_statistics_and_results_of_one(trained_run, tmp_p
 
 def test_eval_of_a_missing_or_unreadable_checkpoint_is_a_one_line_error(tmp_path):
     """What entry points print as ``error: ...`` without a traceback, naming the key."""
-    from detr_lightning.errors import SetupError
+    from detr_lightning.utils.errors import SetupError
 
     not_a_checkpoint = tmp_path / "notes.ckpt"
     not_a_checkpoint.write_text("hello")

@@ -1,4 +1,5 @@
-"""glibc malloc set to reuse freed memory (detr_lightning.host_memory) and its entry points."""
+"""glibc malloc set to reuse freed memory (detr_lightning.utils.host_memory), and its entry
+points."""
 
 from __future__ import annotations
 
@@ -13,23 +14,26 @@ from types import SimpleNamespace
 import pytest
 from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 
-from detr_lightning.callbacks import ReuseFreedMemory
-from detr_lightning.errors import SetupError
-from detr_lightning.host_memory import _glibc, reuse_setting, user_malloc_setting
-from detr_lightning.host_memory import reuse_freed_memory as real_reuse_freed_memory
+from detr_lightning.lightning.callbacks.memory import ReuseFreedMemory
+from detr_lightning.utils.errors import SetupError
+from detr_lightning.utils.host_memory import _glibc, reuse_setting, user_malloc_setting
+from detr_lightning.utils.host_memory import reuse_freed_memory as real_reuse_freed_memory
 
 needs_glibc = pytest.mark.skipif(
     not sys.platform.startswith("linux") or _glibc() is None, reason="needs Linux with glibc"
 )
 
 # Five rounds of allocating 64 MB (over glibc's largest mmap threshold, 32 MB), writing every
-# page and freeing it; prints the page faults of each round. Transparent huge pages are off
+# page and freeing it; prints the page faults of each round. The process first imports what
+# predict.py has imported when it sets malloc: with torch alone loaded, the heap cannot grow
+# in place and glibc maps and unmaps the block anyway. Transparent huge pages are off
 # for the process, so that a page is 4 KB whatever the machine's THP setting.
 FAULTS = textwrap.dedent(
     """
     import ctypes, json, resource, sys
     import torch
-    from detr_lightning.host_memory import reuse_freed_memory
+    import detr_lightning.cli.predict  # all that the entry point has loaded when it sets malloc
+    from detr_lightning.utils.host_memory import reuse_freed_memory
     ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
     if sys.argv[1] == "reuse":
         assert reuse_freed_memory()
@@ -94,8 +98,8 @@ def test_the_environment_wins(monkeypatch, caplog):
     def no_glibc_call():
         raise AssertionError("the environment's setting must win before glibc is looked up")
 
-    monkeypatch.setattr("detr_lightning.host_memory._glibc", no_glibc_call)
-    with caplog.at_level(logging.INFO, logger="detr_lightning.host_memory"):
+    monkeypatch.setattr("detr_lightning.utils.host_memory._glibc", no_glibc_call)
+    with caplog.at_level(logging.INFO, logger="detr_lightning.utils.host_memory"):
         assert real_reuse_freed_memory() is False
     assert "the environment sets malloc (MALLOC_MMAP_MAX_=65536)" in caplog.text
 
@@ -105,8 +109,8 @@ def test_other_c_libraries_are_left_alone(monkeypatch, caplog):
         monkeypatch.delenv(name)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    monkeypatch.setattr("detr_lightning.host_memory._glibc", lambda: None)
-    with caplog.at_level(logging.INFO, logger="detr_lightning.host_memory"):
+    monkeypatch.setattr("detr_lightning.utils.host_memory._glibc", lambda: None)
+    with caplog.at_level(logging.INFO, logger="detr_lightning.utils.host_memory"):
         assert real_reuse_freed_memory() is False
     assert "not glibc" in caplog.text
 

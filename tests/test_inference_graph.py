@@ -1,5 +1,5 @@
 """The frozen TorchScript graph that runs the backbone trunk in CPU inference
-(``detr_lightning.models.backbone.InferenceGraphs``): same outputs as the eager modules, used
+(``detr_lightning.inference.graphs``): same outputs as the eager modules, used
 only where it may be, rebuilt whenever the weights change."""
 
 from __future__ import annotations
@@ -11,17 +11,31 @@ import numpy as np
 import pytest
 import torch
 
-from detr_lightning.models import DETR
-from detr_lightning.models.backbone import (
+from detr_lightning.inference.graphs import (
     INFERENCE_GRAPHS,
+    enable_cpu_graphs,
     has_onednn_fusion_groups,
     onednn_graph_available,
+    set_static_shapes,
+    static_shapes,
 )
-from model_fixtures import randomize_frozen_batchnorm, tiny_detr, tiny_eval_detr
+from detr_lightning.models import DETR
+from model_fixtures import randomize_frozen_batchnorm
+from model_fixtures import tiny_detr as tiny_model
+from model_fixtures import tiny_eval_detr as tiny_eval_model
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="the inference graph needs oneDNN"
 )
+
+
+def tiny_detr(**settings) -> DETR:
+    """A tiny DETR whose CPU inference runs through the graphs (as DETRModule's does)."""
+    return enable_cpu_graphs(tiny_model(**settings))
+
+
+def tiny_eval_detr() -> DETR:
+    return enable_cpu_graphs(tiny_eval_model())
 
 
 def _batch(height: int = 96, width: int = 128, pad: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,12 +48,12 @@ def _batch(height: int = 96, width: int = 128, pad: int = 40) -> tuple[torch.Ten
 
 
 def _eager(model: DETR, *inputs: torch.Tensor) -> dict:
-    model.backbone.inference_graph = False
+    runner, model.backbone.trunk_runner = model.backbone.trunk_runner, None
     try:
         with torch.no_grad():
             return model(*inputs)
     finally:
-        model.backbone.inference_graph = True
+        model.backbone.trunk_runner = runner
 
 
 def _close(actual: dict, expected: dict) -> None:
@@ -121,8 +135,7 @@ def test_training_discards_the_graph_and_runs_eager() -> None:
         model(images, mask)
     assert model.backbone in INFERENCE_GRAPHS
     model.train()
-    assert model.backbone not in INFERENCE_GRAPHS
-    outputs = model(images, mask)
+    outputs = model(images, mask)  # the first training step frees the graph
     assert model.backbone not in INFERENCE_GRAPHS
     outputs["pred_boxes"].sum().backward()
     assert model.backbone.body.layer4[0].conv1.weight.grad is not None
@@ -169,8 +182,7 @@ def test_forward_hooks_in_the_trunk_keep_firing() -> None:
 
 
 def test_the_option_turns_it_off() -> None:
-    model = tiny_eval_detr()
-    model.backbone.inference_graph = False
+    model = enable_cpu_graphs(tiny_eval_detr(), False)
     images, mask = _batch()
     with torch.no_grad():
         model(images, mask)
@@ -193,7 +205,7 @@ def test_optimizer_steps_rebuild_the_graph(kind: str) -> None:
     }
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2, **options[kind])
-    # still in eval mode (train() alone would drop the graph): only the version check sees it
+    # still in eval mode (training would drop the graph): only the weight check sees it
     model(images, mask)["pred_boxes"].sum().backward()
     optimizer.step()
     assert model.backbone in INFERENCE_GRAPHS
@@ -223,7 +235,7 @@ def test_static_shapes_run_a_graph_compiled_for_them(settings: dict) -> None:
     model = tiny_detr(**settings).eval()
     randomize_frozen_batchnorm(model, torch.Generator().manual_seed(0))
     images, mask = _batch()
-    model.backbone.set_static_shapes([tuple(images.shape)])
+    set_static_shapes(model.backbone, [tuple(images.shape)])
     with torch.no_grad():
         first = model(images, mask)
         assert _ran_fused()  # the real input went through the compiled kernels
@@ -274,26 +286,26 @@ def test_static_shapes_are_checked() -> None:
     for bad in ([(1, 3, 64)], [(1, 1, 64, 64)], [(1, 3, 0, 64)], [(1, 3, 64.0, 64)],
                 [(1, 3, True, 64)], ["1x3x64x64"]):  # fmt: skip
         with pytest.raises(ValueError, match=r"\[batch, 3, height, width\]"):
-            backbone.set_static_shapes(bad)
+            set_static_shapes(backbone, bad)
     with pytest.raises(ValueError, match="wrap a single shape in a list"):
-        backbone.set_static_shapes((1, 3, 64, 64))
-    backbone.set_static_shapes([[np.int64(1), 3, torch.tensor(64), 96]])
-    assert backbone.static_shapes == {(1, 3, 64, 96)}
-    assert all(type(n) is int for n in next(iter(backbone.static_shapes)))
-    with pytest.raises(AttributeError):
-        backbone.static_shapes = {(1, 3, 64, 64)}  # only through the checks
+        set_static_shapes(backbone, (1, 3, 64, 64))
+    set_static_shapes(backbone, [[np.int64(1), 3, torch.tensor(64), 96]])
+    assert static_shapes(backbone) == {(1, 3, 64, 96)}
+    assert all(type(n) is int for n in next(iter(static_shapes(backbone))))
+    # only through the checks: the declaration is the registry's, not an attribute to set
+    assert not hasattr(backbone, "static_shapes") and not hasattr(backbone, "_static_shapes")
 
 
 @needs_onednn_graph
 def test_clearing_static_shapes_drops_their_graphs_only() -> None:
     model = tiny_eval_detr()
     images, mask = _batch()
-    model.backbone.set_static_shapes([images.shape])
+    set_static_shapes(model.backbone, [images.shape])
     with torch.no_grad():
         model(images, mask)
         model(images[:1], mask[:1])  # the general graph, for another shape
     assert INFERENCE_GRAPHS.static_shapes(model.backbone) == {tuple(images.shape)}
-    model.backbone.set_static_shapes([])
+    set_static_shapes(model.backbone, [])
     assert model.backbone in INFERENCE_GRAPHS  # the general graph is kept
     assert INFERENCE_GRAPHS.static_shapes(model.backbone) == set()
     with torch.no_grad():
@@ -310,7 +322,7 @@ def test_static_and_general_graphs_from_two_threads() -> None:
     model = tiny_eval_detr()
     images, mask = _batch()
     small, small_mask = images[:1, :, :64, :96].contiguous(), mask[:1, :64, :96]
-    model.backbone.set_static_shapes([images.shape])
+    set_static_shapes(model.backbone, [images.shape])
     expected = {"static": _eager(model, images, mask), "general": _eager(model, small, small_mask)}
     inputs = {"static": (images, mask), "general": (small, small_mask)}
     failures: list[BaseException] = []

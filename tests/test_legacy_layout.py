@@ -62,7 +62,8 @@ def test_the_legacy_checkpoint_evaluates_and_exports(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 4 and 0.0 <= metrics["map"] <= 1.0
     _run("export.py", f"ckpt_path={CHECKPOINT}", "format=torchscript", "example_size=[64,64]",
-         f"output={tmp_path / 'model.pt'}", f"run_dir={tmp_path / 'export'}", cwd=tmp_path)  # fmt: skip
+         f"output={tmp_path / 'model.pt'}", f"run_dir={tmp_path / 'export'}",
+         cwd=tmp_path)  # fmt: skip
     graph = torch.jit.load(str(tmp_path / "model.pt"))
     logits, boxes = graph(torch.zeros(1, 3, 64, 80), torch.zeros(1, 64, 80, dtype=torch.bool))
     assert logits.shape == (1, 8, 4) and boxes.shape == (1, 8, 4)

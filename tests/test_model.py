@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from detr_lightning.inference.bf16 import bf16_inference_backbone, bf16_inference_copy
 from detr_lightning.models import (
     DETR,
     Backbone,
@@ -20,7 +21,7 @@ from detr_lightning.models import (
     build_detr,
     fuse_frozen_batchnorm,
 )
-from detr_lightning.models.backbone import FrozenBatchNorm2d, bf16_inference_backbone
+from detr_lightning.models.backbone import FrozenBatchNorm2d
 from model_fixtures import (
     NUM_CLASSES,
     NUM_QUERIES,
@@ -457,7 +458,7 @@ def test_bf16_inference_copy_returns_what_autocast_returns() -> None:
     model = tiny_eval_detr()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(5))
-    prepared = model.bf16_inference_copy()
+    prepared = bf16_inference_copy(model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected, actual = model(images), prepared(images)
     for key in ("pred_logits", "pred_boxes"):

@@ -8,8 +8,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from detr_lightning.errors import TrainingStopped
-from detr_lightning.train import train
+from detr_lightning.cli.train import train
+from detr_lightning.utils.errors import TrainingStopped
 from pipeline_fixtures import compose_config, tiny_overrides
 
 # trainable BatchNorm: its running statistics change in every forward pass in training mode
@@ -137,7 +137,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from pipeline_fixtures import compose_config, tiny_overrides  # noqa: E402
 
-from detr_lightning.train import train  # noqa: E402
+from detr_lightning.cli.train import train  # noqa: E402
 
 
 class PoisonRankOne(pl.Callback):

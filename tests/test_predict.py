@@ -13,20 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
+import detr_lightning.inference.predictor as predictor_module
 from detr_lightning import DETRModule, export, load_pretrained
+from detr_lightning.cli.predict import predict_cli
 from detr_lightning.data.images import inference_transform, read_image
-from detr_lightning.errors import SetupError
 from detr_lightning.ops.boxes import box_cxcywh_to_xyxy
-from detr_lightning.predict import (
-    PALETTE,
+from detr_lightning.tools.predict_files import (
     _drawing_names,
     draw_detections,
-    drawing_scale,
     image_files,
-    iter_predictions,
-    predict_cli,
     predict_files,
 )
+from detr_lightning.utils.errors import SetupError
+from detr_lightning.viz.drawing import PALETTE, drawing_scale
 from pipeline_fixtures import compose_config
 
 # Label 1 is unused (category id -1): it must never come out.
@@ -171,7 +170,7 @@ def test_images_are_read_lazily_and_few_are_held(module):
             yield noise(height, width, seed=i)
 
     seen = []
-    for image, _ in iter_predictions(module, sources(), threshold=0.0, batch_size=2):
+    for image, _ in module.predictor().iter_predictions(sources(), threshold=0.0, batch_size=2):
         seen.append((image.index, len(consumed)))
     assert sorted(index for index, _ in seen) == list(range(len(sizes)))
     assert seen[0] == (0, 4)  # the 4th waiting image made the first (largest, oldest) bucket go
@@ -197,13 +196,13 @@ def test_bf16_batches_after_the_first_give_the_detections_of_single_calls(module
     images = [noise(64, 96, seed=seed) for seed in (3, 4, 5)]
     singles = [module.predict(image, threshold=0.0, bf16=True)[0] for image in images]
     copies = []
-    original = type(module.model).bf16_inference_copy
+    original = predictor_module.bf16_inference_copy
 
     def counted(model):
         copies.append(model)
         return original(model)
 
-    monkeypatch.setattr(type(module.model), "bf16_inference_copy", counted)
+    monkeypatch.setattr(predictor_module, "bf16_inference_copy", counted)
     streamed = module.predict(images, threshold=0.0, bf16=True)
     assert len(copies) == 1
     for actual, expected in zip(streamed, singles, strict=True):
@@ -338,7 +337,7 @@ def test_static_shapes_for_the_sizes_many_files_share(module, tmp_path, caplog, 
     """``static_shapes`` N declares the input shapes that at least N files share (EXIF
     orientation counted) for the run, and puts the module's own declaration back after it;
     the detections are those of the general graph."""
-    import detr_lightning.models.backbone as backbone_module
+    import detr_lightning.inference.graphs as graphs_module
 
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -350,19 +349,23 @@ def test_static_shapes_for_the_sizes_many_files_share(module, tmp_path, caplog, 
     rotated.save(folder / "c.jpg", exif=exif.tobytes(), quality=95)
     save_png(noise(70, 70, seed=4), folder / "d.png")
     compiled = []
-    original = backbone_module._static_trunk
+    original = graphs_module._static_trunk
     monkeypatch.setattr(
-        backbone_module, "_static_trunk",
+        graphs_module, "_static_trunk",
         lambda backbone, shape: compiled.append(shape) or original(backbone, shape),
     )  # fmt: skip
     backbone = module.model.backbone
-    with caplog.at_level(logging.INFO, logger="detr_lightning.predict"):
-        fast = predict_files(module, folder, tmp_path / "fast", static_shapes=3, draw=False)
+    with caplog.at_level(logging.INFO, logger="detr_lightning.tools.predict_files"):
+        fast = predict_files(
+            module.predictor(), folder, tmp_path / "fast", static_shapes=3, draw=False
+        )
     height, width = inference_transform(DATA)(read_image(folder / "a.png")).shape[-2:]
     assert compiled == [(1, 3, height, width)]
     assert f"({height}x{width}); 3 of 4 images" in caplog.text
-    assert backbone.static_shapes == frozenset()  # the module's own declaration, restored
-    general = predict_files(module, folder, tmp_path / "general", draw=False)
+    assert (
+        graphs_module.static_shapes(backbone) == frozenset()
+    )  # the module's own declaration, restored
+    general = predict_files(module.predictor(), folder, tmp_path / "general", draw=False)
     assert compiled == [(1, 3, height, width)]  # nothing declared without static_shapes
     for a, b in zip(json.loads(fast.read_text()), json.loads(general.read_text()), strict=True):
         assert a["file_name"] == b["file_name"]
@@ -372,8 +375,8 @@ def test_static_shapes_for_the_sizes_many_files_share(module, tmp_path, caplog, 
             assert x["category_id"] == y["category_id"]
             assert x["score"] == pytest.approx(y["score"], abs=1e-4)
             assert x["bbox"] == pytest.approx(y["bbox"], abs=0.02)
-    with caplog.at_level(logging.INFO, logger="detr_lightning.predict"):
-        predict_files(module, folder, tmp_path / "none", static_shapes=4, draw=False)
+    with caplog.at_level(logging.INFO, logger="detr_lightning.tools.predict_files"):
+        predict_files(module.predictor(), folder, tmp_path / "none", static_shapes=4, draw=False)
     assert "no input size is shared by 4 images" in caplog.text
     assert compiled == [(1, 3, height, width)]
 
@@ -386,8 +389,10 @@ def test_unreadable_files(module, tmp_path, caplog):
     (folder / "empty.png").write_bytes(b"")
     save_png(noise(60, 40, seed=4), folder / "c.png")
     (folder / "notes.txt").write_text("not an image suffix: never read")
-    with caplog.at_level(logging.WARNING, logger="detr_lightning.predict"):
-        json_path = predict_files(module, folder, tmp_path / "out", threshold=0.0, draw=False)
+    with caplog.at_level(logging.WARNING, logger="detr_lightning.tools.predict_files"):
+        json_path = predict_files(
+            module.predictor(), folder, tmp_path / "out", threshold=0.0, draw=False
+        )
     warned = caplog.text
     assert "broken.jpg" in warned and "empty.png" in warned and "notes.txt" not in warned
     records = json.loads(json_path.read_text())
@@ -400,7 +405,7 @@ def test_inputs_that_match_nothing(module, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SetupError, match="empty"):
-        predict_files(module, empty, tmp_path / "out")
+        predict_files(module.predictor(), empty, tmp_path / "out")
     (empty / "notes.txt").write_text("x")
     with pytest.raises(SetupError, match="no image files"):
         image_files(empty)
@@ -519,13 +524,13 @@ def test_cli_sets_malloc_on_the_cpu_only(module, export_dir, tmp_path, monkeypat
 
     devices = []
 
-    def predict_files(module, files, run_dir, **options):
+    def predict_files(predictor, files, run_dir, **options):
         devices.append(options["device"])
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "detections.json").write_text('[{"file_name": "a.png", "detections": []}]')
         return run_dir / "detections.json"
 
-    monkeypatch.setattr("detr_lightning.predict.predict_files", predict_files)
+    monkeypatch.setattr("detr_lightning.cli.predict.predict_files", predict_files)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = _cli_config(tmp_path, f"pretrained={export_dir}", f"input={tmp_path / 'a.png'}")
     cfg.device = "cuda"

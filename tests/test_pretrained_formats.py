@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import detr_lightning as dl
-from detr_lightning.pretrained import CheckpointError, read_checkpoint
+from detr_lightning.checkpoints.reading import CheckpointError, read_checkpoint
 
 TINY = {
     "backbone": "resnet18",
@@ -50,7 +50,7 @@ def _same_outputs(a: dl.DETRModule, b: dl.DETRModule) -> None:
 
 def test_export_round_trip(tmp_path):
     module = _tiny_module(pre_norm=True)
-    directory = dl.export(module, tmp_path / "export")
+    directory = dl.save_pretrained(module, tmp_path / "export")
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
     loaded = dl.load_pretrained(directory)
     assert loaded.hparams.model == module.hparams.model
@@ -67,7 +67,7 @@ def test_export_round_trip_of_a_trainable_norm(tmp_path, norm):
         for name, buffer in module.model.named_buffers():
             if name.endswith(("running_mean", "running_var")):
                 buffer.uniform_(0.5, 1.5)
-    directory = dl.export(module, tmp_path / "export")
+    directory = dl.save_pretrained(module, tmp_path / "export")
     loaded = dl.load_pretrained(directory)
     _same_outputs(module, loaded)
 
@@ -105,7 +105,7 @@ def test_inferred_architecture(tmp_path):
 def test_num_classes_reinitializes_class_head_only(tmp_path, caplog):
     module = _tiny_module()
     torch.save({"model": _official_state(module)}, tmp_path / "ck.pth")
-    with caplog.at_level(logging.INFO, logger="detr_lightning.pretrained"):
+    with caplog.at_level(logging.INFO, logger="detr_lightning.api"):
         loaded = dl.load_pretrained(tmp_path / "ck.pth", num_classes=2)
     assert "re-initializing the class head" in caplog.text
     assert loaded.model.class_embed.weight.shape == (3, 32)
@@ -154,7 +154,7 @@ def test_a_file_that_is_no_checkpoint_is_not_called_unsafe(tmp_path):
 
 
 def test_corrupt_safetensors(tmp_path):
-    directory = dl.export(_tiny_module(), tmp_path / "export")
+    directory = dl.save_pretrained(_tiny_module(), tmp_path / "export")
     weights = directory / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):

@@ -18,20 +18,21 @@ import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-import detr_lightning.io
-from detr_lightning.callbacks import SignalStop, requeue_slurm_job
-from detr_lightning.checkpointing import (
-    AtomicCheckpointIO,
+import detr_lightning.utils.io
+from detr_lightning.checkpoints.reading import CheckpointError
+from detr_lightning.checkpoints.run_files import (
     LoadedCheckpoint,
     file_identity,
     load_resume_checkpoint,
     next_hpc_checkpoint,
     run_checkpoints,
 )
-from detr_lightning.errors import SetupError
-from detr_lightning.loggers import CSVLogger, ResumableLogs
-from detr_lightning.pretrained import CheckpointError
-from detr_lightning.train import build_trainer, resume_checkpoint, run_callbacks, train
+from detr_lightning.cli.resume import resume_checkpoint
+from detr_lightning.cli.train import build_trainer, run_callbacks, train
+from detr_lightning.lightning.callbacks.preemption import SignalStop, requeue_slurm_job
+from detr_lightning.lightning.checkpoint_io import AtomicCheckpointIO
+from detr_lightning.lightning.loggers import CSVLogger, ResumableLogs
+from detr_lightning.utils.errors import SetupError
 from pipeline_fixtures import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):
 
     # the data reach the disk before the rename makes them visible
     synced = []
-    monkeypatch.setattr(detr_lightning.io.os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(detr_lightning.utils.io.os, "fsync", lambda fd: synced.append(fd))
     io.save_checkpoint(_training_state(3), path)
     assert len(synced) >= 1
     monkeypatch.undo()
@@ -338,7 +339,11 @@ def test_submitit_signal_after_a_sigterm_stop_is_handed_over_with_an_hpc_checkpo
     """Submitit's signal reaching rank 0 after the ranks agreed on a SIGTERM stop (the two come
     together on a preemption): last.ckpt, just saved, becomes the next hpc checkpoint (a
     requeued job looks for those) and older ones go; then submitit requeues."""
-    from detr_lightning.callbacks import _LAUNCHER, _STOP, launcher_requeue_handler
+    from detr_lightning.lightning.callbacks.preemption import (
+        _LAUNCHER,
+        _STOP,
+        launcher_requeue_handler,
+    )
 
     submitit = _SubmititHandler()
     previous = signal.signal(signal.SIGUSR2, submitit.checkpoint_and_try_requeue)
@@ -366,7 +371,7 @@ def test_submitit_signal_requeues_without_the_save_near_the_time_limit(tmp_path,
     """A stop that waits (a long validation) past REQUEUE_DEADLINE_MARGIN_S before the job's
     time limit would leave the job ended by SLURM and never requeued: rank 0 then hands it to
     submitit without the save, once; a stop in time hands it over itself, once."""
-    from detr_lightning.callbacks import _LAUNCHER, REQUEUE_DEADLINE_MARGIN_S
+    from detr_lightning.lightning.callbacks.preemption import _LAUNCHER, REQUEUE_DEADLINE_MARGIN_S
 
     trainer = type("T", (), {"is_global_zero": True, "default_root_dir": str(tmp_path)})()
     for seconds_left, calls_before_the_stop in ((REQUEUE_DEADLINE_MARGIN_S, 1), (3600, 0)):
@@ -738,14 +743,14 @@ def test_resume_auto_takes_a_given_run_dir_or_a_slurm_job_id(tmp_path, monkeypat
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    import detr_lightning.hydra_dirs  # noqa: F401  (as the entry scripts)
-    from detr_lightning.train import _check_fixed_run_dir
+    import detr_lightning.cli.config  # noqa: F401  (as the entry scripts)
+    from detr_lightning.cli.resume import _check_fixed_run_dir
 
     if slurm_job:
         monkeypatch.setenv("SLURM_JOB_ID", slurm_job)
     else:
         monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    conf = str(Path(__file__).resolve().parents[1] / "src" / "detr_lightning" / "conf")
     for overrides, refused in (([], not slurm_job), ([f"run_dir={tmp_path / 'run'}"], False)):
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
             cfg = compose("train", ["resume=auto", *overrides], return_hydra_config=True)

@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from detr_lightning.errors import SetupError
-from detr_lightning.sweeps import check_optimized_metric, objective, save_best_trial
-from detr_lightning.train import train
+from detr_lightning.cli.sweeps import check_optimized_metric, objective, save_best_trial
+from detr_lightning.cli.train import train
+from detr_lightning.utils.errors import SetupError
 from pipeline_fixtures import CONF_DIR, compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

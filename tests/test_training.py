@@ -12,9 +12,10 @@ import torch
 from torchvision.ops import box_iou
 
 import detr_lightning as dl
-from detr_lightning.data import CocoDataModule
+from detr_lightning.cli.resume import resume_checkpoint
+from detr_lightning.cli.train import train
+from detr_lightning.lightning import CocoDataModule
 from detr_lightning.ops.boxes import box_cxcywh_to_xyxy
-from detr_lightning.train import resume_checkpoint, train
 from pipeline_fixtures import compose_config, tiny_overrides
 
 
@@ -262,11 +263,11 @@ def test_missing_annotation_file_names_the_file(tmp_path):
 def test_pretrained_with_other_classes_reinitializes_head(tmp_path):
     """pretrained=... with a different class count: all but the class head is loaded."""
     source = compose_config("train", tiny_overrides(tmp_path / "a", "model.num_classes=7"))
-    from detr_lightning.train import build_module
+    from detr_lightning.cli.train import build_module
 
     datamodule = CocoDataModule(root=None, synthetic=dict(source.data.synthetic), num_workers=0)
     original = build_module(source, datamodule)
-    exported = dl.export(original, tmp_path / "export")
+    exported = dl.save_pretrained(original, tmp_path / "export")
     cfg = compose_config("train", tiny_overrides(tmp_path / "b", f"pretrained={exported}"))
     module = build_module(cfg, datamodule)
     assert module.model.num_classes == datamodule.num_classes == 3
@@ -276,14 +277,14 @@ def test_pretrained_with_other_classes_reinitializes_head(tmp_path):
 
 def test_pretrained_with_other_labels_of_the_same_count_reinitializes_head(tmp_path, caplog):
     """Same class count, other categories (ids or names): the head is re-initialized too."""
-    from detr_lightning.train import build_module
+    from detr_lightning.cli.train import build_module
 
     cfg = compose_config("train", tiny_overrides(tmp_path / "a"))
     datamodule = CocoDataModule(root=None, synthetic=dict(cfg.data.synthetic), num_workers=0)
     original = build_module(cfg, datamodule)
     renamed = dict(original.label_map, names=["x", "y", "z"])
     original.hparams["label_map"] = renamed
-    exported = dl.export(original, tmp_path / "export")
+    exported = dl.save_pretrained(original, tmp_path / "export")
     cfg = compose_config("train", tiny_overrides(tmp_path / "b", f"pretrained={exported}"))
     with caplog.at_level("INFO"):
         module = build_module(cfg, datamodule)
@@ -293,7 +294,7 @@ def test_pretrained_with_other_labels_of_the_same_count_reinitializes_head(tmp_p
     assert all(torch.equal(ours[k], theirs[k]) for k in ours if not k.startswith("class_embed"))
     # the same labels: the head is kept
     original.hparams["label_map"] = module.label_map
-    exported = dl.export(original, tmp_path / "export-same")
+    exported = dl.save_pretrained(original, tmp_path / "export-same")
     cfg = compose_config("train", tiny_overrides(tmp_path / "c", f"pretrained={exported}"))
     kept = build_module(cfg, datamodule)
     assert torch.equal(kept.model.class_embed.weight, original.model.class_embed.weight)
@@ -303,13 +304,13 @@ def test_pretrained_of_another_architecture_names_each_override(tmp_path, caplog
     """A checkpoint whose weights need another backbone or transformer than the config's is
     refused before any model is built, naming each override; an official DC5 file name on a
     config without DC5 (the weights fit both) is a warning."""
-    from detr_lightning.errors import SetupError
-    from detr_lightning.train import build_module
+    from detr_lightning.cli.train import build_module
+    from detr_lightning.utils.errors import SetupError
 
     source = compose_config("train", tiny_overrides(tmp_path / "a", "model.enc_layers=2"))
     datamodule = CocoDataModule(root=None, synthetic=dict(source.data.synthetic), num_workers=0)
     original = build_module(source, datamodule)
-    exported = dl.export(original, tmp_path / "export")
+    exported = dl.save_pretrained(original, tmp_path / "export")
     other = ["backbone=resnet34", "model.enc_layers=1", f"pretrained={exported}"]
     cfg = compose_config("train", tiny_overrides(tmp_path / "b", *other))
     with pytest.raises(SetupError) as info:
@@ -355,7 +356,7 @@ def test_resume_with_another_model_names_the_keys(tmp_path):
 
 def test_predict_returns_original_coordinates_and_category_ids(tmp_path):
     cfg = compose_config("train", tiny_overrides(tmp_path))
-    from detr_lightning.train import build_module, instantiate_data
+    from detr_lightning.cli.train import build_module, instantiate_data
 
     datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule).eval()

@@ -13,19 +13,11 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import write_coco
-from detr_lightning.data import CocoDataModule
+from detr_lightning.cli.validate import format_report, main
 from detr_lightning.data.annotations import scan_annotations
-from detr_lightning.data.report import (
-    ERROR,
-    INFO,
-    WARNING,
-    DatasetReport,
-    Finding,
-    TrainingPlan,
-    annotation_findings,
-    check_dataset,
-)
-from detr_lightning.data.validate import format_report, main
+from detr_lightning.data.checks import ERROR, INFO, WARNING, Finding, annotation_findings
+from detr_lightning.lightning import CocoDataModule
+from detr_lightning.tools.dataset_check import DatasetReport, TrainingPlan, check_dataset
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
@@ -242,9 +234,11 @@ def test_validation_annotations_must_have_evaluation_keys(
 def test_datamodule_logs_a_summary_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_clean(tmp_path)
     datamodule = CocoDataModule(root=tmp_path, num_workers=0, batch_size=1)
-    with caplog.at_level(logging.INFO, logger="detr_lightning.data.datamodule"):
+    with caplog.at_level(logging.INFO, logger="detr_lightning.lightning.datamodule"):
         datamodule.setup("fit")
-    lines = [r.getMessage() for r in caplog.records if r.name == "detr_lightning.data.datamodule"]
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "detr_lightning.lightning.datamodule"
+    ]
     assert lines == [
         "train: 3 images (1 without annotations), 3 objects of 2 categories, up to 2 per image",
         "val: 2 images (0 without annotations), 2 objects of 2 categories, up to 1 per image",
@@ -296,8 +290,9 @@ def test_advice_follows_the_numbers(tmp_path: Path) -> None:
 
 
 def test_epoch_advice_names_lr_drop_only_for_a_schedule_that_has_it() -> None:
-    from detr_lightning.data.advice import _schedule
-    from detr_lightning.data.validate import compose_config, training_plan
+    from detr_lightning.cli.config import compose_config
+    from detr_lightning.cli.validate import training_plan
+    from detr_lightning.tools.advice import _schedule
 
     # 2000 images in batches of 4: 500 steps per epoch, 10 epochs for 5000 steps
     step = TrainingPlan(batch_size=4, max_epochs=1, pretrained="detr.pth", lr_drop=True)
@@ -306,8 +301,8 @@ def test_epoch_advice_names_lr_drop_only_for_a_schedule_that_has_it() -> None:
     advice = " ".join(_schedule(2000, cosine))
     assert "trainer.max_epochs=10 (the schedule follows" in advice and "lr_drop" not in advice
     # what each config's schedule is: the paper's step schedule, the CPU demo's cosine
-    assert training_plan(compose_config(["data=synthetic"])).lr_drop
-    assert not training_plan(compose_config(["experiment=synthetic_cpu"])).lr_drop
+    assert training_plan(compose_config("validate", ["data=synthetic"])).lr_drop
+    assert not training_plan(compose_config("validate", ["experiment=synthetic_cpu"])).lr_drop
 
 
 def test_small_box_advice_measures_at_the_input_size(tmp_path: Path) -> None:
@@ -345,7 +340,7 @@ def test_command_line_in_a_subprocess(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
     }
     result = subprocess.run(
-        [sys.executable, "-m", "detr_lightning.data.validate", f"data.root={tmp_path}"],
+        [sys.executable, "-m", "detr_lightning.cli.validate", f"data.root={tmp_path}"],
         capture_output=True,
         text=True,
         env=env,

@@ -1,21 +1,53 @@
-"""detr-lightning: DETR (End-to-End Object Detection with Transformers) on PyTorch Lightning."""
+"""detr-lightning: DETR (End-to-End Object Detection with Transformers) on PyTorch Lightning.
 
-from . import hydra_dirs  # noqa: F401  (registers the configs' ${detr.run_dir:...})
-from .models import DETR, HungarianMatcher, PostProcess, SetCriterion, build_detr
-from .module import DETRModule
-from .pretrained import CheckpointError, export, load_pretrained
+The public API, imported on first use (``import detr_lightning`` itself loads nothing heavy):
+
+- models: :class:`DETR`, :func:`build_detr`, :class:`Backbone`, :class:`Transformer`,
+  :class:`HungarianMatcher`, :class:`SetCriterion`, :class:`PostProcess`;
+- data: :class:`LabelMap`, :class:`CocoDataModule`;
+- training and evaluation: :class:`DETRModule`;
+- weights: :func:`load_pretrained`, :func:`save_pretrained` (``export`` is its deprecated
+  name), :class:`CheckpointError`;
+- inference: :class:`Predictor`.
+
+The package's layers and where each part lives: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DETR",
-    "CheckpointError",
-    "DETRModule",
-    "HungarianMatcher",
-    "PostProcess",
-    "SetCriterion",
-    "__version__",
-    "build_detr",
-    "export",
-    "load_pretrained",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "DETR": "detr_lightning.models",
+    "Backbone": "detr_lightning.models",
+    "Transformer": "detr_lightning.models",
+    "HungarianMatcher": "detr_lightning.models",
+    "SetCriterion": "detr_lightning.models",
+    "PostProcess": "detr_lightning.models",
+    "build_detr": "detr_lightning.models",
+    "LabelMap": "detr_lightning.data.labels",
+    "CocoDataModule": "detr_lightning.lightning.datamodule",
+    "DETRModule": "detr_lightning.lightning.module",
+    "Predictor": "detr_lightning.inference.predictor",
+    "load_pretrained": "detr_lightning.api",
+    "save_pretrained": "detr_lightning.api",
+    "export": "detr_lightning.api",
+    "CheckpointError": "detr_lightning.utils.errors",
+    "SetupError": "detr_lightning.utils.errors",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'detr_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,14 +1,14 @@
-"""Data pipeline: COCO-format datasets, DETR augmentations, batching and the data module."""
+"""Data pipeline in plain PyTorch: COCO-format datasets, DETR augmentations, label maps,
+batching and the resumable sampler (the Lightning data module is
+:class:`detr_lightning.lightning.CocoDataModule`)."""
 
-from detr_lightning.data.coco import CocoDetection, load_coco_json
-from detr_lightning.data.collate import collate_detection
-from detr_lightning.data.datamodule import CocoDataModule
-from detr_lightning.data.labels import LabelMap
-from detr_lightning.data.presets import make_train_transforms, make_val_transforms
-from detr_lightning.data.synthetic import ensure_synthetic_coco, generate_synthetic_coco
+from .coco import CocoDetection, load_coco_json
+from .collate import collate_detection
+from .labels import LabelMap
+from .presets import make_train_transforms, make_val_transforms
+from .synthetic import ensure_synthetic_coco, generate_synthetic_coco
 
 __all__ = [
-    "CocoDataModule",
     "CocoDetection",
     "LabelMap",
     "collate_detection",

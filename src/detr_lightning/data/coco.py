@@ -33,9 +33,9 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
-from detr_lightning.data.annotations import AnnotationScan, BoxIssue, scan_annotations
-from detr_lightning.data.labels import LabelMap
-from detr_lightning.data.transforms import boxes_to_normalized_cxcywh
+from .annotations import AnnotationScan, BoxIssue, scan_annotations
+from .labels import LabelMap
+from .transforms import boxes_to_normalized_cxcywh
 
 __all__ = ["CocoDetection", "load_coco_json"]
 

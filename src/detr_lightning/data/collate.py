@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from detr_lightning.ops.padding import pad_images
+from ..ops.padding import pad_images
 
 __all__ = ["collate_detection"]
 

@@ -22,7 +22,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
-from detr_lightning.data.presets import make_val_transforms
+from .presets import make_val_transforms
 
 __all__ = ["IMAGE_SUFFIXES", "inference_size", "inference_transform", "read_image"]
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["LABEL_MAPPINGS", "UNUSED_ID", "UNUSED_NAME", "LabelMap"]
+__all__ = ["LABEL_MAPPINGS", "UNUSED_ID", "UNUSED_NAME", "LabelMap", "padded_label_map"]
 
 LABEL_MAPPINGS = ("contiguous", "category_id")
 UNUSED_NAME = "N/A"
@@ -167,3 +167,24 @@ class LabelMap:
                 f"label map dict lacks the keys {missing}; expected the output of LabelMap.to_dict"
             )
         return cls(category_ids=list(data["category_ids"]), names=list(data["names"]))
+
+
+def padded_label_map(
+    label_map: LabelMap | Mapping[str, Any], num_classes: int, source: object = "the label map"
+) -> LabelMap:
+    """``label_map`` with one entry per model label: labels past its end stand for no
+    category (the "unused" convention of :mod:`detr_lightning.data.labels`).
+
+    A map with more labels than the model is an error that names ``source`` (e.g. the
+    annotation file), the category ids the model cannot predict, and the fix."""
+    if not isinstance(label_map, LabelMap):
+        label_map = LabelMap.from_dict(label_map)
+    if label_map.num_classes > num_classes:
+        unknown = [c for c in label_map.category_ids[num_classes:] if c >= 0]
+        raise ValueError(
+            f"{source} has {label_map.num_classes} classes but model.num_classes={num_classes}: "
+            f"category ids {unknown} would be unknown to the model. Set "
+            f"model.num_classes={label_map.num_classes} or null (= from the dataset); with "
+            "pretrained=... the class head is re-initialized."
+        )
+    return label_map.padded(num_classes)

@@ -21,7 +21,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from detr_lightning.data.transforms import (
+from .transforms import (
     ClampAndDropTinyBoxes,
     NormalizeImage,
     RandomSelect,

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from ..errors import SetupError
+from ..utils.errors import SetupError
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # the residual stages of a torchvision ResNet
 

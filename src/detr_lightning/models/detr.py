@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.padding import pad_images
-from .backbone import Backbone, NormKind, bf16_inference_backbone
+from .backbone import Backbone, NormKind
 from .position_encoding import PositionEmbeddingSine, build_position_encoding
 from .transformer import Transformer
 
@@ -127,22 +126,6 @@ class DETR(nn.Module):
                 for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
             ]
         return out
-
-    def bf16_inference_copy(self) -> DETR:
-        """This model for inference under bfloat16 autocast, with the backbone's per-call
-        weight work done once (see :func:`~detr_lightning.models.backbone.bf16_inference_backbone`).
-
-        The copy shares every module but the backbone with this model, so it costs the
-        backbone's weights once more in bfloat16 (ResNet-50: 47 MB). On the CPU it returns
-        exactly what this model returns under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
-        called without autocast it raises. Build it after the weights are final: it does not
-        follow later changes of this model's backbone. ``predict(..., bf16=True)`` uses one
-        from the second batch of a call on.
-        """
-        # every submodule is memoized to itself: shared, not copied; the backbone is replaced
-        clone = copy.deepcopy(self, {id(module): module for module in self.children()})
-        clone.backbone = bf16_inference_backbone(self.backbone)
-        return clone.eval()
 
     @property
     def channels_last(self) -> bool:

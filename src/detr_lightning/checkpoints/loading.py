@@ -1,0 +1,59 @@
+"""Copy a state dict into a model, or fail with one error that lists every mismatch."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..utils.errors import CheckpointError
+
+CLASS_HEAD_KEYS = ("class_embed.weight", "class_embed.bias")
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_state_into(
+    model: torch.nn.Module,
+    state: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    reinit_class_head: bool = False,
+) -> None:
+    """Copy ``state`` into ``model`` (our key names), or raise one error listing every problem.
+
+    With ``reinit_class_head`` the classifier keeps its fresh initialization.
+    """
+    own = model.state_dict()
+    skip = set(CLASS_HEAD_KEYS) if reinit_class_head else set()
+    # BatchNorm's step counters are dropped on reading (the official and Hugging Face files
+    # have none; they change no output): the model keeps its own
+    skip |= {k for k in own if k.endswith("num_batches_tracked") and k not in state}
+    missing = sorted(k for k in own if k not in state and k not in skip)
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and k not in skip and state[k].shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        lines = [f"{path}: checkpoint does not fit the model"]
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
+            if items:
+                shown = ", ".join(items[:8]) + (
+                    f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+                )
+                lines.append(f"  {title} ({len(items)}): {shown}")
+        lines.append(
+            "  Check the backbone/dilation/layer settings; only the class head may differ "
+            "(pass num_classes to re-initialize it)."
+        )
+        raise CheckpointError("\n".join(lines))
+    with torch.no_grad():
+        for key, value in own.items():
+            if key not in skip:
+                value.copy_(state[key])

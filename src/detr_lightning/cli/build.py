@@ -1,0 +1,216 @@
+"""The module and data of a training config: the model settings, the data module, ImageNet
+weights fetched before any data work, and a ``pretrained=`` checkpoint checked against the
+config's architecture before anything is built."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoints.loading import load_state_into
+from ..checkpoints.reading import read_checkpoint
+from ..data.labels import padded_label_map
+from ..lightning.module import DETRModule
+from ..models.backbone_weights import ensure_imagenet_weights
+from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
+
+__all__ = [
+    "build_module",
+    "check_architecture",
+    "ensure_backbone_weights",
+    "instantiate_data",
+    "model_settings",
+]
+
+log = logging.getLogger(__name__)
+
+
+# backbone.* config keys -> the build_detr argument each one sets (backbone.lr is the
+# DETRModule's backbone_lr).
+BACKBONE_ARGUMENTS = {
+    "name": "backbone",
+    "dilation": "dilation",
+    "pretrained": "pretrained_backbone",
+    "weights": "backbone_weights",
+    "norm": "norm",
+    "trainable_layers": "trainable_layers",
+    "num_stages": "num_stages",
+}
+
+
+def instantiate_data(node: DictConfig) -> Any:
+    """Instantiate the data module; its own errors (missing files, bad annotations) surface as
+    they are instead of wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        if err.__cause__ is not None and not isinstance(err.__cause__, TypeError):
+            raise err.__cause__ from None
+        raise
+
+
+def model_settings(cfg: DictConfig, num_classes: int | None) -> dict[str, Any]:
+    """``build_detr`` keyword arguments from the ``model`` and ``backbone`` config groups."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model["num_classes"] is None:
+        if num_classes is None:
+            raise ValueError("model.num_classes is null and no dataset tells the class count")
+        model["num_classes"] = num_classes
+    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
+    model.update({BACKBONE_ARGUMENTS[k]: v for k, v in backbone.items() if k != "lr"})
+    return model
+
+
+def ensure_backbone_weights(cfg: DictConfig) -> None:
+    """Fetch (or find in the cache) the ImageNet weights the config asks for, before any data
+    work, so an offline node fails at once with one message (SetupError)."""
+    backbone = cfg.backbone
+    if backbone.weights and not cfg.get("pretrained"):
+        if not Path(str(backbone.weights)).expanduser().is_file():
+            raise SetupError(
+                f"backbone.weights={backbone.weights}: no such file; give a torchvision ResNet "
+                "state-dict file, or backbone.weights=null to use backbone.pretrained"
+            )
+    elif backbone.pretrained and not cfg.get("pretrained"):
+        ensure_imagenet_weights(backbone.name)
+
+
+def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
+    """The DETRModule of a training config, initialized from ``cfg.pretrained`` if set.
+
+    The label map and the evaluation settings come from ``datamodule``. With ``pretrained``,
+    the class head is re-initialized when the checkpoint's labels differ from the data's (count,
+    category ids or names).
+    """
+    model = model_settings(cfg, datamodule.num_classes)
+    # before any model is built: the error names the annotation file
+    label_map = padded_label_map(
+        datamodule.label_map, model["num_classes"], datamodule.val_annotation_file
+    )
+    info = None
+    if cfg.get("pretrained"):  # read and checked before the model is built
+        with reported_as_setup_error(
+            f"pretrained={cfg.pretrained}", CheckpointError, FileNotFoundError
+        ):
+            info = read_checkpoint(cfg.pretrained)
+        check_architecture(info, model)
+    if cfg.get("pretrained") and model["pretrained_backbone"]:
+        log.info("pretrained=%s given: not loading ImageNet backbone weights", cfg.pretrained)
+        model["pretrained_backbone"] = False
+        model["backbone_weights"] = None
+    module = DETRModule(
+        model=model,
+        loss=cfg.loss,
+        optimizer=cfg.optimizer,
+        backbone_lr=float(cfg.backbone.lr),
+        schedule=cfg.schedule,
+        postprocess=cfg.postprocess,
+        label_map=label_map.to_dict(),
+        data=datamodule.evaluation_settings(),
+        eval_backend=cfg.eval_backend,
+    )
+    if info is not None:
+        reinit = _class_head_differs(info, module)
+        with reported_as_setup_error(f"pretrained={cfg.pretrained}", CheckpointError):
+            load_state_into(
+                module.model, info["state_dict"], info["path"], reinit_class_head=reinit
+            )
+        log.info("initialized from %s (%s format)", cfg.pretrained, info["format"])
+    return module
+
+
+# build_detr arguments that a checkpoint's weights fix, and the override that sets each
+ARCHITECTURE_OVERRIDES = {
+    "backbone": "backbone",  # a config of the backbone group, e.g. backbone=resnet101
+    "num_stages": "backbone.num_stages",
+    "hidden_dim": "model.hidden_dim",
+    "num_queries": "model.num_queries",
+    "enc_layers": "model.enc_layers",
+    "dec_layers": "model.dec_layers",
+    "dim_feedforward": "model.dim_feedforward",
+    "pre_norm": "model.pre_norm",
+    "position_embedding": "model.position_embedding",
+}
+
+
+PAPER_MODELS = {"resnet50": "detr_r50", "resnet101": "detr_r101"}
+
+
+# the official release's file names, e.g. detr-r101-dc5-a2e86def.pth
+OFFICIAL_FILE_NAME = re.compile(r"detr-r(50|101)(-dc5)?(-panoptic)?-[0-9a-f]{8}\.pth")
+
+
+def check_architecture(info: dict[str, Any], model: dict[str, Any]) -> None:
+    """Refuse (SetupError) a ``pretrained`` checkpoint whose weights belong to another
+    architecture than the config's, naming each override that fixes it; warn when an official
+    file's name says DC5 and the config does not, or the other way round (the weights fit
+    both)."""
+    theirs = info["model"]
+    defaults = {"num_stages": 4}  # read off the weights only when it is 3
+    lines = []
+    for key, override in ARCHITECTURE_OVERRIDES.items():
+        value = theirs.get(key, defaults.get(key))
+        if value is None or model.get(key) == value:
+            continue
+        fix = f"{override}={str(value).lower() if isinstance(value, bool) else value}"
+        if key == "backbone" and value in PAPER_MODELS:
+            fix += f" (model={PAPER_MODELS[value]} for the paper's {value} model)"
+        lines.append(f"  {key}: checkpoint {value}, config {model.get(key)}: set {fix}")
+    if lines:
+        raise SetupError(
+            f"pretrained={info['path']} holds the weights of another architecture than the "
+            "config builds:\n" + "\n".join(lines) + "\nOnly the class head may differ (it is "
+            "re-initialized when the dataset's classes differ from the checkpoint's)."
+        )
+    name = Path(info["path"]).name
+    official = OFFICIAL_FILE_NAME.fullmatch(name)
+    if official and bool(official.group(2)) != bool(model.get("dilation")):
+        log.warning(
+            "%s is the official %s checkpoint, but the config %s the last stage (dilation=%s): "
+            "the weights fit either way, but they were trained %s. For the model they come "
+            "from, use model=detr_r%s%s",
+            info["path"],
+            "DC5" if official.group(2) else "non-DC5",
+            "dilates" if model.get("dilation") else "does not dilate",
+            str(bool(model.get("dilation"))).lower(),
+            "with it" if official.group(2) else "without it",
+            official.group(1),
+            "_dc5" if official.group(2) else "",
+        )
+
+
+def _class_head_differs(info: dict[str, Any], module: DETRModule) -> bool:
+    """Whether the checkpoint's class head predicts other labels than the module's."""
+    theirs = info["model"]["num_classes"]
+    if theirs != module.model.num_classes:
+        log.info(
+            "%s has %d classes, the model %d: re-initializing the class head",
+            info["path"],
+            theirs,
+            module.model.num_classes,
+        )
+        return True
+    if info["label_map"] is None:
+        log.warning(
+            "%s stores no label map: assuming its %d labels mean the dataset's (%s); "
+            "pass a checkpoint with a label map, or a model.num_classes that differs, to "
+            "re-initialize the class head instead",
+            info["path"],
+            theirs,
+            ", ".join(module.class_names[:5]),
+        )
+        return False
+    if padded_label_map(info["label_map"], theirs).to_dict() != module.label_map:
+        log.info(
+            "%s was trained on other labels (category ids or names differ from the dataset's): "
+            "re-initializing the class head",
+            info["path"],
+        )
+        return True
+    return False

@@ -1,0 +1,47 @@
+"""What the entry points print: a user's setup error as one line, not a traceback, and no
+third-party notices that need no action (Lightning's product tips, a deprecation inside
+Lightning itself)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from ..utils.errors import SetupError, TrainingStopped
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_third_party() -> None:
+    """Install the filters (idempotent); called by the train and eval entry points."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in logger.filters):
+        logger.addFilter(_DropTips())
+    # raised inside pytorch_lightning.utilities._pytree on every fit with torch >= 2.10;
+    # nothing in this project or the user's config can act on it
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning
+    )
+    # DETRModule logs the training losses' epoch means already summed over the ranks
+    # (epoch_sums.py): Lightning's advice to sync them across devices does not apply
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self\.log\('train/.*sync_dist=True"
+    )
+
+
+def exit_on_setup_error(function: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run an entry point's ``function(cfg)`` and return its result; a SetupError or
+    TrainingStopped prints ``error: <message>`` to stderr and exits with status 1. SystemExit
+    passes through Hydra's error handler, so the user sees the message alone, without a
+    traceback."""
+    try:
+        return function(cfg)
+    except (SetupError, TrainingStopped) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

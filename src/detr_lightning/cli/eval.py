@@ -1,0 +1,127 @@
+"""``evaluate(cfg)``: COCO evaluation of a checkpoint or export.
+
+Only what evaluation needs is built: the model from the checkpoint, the validation split and a
+trainer. The split, its preprocessing (``val_size``, ``max_size``), batch size and label map
+default to what the checkpoint stores from its training run, so ``eval.py ckpt_path=...``
+repeats the run's validation with no other argument; each non-null ``data.*`` key of the
+config overrides the stored value; ``batch_invariant`` (null: as trained) sets
+:attr:`DETR.batch_invariant`. Official and Hugging Face checkpoints store no data
+settings: they need ``data.root`` and take the paper's preprocessing (800 / 1333).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+from ..api import load_pretrained
+from ..evaluation.evaluator import coco_eval_file
+from ..evaluation.report import metrics_payload, report, result_from_metrics
+from ..lightning.callbacks.memory import ReuseFreedMemory
+from ..lightning.datamodule import CocoDataModule
+from ..models.postprocess import PostProcess
+from ..utils import host_memory
+from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
+from ..utils.io import write_json_atomic
+from .config import CONFIG_PATH
+from .console import exit_on_setup_error, quiet_third_party
+from .trainer import build_trainer
+
+log = logging.getLogger(__name__)
+
+# CocoDataModule arguments that evaluation uses; the eval config's data node has these keys.
+EVAL_DATA_KEYS = ("root", "synthetic", "val_images", "val_annotations", "val_size", "max_size",
+                  "val_batch_size", "label_mapping", "num_workers", "strict")  # fmt: skip
+
+
+def evaluation_data(stored: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> dict:
+    """CocoDataModule arguments: the checkpoint's stored settings, then non-null overrides."""
+    # training-only keys (a data=coco group brings them along) are not evaluation settings
+    settings = {k: v for k, v in (stored or {}).items() if k in EVAL_DATA_KEYS}
+    settings.update({k: v for k, v in overrides.items() if v is not None and k in EVAL_DATA_KEYS})
+    if settings.get("root") is None and settings.get("synthetic") is None:
+        raise SetupError(
+            "the checkpoint stores no dataset to evaluate on (official and Hugging Face weights "
+            "do not): set data.root=/path/to/coco, and data.val_images=... / "
+            "data.val_annotations=... for other layouts"
+        )
+    if settings.get("root") is not None:
+        settings["synthetic"] = None
+    return settings
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` (or ``cfg.pretrained``) on a COCO-format validation split.
+
+    Writes into the run dir ``metrics.json`` (the 12 COCO statistics under torchmetrics'
+    names, per-class AP, image counts, the data settings used) and ``predictions.json`` (COCO
+    results: dataset category ids, absolute xywh), and prints the tables.
+    """
+    source = cfg.get("ckpt_path") or cfg.get("pretrained")
+    if not source:
+        raise SetupError(
+            "nothing to evaluate: pass ckpt_path=PATH (a training checkpoint) or pretrained=PATH "
+            "(official .pth, Hugging Face directory, or export directory)"
+        )
+    # a config from before the key leaves malloc alone
+    reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
+    quiet_third_party()
+    pl.seed_everything(cfg.seed, workers=True)
+    # first: it checks the devices against the processes that a launcher started
+    trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
+    key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
+    with reported_as_setup_error(f"{key}={source}", CheckpointError, FileNotFoundError):
+        module = load_pretrained(source)
+    if cfg.get("postprocess") is not None:
+        module.postprocess = PostProcess(**OmegaConf.to_container(cfg.postprocess, resolve=True))
+    if cfg.get("eval_backend"):
+        module.hparams.eval_backend = cfg.eval_backend
+    if cfg.get("batch_invariant") is not None:
+        module.model.batch_invariant = bool(cfg.batch_invariant)
+
+    overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    data = evaluation_data(module.hparams.get("data"), overrides)
+    datamodule = CocoDataModule(**data, seed=cfg.seed)
+    if module.label_map is None and datamodule.num_classes > module.model.num_classes:
+        raise SetupError(
+            f"{source} predicts {module.model.num_classes} classes but "
+            f"{datamodule.val_annotation_file} has {datamodule.num_classes}"
+        )
+
+    run_dir = Path(cfg.run_dir)
+    predictions_path = run_dir / cfg.predictions_file
+    module.results_file = str(predictions_path)
+    (logged,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    metrics = result_from_metrics(logged, "test")
+    if trainer.is_global_zero:
+        payload = metrics_payload(metrics, module.label_map)
+        payload.update(
+            checkpoint=str(source),
+            annotations=str(datamodule.val_annotation_file),
+            predictions=str(predictions_path),
+            data=data,
+            batch_invariant=module.model.batch_invariant,
+        )
+        write_json_atomic(run_dir / "metrics.json", payload)
+        print(report(metrics, module.label_map), flush=True)
+        log.info("wrote %s and %s", run_dir / "metrics.json", predictions_path)
+    return metrics | {"run_dir": str(run_dir)}
+
+
+__all__ = ["coco_eval_file", "evaluate", "evaluation_data"]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    """``detr-eval``"""
+    exit_on_setup_error(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

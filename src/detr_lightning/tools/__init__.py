@@ -1,0 +1,1 @@
+"""Tools around the model: the dataset check and predictions for folders of images."""
