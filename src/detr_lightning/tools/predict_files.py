@@ -102,8 +102,9 @@ def predict_files(
     images go through a graph compiled for that shape (the whole model 4-10% faster on a
     2-core AVX2 CPU, about 20% on a 16-core AMX one), for a compilation of a few seconds at
     the shape's first image (ResNet-101 at 800 pixels: about 6 s on 2 cores), so worth it
-    from some tens of images of one size, e.g. a camera's frames. Chosen from the whole input before the first image, the shapes do
-    not depend on the order of the files. None: the general graph for every size.
+    from some tens of images of one size, e.g. a camera's frames. Chosen from the whole input
+    before the first image, the shapes do not depend on the order of the files. None: the
+    general graph for every size.
     """
     from rich.progress import Progress
     from torchvision.io import write_png
