@@ -45,9 +45,9 @@ from detr_lightning.models.backbone import FrozenBatchNorm2d
 
 MODELS: dict[str, dict[str, Any]] = {
     "R50": {"backbone": "resnet50"},
-    "R50-DC5": {"backbone": "resnet50", "dilation": True},
+    "R50-DC5": {"backbone": {"name": "resnet50", "dilation": True}},
     "R101": {"backbone": "resnet101"},
-    "R101-DC5": {"backbone": "resnet101", "dilation": True},
+    "R101-DC5": {"backbone": {"name": "resnet101", "dilation": True}},
     # Smoke-test size: ResNet-18 trunk and a narrow 2+2-layer transformer.
     "tiny": {
         "backbone": "resnet18",

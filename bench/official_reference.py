@@ -281,7 +281,7 @@ def official_reference_for(model: nn.Module) -> OfficialDETR:
     transformer = model.transformer
     encoder_layers = list(transformer.encoder.layers)
     decoder_layers = list(transformer.decoder.layers)
-    if any(layer.normalize_before for layer in encoder_layers + decoder_layers):
+    if any(layer.pre_norm for layer in encoder_layers + decoder_layers):
         raise ValueError("the official reference is post-norm; build the model with pre_norm=False")
     first = decoder_layers[0]
     reference = OfficialDETR(
@@ -289,8 +289,8 @@ def official_reference_for(model: nn.Module) -> OfficialDETR:
         dilation=model.backbone.dilation,
         num_classes=model.num_classes,
         num_queries=model.num_queries,
-        hidden_dim=transformer.d_model,
-        nheads=transformer.nhead,
+        hidden_dim=transformer.hidden_dim,
+        nheads=transformer.nheads,
         enc_layers=len(encoder_layers),
         dec_layers=len(decoder_layers),
         dim_feedforward=first.linear1.out_features,

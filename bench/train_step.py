@@ -366,11 +366,16 @@ def build_module(model: str, variant: Variant, seed: int) -> DETRModule:
         optimizer["fused"] = True
     elif variant.optimizer == "torch":
         optimizer["fused"] = False  # explicit: torch's default (foreach on CUDA)
-    return DETRModule(
-        model={**MODELS[model], "num_classes": NUM_CLASSES, "pretrained_backbone": False},
-        optimizer=optimizer,
-        backbone_lr=1e-5,
-    )
+    settings = dict(MODELS[model])
+    backbone = settings.pop("backbone")
+    backbone = {"name": backbone} if isinstance(backbone, str) else dict(backbone)
+    spec = {
+        "_target_": "detr_lightning.models.build_detr",
+        "backbone": {"_target_": "detr_lightning.models.Backbone", **backbone, "lr": 1e-5},
+        **settings,
+        "num_classes": NUM_CLASSES,
+    }
+    return DETRModule(model=spec, optimizer=optimizer)
 
 
 def run_variant(

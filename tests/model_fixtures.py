@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
-from detr_lightning.models import DETR, build_detr
+from detr_lightning.models import DETR, Backbone, build_detr
 from detr_lightning.models.backbone import FrozenBatchNorm2d
 
 NUM_CLASSES, NUM_QUERIES = 5, 7
-# build_detr settings of a tiny DETR (also DETRModule's ``model``)
-TINY_MODEL = dict(
-    num_classes=NUM_CLASSES,
-    backbone="resnet18",
-    hidden_dim=32,
-    nheads=4,
-    enc_layers=1,
-    dec_layers=2,
-    dim_feedforward=64,
-    num_queries=NUM_QUERIES,
-)
+# the model spec of a tiny DETR (DETRModule's ``model``; the model group's layout)
+TINY_MODEL = {
+    "_target_": "detr_lightning.models.build_detr",
+    "backbone": {"_target_": "detr_lightning.models.Backbone", "name": "resnet18"},
+    "num_classes": NUM_CLASSES,
+    "hidden_dim": 32,
+    "nheads": 4,
+    "enc_layers": 1,
+    "dec_layers": 2,
+    "dim_feedforward": 64,
+    "num_queries": NUM_QUERIES,
+}
+BACKBONE_ARGUMENTS = set(inspect.signature(Backbone).parameters)
+
+
+def tiny_spec(**overrides) -> dict:
+    """:data:`TINY_MODEL` with ``overrides``: model settings, or Backbone arguments (``name``,
+    ``num_stages``, ``norm``, ``lr`` ...; ``backbone`` for its name)."""
+    backbone = dict(TINY_MODEL["backbone"])
+    spec = {**TINY_MODEL, "backbone": backbone}
+    for key, value in overrides.items():
+        if key == "backbone":
+            backbone["name"] = value
+        elif key in BACKBONE_ARGUMENTS:
+            backbone[key] = value
+        else:
+            spec[key] = value
+    return spec
 
 
 def tiny_detr(**overrides) -> DETR:
-    return build_detr(**{**TINY_MODEL, **overrides})
+    """The tiny DETR of :func:`tiny_spec`, built as the model group builds it."""
+    spec = tiny_spec(**overrides)
+    settings = {k: v for k, v in spec.items() if k not in ("_target_", "backbone")}
+    backbone = {k: v for k, v in spec["backbone"].items() if k != "_target_"}
+    return build_detr(backbone, **settings)
 
 
 @torch.no_grad()

@@ -190,13 +190,13 @@ def test_any_image_size(model: DETR, size: tuple[int, int]) -> None:
 
 
 def test_batched_maps_equal_the_maps_of_each_image_alone() -> None:
-    transformer = Transformer(32, 4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64)
+    transformer = Transformer(32, 4, enc_layers=2, dec_layers=2, dim_feedforward=64)
     model = DETR(
         PatchBackbone(),
         transformer,
         NUM_CLASSES,
         NUM_QUERIES,
-        position_encoding=PositionEmbeddingSine(16),
+        position_embedding=PositionEmbeddingSine(16),
     ).eval()
     wide, tall = torch.randn(3, 64, 128), torch.randn(3, 128, 64)
     batched = capture_attention(model, *pad_images([wide, tall]))

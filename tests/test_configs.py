@@ -14,11 +14,20 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from data_fixtures import make_tiny_synthetic
-from detr_lightning.cli.build import BACKBONE_ARGUMENTS, model_settings
-from detr_lightning.cli.train import build_module, build_trainer, instantiate_data, train
+from detr_lightning.cli.build import build_module, instantiate_data
+from detr_lightning.cli.train import train
+from detr_lightning.cli.trainer import build_trainer
 from detr_lightning.lightning import CocoDataModule
-from detr_lightning.lightning.module import MATCHER_KEYS
-from detr_lightning.models import HungarianMatcher, PostProcess, SetCriterion, build_detr
+from detr_lightning.models import (
+    DETR,
+    Backbone,
+    HungarianMatcher,
+    PostProcess,
+    SetCriterion,
+    Transformer,
+    build_criterion,
+    build_detr,
+)
 from detr_lightning.utils.errors import SetupError
 from pipeline_fixtures import compose_config
 
@@ -28,6 +37,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # DETR-R50 on COCO as in Carion et al. 2020 (section 4 and A.4) and the official main.py,
 # with the 500-epoch schedule of the 42.0 AP model.
 PAPER_RECIPE = {
+    "backbone._target_": "detr_lightning.models.Backbone",
     "backbone.name": "resnet50",
     "backbone.dilation": False,
     "backbone.pretrained": True,  # ImageNet initialization
@@ -36,6 +46,7 @@ PAPER_RECIPE = {
     "backbone.lr": 1e-5,
     "backbone.trainable_layers": 3,  # the stem and layer1 stay frozen
     "backbone.num_stages": 4,
+    "model._target_": "detr_lightning.models.build_detr",
     "model.num_classes": None,  # from the data: 91 for COCO with label_mapping=category_id
     "model.num_queries": 100,
     "model.hidden_dim": 256,
@@ -48,6 +59,7 @@ PAPER_RECIPE = {
     "model.aux_loss": True,
     "model.position_embedding": "sine",
     "model.batch_invariant": False,  # the padded batch through the backbone, as official
+    "loss._target_": "detr_lightning.models.build_criterion",
     "loss.set_cost_class": 1.0,
     "loss.set_cost_bbox": 5.0,
     "loss.set_cost_giou": 2.0,
@@ -82,6 +94,7 @@ PAPER_RECIPE = {
     "data.label_mapping": "category_id",
     "data.synthetic": None,
     "pretrained": None,
+    "postprocess._target_": "detr_lightning.models.PostProcess",
     "postprocess.score_threshold": 0.0,
     "postprocess.top_k": None,
 }
@@ -102,24 +115,42 @@ def test_base_config_is_the_paper_recipe(monkeypatch):
             node = node[part]
         assert node == expected, (key, node, expected)
     # nothing beyond the recipe slipped in through a default experiment
-    assert set(resolved["model"]) == {k.split(".")[1] for k in PAPER_RECIPE if k[:6] == "model."}
-    assert set(resolved["loss"]) == {k.split(".")[1] for k in PAPER_RECIPE if k[:5] == "loss."}
+    for group in ("backbone", "loss", "postprocess"):
+        stated = {k.split(".")[1] for k in PAPER_RECIPE if k.split(".")[0] == group}
+        assert set(resolved[group]) == stated, group
+    stated = {k.split(".")[1] for k in PAPER_RECIPE if k[:6] == "model."}
+    assert set(resolved["model"]) == stated | {"backbone"}
+    assert resolved["model"]["backbone"] == resolved["backbone"]  # the backbone group's spec
+
+
+def _defaults(*targets) -> dict:
+    defaults = {}
+    for target in targets:
+        for name, parameter in inspect.signature(target).parameters.items():
+            if parameter.default is not inspect.Parameter.empty:
+                defaults.setdefault(name, parameter.default)
+    return defaults
 
 
 def test_library_defaults_are_the_recipe():
-    """The constructors' defaults and the base config state the same recipe."""
-    cfg = compose_config("train", ["run_dir=x"])
-    detr = inspect.signature(build_detr).parameters
-    for key, value in cfg.model.items():
-        if key != "num_classes":  # the library defaults to COCO's 91, the config to the data
-            assert detr[key].default == value, key
-    matcher = inspect.signature(HungarianMatcher).parameters
-    criterion = inspect.signature(SetCriterion).parameters
-    for key, value in cfg.loss.items():
-        default = matcher[MATCHER_KEYS[key]] if key in MATCHER_KEYS else criterion[key]
-        assert default.default == value, key
-    postprocess = inspect.signature(PostProcess).parameters
-    assert {k: postprocess[k].default for k in cfg.postprocess} == dict(cfg.postprocess)
+    """The constructors' defaults, the one source of the groups' defaults, are the paper's
+    recipe, and the config states the recipe through them."""
+    library = {
+        "backbone": _defaults(Backbone),
+        "model": _defaults(DETR, Transformer),
+        "loss": _defaults(HungarianMatcher, SetCriterion),
+        "postprocess": _defaults(PostProcess),
+    }
+    # the config's own choices: classes from the data, ImageNet weights (the library
+    # downloads nothing unless asked)
+    choices = {"model.num_classes": (91, None), "backbone.pretrained": (False, True)}
+    for key, expected in PAPER_RECIPE.items():
+        group, _, name = key.partition(".")
+        if group not in library or name == "_target_":
+            continue
+        default, config = choices.get(key, (expected, expected))
+        assert library[group][name] == default, key
+        assert expected == config, key
 
 
 def _arguments(target) -> set[str]:
@@ -135,9 +166,17 @@ def test_every_group_key_is_one_constructor_argument(experiment):
     assert spec(cfg.optimizer) <= _arguments(get_method(cfg.optimizer._target_))
     assert spec(cfg.data) <= _arguments(CocoDataModule)
     assert spec(cfg.trainer) <= _arguments(pl.Trainer)
-    assert set(cfg.model) <= _arguments(build_detr)
-    assert set(BACKBONE_ARGUMENTS.values()) <= _arguments(build_detr)
-    assert set(cfg.backbone) == {*BACKBONE_ARGUMENTS, "lr"}
+    # model: build_detr shares its settings out to DETR and its Transformer; its backbone is
+    # the backbone group's spec
+    assert get_method(cfg.model._target_) is build_detr
+    assert spec(cfg.model) - {"backbone"} <= _arguments(DETR) | _arguments(Transformer)
+    assert OmegaConf.to_container(cfg.model.backbone) == OmegaConf.to_container(cfg.backbone)
+    assert get_method(cfg.backbone._target_) is Backbone
+    assert spec(cfg.backbone) == _arguments(Backbone)
+    assert get_method(cfg.loss._target_) is build_criterion
+    assert spec(cfg.loss) <= _arguments(HungarianMatcher) | _arguments(SetCriterion)
+    assert get_method(cfg.postprocess._target_) is PostProcess
+    assert spec(cfg.postprocess) <= _arguments(PostProcess)
 
 
 def test_no_experiment_by_default():
@@ -151,9 +190,12 @@ def test_other_models_inherit_and_state_only_the_backbone(model):
                                    resolve=True)  # fmt: skip
     expected_backbone = {**base["backbone"], "name": "resnet101", "dilation": model.endswith("dc5")}
     assert other["backbone"] == expected_backbone
-    assert {k: v for k, v in other.items() if k != "backbone"} == {
-        k: v for k, v in base.items() if k != "backbone"
-    }
+    assert other["model"]["backbone"] == expected_backbone  # the model builds that backbone
+    without_backbone = lambda c: (
+        {k: v for k, v in c.items() if k != "backbone"}
+        | {"model": {k: v for k, v in c["model"].items() if k != "backbone"}}
+    )
+    assert without_backbone(other) == without_backbone(base)
     # and a backbone chosen explicitly wins over the model's
     cfg = compose_config("train", [f"model={model}", "backbone=resnet50", "run_dir=x"])
     assert cfg.backbone.name == "resnet50"
@@ -179,11 +221,10 @@ def test_config_composes_and_instantiates(experiment, coco_root, tmp_path):
     cfg = compose_config("train", overrides)
     datamodule = instantiate_data(cfg.data)
     module = build_module(cfg, datamodule)
-    settings = model_settings(cfg, datamodule.num_classes)
     assert module.model.backbone.name == cfg.backbone.name
     assert module.model.backbone.dilation == cfg.backbone.dilation
     assert module.model.num_queries == cfg.model.num_queries
-    assert module.model.num_classes == settings["num_classes"]
+    assert module.model.num_classes == (cfg.model.num_classes or datamodule.num_classes)
     assert module.hparams.data == datamodule.evaluation_settings()
     trainer = build_trainer(cfg)
     assert trainer.max_epochs == cfg.trainer.max_epochs

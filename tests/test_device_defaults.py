@@ -20,6 +20,7 @@ from detr_lightning.lightning.module import DETRModule
 from detr_lightning.lightning.optim import fused_by_default
 from detr_lightning.lightning.runtime import ONEDNN_CACHE_VARIABLE
 from detr_lightning.utils.errors import SetupError
+from model_fixtures import tiny_spec
 from pipeline_fixtures import compose_config, tiny_overrides
 
 
@@ -178,9 +179,7 @@ def test_clipping_with_one_norm_equals_torch_clip_grad_norm():
 
 
 def _module() -> DETRModule:
-    model = {"backbone": "resnet18", "num_classes": 3, "hidden_dim": 32, "nheads": 2,
-             "enc_layers": 1, "dec_layers": 1, "dim_feedforward": 64, "num_queries": 4,
-             "pretrained_backbone": False}  # fmt: skip
+    model = tiny_spec(num_classes=3, nheads=2, dec_layers=1, num_queries=4)
     return DETRModule(model=model)
 
 

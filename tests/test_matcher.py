@@ -130,7 +130,9 @@ def test_assignment_is_optimal(seed: int, num_queries: int, sizes: list[int]) ->
 
 @pytest.mark.parametrize("weights", [(2.0, 1.0, 0.0), (0.0, 0.0, 1.0), (3.0, 0.0, 0.5)])
 def test_custom_cost_weights_are_optimal(weights: tuple[float, float, float]) -> None:
-    matcher = HungarianMatcher(cost_class=weights[0], cost_bbox=weights[1], cost_giou=weights[2])
+    matcher = HungarianMatcher(
+        set_cost_class=weights[0], set_cost_bbox=weights[1], set_cost_giou=weights[2]
+    )
     for seed in range(3):
         check_optimal(matcher, 6, [4, 3], seed, weights)
 
@@ -145,13 +147,15 @@ def test_custom_cost_weights_are_optimal(weights: tuple[float, float, float]) ->
     seed=st.integers(0, 2**31 - 1),
 )
 def test_assignment_is_optimal_property(num_queries, sizes, weights, seed) -> None:
-    matcher = HungarianMatcher(cost_class=weights[0], cost_bbox=weights[1], cost_giou=weights[2])
+    matcher = HungarianMatcher(
+        set_cost_class=weights[0], set_cost_bbox=weights[1], set_cost_giou=weights[2]
+    )
     check_optimal(matcher, num_queries, sizes, seed, weights)
 
 
 def test_all_zero_weights_rejected() -> None:
     with pytest.raises(ValueError, match="non-zero"):
-        HungarianMatcher(cost_class=0, cost_bbox=0, cost_giou=0)
+        HungarianMatcher(set_cost_class=0, set_cost_bbox=0, set_cost_giou=0)
 
 
 def test_same_assignment_as_transformers_matcher() -> None:

@@ -73,10 +73,10 @@ def test_no_aux_outputs_without_aux_loss() -> None:
 @pytest.mark.parametrize("position", ["sine", "learned"])
 def test_padding_does_not_change_predictions(position: str) -> None:
     torch.manual_seed(1)
-    transformer = Transformer(32, 4, num_encoder_layers=2, num_decoder_layers=2,
+    transformer = Transformer(32, 4, enc_layers=2, dec_layers=2,
                               dim_feedforward=64)  # fmt: skip
     encoding = PositionEmbeddingSine(16) if position == "sine" else PositionEmbeddingLearned(16)
-    detr = DETR(PatchBackbone(), transformer, NUM_CLASSES, NUM_QUERIES, position_encoding=encoding)
+    detr = DETR(PatchBackbone(), transformer, NUM_CLASSES, NUM_QUERIES, position_embedding=encoding)
     detr.eval()
     wide, tall = torch.randn(3, 64, 128), torch.randn(3, 128, 64)  # each padded in one direction
     with torch.no_grad():
@@ -178,8 +178,8 @@ def test_stem_and_layer1_frozen_layer2_to_4_trained(norm: str) -> None:
     assert seen == (stages if norm == "batch" else stages - {"bn1"})
 
 
-def test_train_backbone_false_freezes_the_whole_backbone() -> None:
-    detr = tiny_detr(train_backbone=False, norm="batch")
+def test_a_zero_backbone_lr_freezes_the_whole_backbone() -> None:
+    detr = tiny_detr(lr=0.0, norm="batch")
     assert not any(p.requires_grad for p in detr.backbone.parameters())
     others = [p for n, p in detr.named_parameters() if not n.startswith("backbone.")]
     assert others and all(p.requires_grad for p in others)
@@ -209,8 +209,8 @@ def test_pre_norm_encoder_has_final_norm() -> None:
     post = tiny_detr(pre_norm=False)
     assert isinstance(pre.transformer.encoder.norm, nn.LayerNorm)
     assert post.transformer.encoder.norm is None
-    assert all(layer.normalize_before for layer in pre.transformer.encoder.layers)
-    assert all(layer.normalize_before for layer in pre.transformer.decoder.layers)
+    assert all(layer.pre_norm for layer in pre.transformer.encoder.layers)
+    assert all(layer.pre_norm for layer in pre.transformer.decoder.layers)
     with torch.no_grad():
         out = pre(torch.randn(1, 3, 64, 64))
     assert torch.isfinite(out["pred_logits"]).all()

@@ -26,6 +26,7 @@ from detr_lightning.tools.predict_files import (
 )
 from detr_lightning.utils.errors import SetupError
 from detr_lightning.viz.drawing import PALETTE, drawing_scale
+from model_fixtures import tiny_spec
 from pipeline_fixtures import compose_config
 
 # Label 1 is unused (category id -1): it must never come out.
@@ -39,18 +40,7 @@ def module() -> DETRModule:
     """A tiny DETR whose queries disagree: varied classes and scores, some on the unused label."""
     torch.manual_seed(0)
     detr = DETRModule(
-        model={
-            "backbone": "resnet18",
-            "num_stages": 3,
-            "num_classes": 4,
-            "num_queries": 12,
-            "hidden_dim": 32,
-            "nheads": 4,
-            "enc_layers": 1,
-            "dec_layers": 1,
-            "dim_feedforward": 64,
-            "dropout": 0.0,
-        },
+        model=tiny_spec(num_stages=3, num_classes=4, num_queries=12, dec_layers=1, dropout=0.0),
         label_map=LABEL_MAP,
         data=DATA,
     )

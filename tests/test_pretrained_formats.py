@@ -13,22 +13,14 @@ import torch
 
 import detr_lightning as dl
 from detr_lightning.checkpoints.reading import CheckpointError, read_checkpoint
-
-TINY = {
-    "backbone": "resnet18",
-    "num_classes": 5,
-    "num_queries": 8,
-    "hidden_dim": 32,
-    "nheads": 4,
-    "enc_layers": 1,
-    "dec_layers": 2,
-    "dim_feedforward": 64,
-}
+from model_fixtures import tiny_spec
 
 
 def _tiny_module(**overrides) -> dl.DETRModule:
     label_map = {"category_ids": [1, 3, 4, 7, 9], "names": ["a", "b", "c", "d", "e"]}
-    return dl.DETRModule(model={**TINY, **overrides}, label_map=label_map).eval()
+    return dl.DETRModule(
+        model=tiny_spec(**{"num_queries": 8, **overrides}), label_map=label_map
+    ).eval()
 
 
 def _official_state(module: dl.DETRModule) -> dict[str, torch.Tensor]:
@@ -62,7 +54,7 @@ def test_export_round_trip(tmp_path):
 def test_export_round_trip_of_a_trainable_norm(tmp_path, norm):
     """BatchNorm's step counters (num_batches_tracked) are dropped on reading, as for every
     format, and the export still loads: the CPU demo's model (backbone.norm=batch)."""
-    module = _tiny_module(norm=norm, pretrained_backbone=False)
+    module = _tiny_module(norm=norm, pretrained=False)
     with torch.no_grad():  # statistics away from the initial ones, so that they must load
         for name, buffer in module.model.named_buffers():
             if name.endswith(("running_mean", "running_var")):
@@ -97,7 +89,7 @@ def test_inferred_architecture(tmp_path):
     module = _tiny_module(backbone="resnet34", num_queries=12, enc_layers=2, dec_layers=3)
     torch.save({"model": _official_state(module)}, tmp_path / "ck.pth")
     model = read_checkpoint(tmp_path / "ck.pth")["model"]
-    assert model["backbone"] == "resnet34"
+    assert model["backbone"]["name"] == "resnet34"
     assert (model["num_queries"], model["enc_layers"], model["dec_layers"]) == (12, 2, 3)
     assert (model["num_classes"], model["hidden_dim"], model["dim_feedforward"]) == (5, 32, 64)
 

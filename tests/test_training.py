@@ -16,6 +16,7 @@ from detr_lightning.cli.resume import resume_checkpoint
 from detr_lightning.cli.train import train
 from detr_lightning.lightning import CocoDataModule
 from detr_lightning.ops.boxes import box_cxcywh_to_xyxy
+from model_fixtures import tiny_spec
 from pipeline_fixtures import compose_config, tiny_overrides
 
 
@@ -44,19 +45,15 @@ def test_overfit_one_batch():
     datamodule.setup("validate")
     images, mask, targets = next(iter(datamodule.val_dataloader()))
     module = dl.DETRModule(
-        model={
-            "backbone": "resnet18",
-            "norm": "group",
-            "trainable_layers": 5,
-            "num_classes": datamodule.num_classes,
-            "num_queries": 6,
-            "hidden_dim": 64,
-            "nheads": 4,
-            "enc_layers": 1,
-            "dec_layers": 2,
-            "dim_feedforward": 128,
-            "dropout": 0.0,
-        },
+        model=tiny_spec(
+            norm="group",
+            trainable_layers=5,
+            num_classes=datamodule.num_classes,
+            num_queries=6,
+            hidden_dim=64,
+            dim_feedforward=128,
+            dropout=0.0,
+        ),
     )
     optimizer = torch.optim.AdamW(module.parameters(), lr=5e-4)
     losses = []

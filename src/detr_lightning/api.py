@@ -21,7 +21,8 @@ from .checkpoints.reading import (
     read_checkpoint,
 )
 from .lightning.module import DETRModule
-from .utils.io import atomic_write, to_plain
+from .lightning.specs import plain
+from .utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def load_pretrained(
     info = read_checkpoint(path)
     model_cfg = dict(info["model"])
     if dilation is not None:
-        model_cfg["dilation"] = bool(dilation)
+        model_cfg["backbone"] = {**model_cfg["backbone"], "dilation": bool(dilation)}
     label_map = info["label_map"]
     reinit = num_classes is not None and num_classes != model_cfg["num_classes"]
     if reinit:
@@ -79,7 +80,7 @@ def save_pretrained(module: DETRModule, path: str | os.PathLike) -> Path:
     config = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
-        "hparams": to_plain(dict(module.hparams)),
+        "hparams": plain(dict(module.hparams)),
     }
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
     atomic_write(

@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from ..utils.errors import CheckpointError
+from .legacy import BACKBONE_TARGET, MODEL_TARGET
 
 
 def _count_indexed(state: Mapping[str, Tensor], prefix: str) -> int:
@@ -33,13 +34,18 @@ def _infer_backbone(state: Mapping[str, Tensor], path: Path) -> str:
 
 
 def infer_model_config(state: Mapping[str, Tensor], path: Path) -> dict[str, Any]:
-    """Architecture keyword arguments of :func:`build_detr` read off our state dict."""
+    """The ``model`` spec of the architecture that our state dict holds: the settings its
+    weights reveal (DC5 dilation, the head count and dropout leave no trace; they keep the
+    defaults unless the caller knows them from elsewhere)."""
     for key in ("query_embed.weight", "class_embed.weight", "transformer.decoder.norm.weight"):
         if key not in state:
             raise CheckpointError(f"{path}: no {key!r}; this is not a DETR detection checkpoint")
-    settings = {"num_stages": 3} if "backbone.body.layer4.0.conv1.weight" not in state else {}
-    return settings | {
-        "backbone": _infer_backbone(state, path),
+    backbone = {"_target_": BACKBONE_TARGET, "name": _infer_backbone(state, path)}
+    if "backbone.body.layer4.0.conv1.weight" not in state:
+        backbone["num_stages"] = 3
+    return {
+        "_target_": MODEL_TARGET,
+        "backbone": backbone,
         "num_classes": state["class_embed.weight"].shape[0] - 1,
         "num_queries": state["query_embed.weight"].shape[0],
         "hidden_dim": state["query_embed.weight"].shape[1],

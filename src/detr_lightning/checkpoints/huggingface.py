@@ -88,11 +88,12 @@ def from_huggingface(state: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
 
 
 def hf_model_config(config: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    """Settings from a Hugging Face DetrConfig that the weights do not reveal."""
+    """Settings from a Hugging Face DetrConfig that the weights do not reveal (``model`` spec
+    keys; the backbone's dilation under ``backbone_dilation``)."""
     backbone_config = config.get("backbone_config") or {}
     dilation = bool(config.get("dilation", False)) or backbone_config.get("output_stride") == 16
     settings: dict[str, Any] = {
-        "dilation": dilation,
+        "backbone_dilation": dilation,
         "nheads": int(config.get("encoder_attention_heads", 8)),
         "dropout": float(config.get("dropout", 0.1)),
         "aux_loss": True,

@@ -13,7 +13,6 @@ from ..utils.errors import CheckpointError
 CLASS_HEAD_KEYS = ("class_embed.weight", "class_embed.bias")
 
 
-# ---------------------------------------------------------------------------------- loading
 def load_state_into(
     model: torch.nn.Module,
     state: Mapping[str, Tensor],
@@ -22,7 +21,10 @@ def load_state_into(
 ) -> None:
     """Copy ``state`` into ``model`` (our key names), or raise one error listing every problem.
 
-    With ``reinit_class_head`` the classifier keeps its fresh initialization.
+    With ``reinit_class_head`` the classifier keeps its fresh initialization. Everything is
+    checked before anything is copied: ``load_state_dict(strict=False)`` would copy the
+    tensors that fit and report the others afterwards, leaving a half-loaded model behind the
+    error (and it raises on the first shape mismatch, without the list).
     """
     own = model.state_dict()
     skip = set(CLASS_HEAD_KEYS) if reinit_class_head else set()

@@ -36,6 +36,7 @@ from ..data.labels import LabelMap
 from ..utils.errors import CheckpointError
 from .architecture import infer_model_config
 from .huggingface import from_huggingface, hf_model_config
+from .legacy import upgrade_module_hparams
 from .official import from_official
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,11 @@ def _unknown_layout(path: Path, state: Mapping[str, Tensor]) -> CheckpointError:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read any supported checkpoint into our layout without building a model.
 
-    Returns a dict with ``state_dict`` (our key names), ``model`` (:func:`build_detr` keyword
-    arguments), ``label_map`` (``category_ids``/``names``) or None, ``format`` and ``hparams``
-    (the full module settings for our own checkpoints).
+    Returns a dict with ``state_dict`` (our key names), ``model`` (the ``model`` spec: the
+    settings of :func:`~detr_lightning.models.build_detr`, the backbone's nested under
+    ``backbone``), ``label_map`` (``category_ids``/``names``) or None, ``format`` and
+    ``hparams`` (the full module settings for our own checkpoints). Settings written by the
+    package's first layout come in today's (:mod:`.legacy`).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -188,12 +191,12 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
     )
     state = _strip_norm_counters(state)
     if config.get("format") == EXPORT_FORMAT:
-        hparams = config.get("hparams") or {}
+        hparams = upgrade_module_hparams(config.get("hparams") or {})
         if "model" not in hparams:
             raise CheckpointError(f"{config_path}: detr-lightning config without hparams.model")
         return {
             "state_dict": state,
-            "model": dict(hparams["model"]),
+            "model": hparams["model"],
             "label_map": hparams.get("label_map"),
             "format": "export",
             "hparams": hparams,
@@ -202,7 +205,10 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
     if config.get("model_type") != "detr" and not _looks_huggingface(state):
         raise _unknown_layout(weights, state)
     converted = from_huggingface(state, weights)
-    model = infer_model_config(converted, weights) | hf_model_config(config, config_path)
+    model = infer_model_config(converted, weights)
+    hf_settings = hf_model_config(config, config_path)
+    model["backbone"]["dilation"] = hf_settings.pop("backbone_dilation")
+    model.update(hf_settings)
     id2label = config.get("id2label") or {}
     names = [
         str(id2label.get(str(i), id2label.get(i, f"class_{i}")))
@@ -239,14 +245,15 @@ def _read_torch_file(path: Path, obj: Any = None) -> dict[str, Any]:
         hparams = obj["hyper_parameters"]
         if not isinstance(hparams, Mapping) or "model" not in hparams:
             raise CheckpointError(f"{path}: Lightning checkpoint without DETRModule settings")
+        hparams = upgrade_module_hparams(hparams)
         state = _tensor_dict(obj["state_dict"], path, "'state_dict'")
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         return {
             "state_dict": state,
-            "model": dict(hparams["model"]),
+            "model": hparams["model"],
             "label_map": hparams.get("label_map"),
             "format": "lightning",
-            "hparams": dict(hparams),
+            "hparams": hparams,
             "path": path,
         }
     args = None
@@ -259,7 +266,8 @@ def _read_torch_file(path: Path, obj: Any = None) -> dict[str, Any]:
         if skipped:
             log.info("%s: left out %d panoptic mask-head tensors", path, len(skipped))
         model = infer_model_config(converted, path)
-        model["dilation"] = bool(getattr(args, "dilation", False)) or "dc5" in path.name.lower()
+        dilation = bool(getattr(args, "dilation", False)) or "dc5" in path.name.lower()
+        model["backbone"]["dilation"] = dilation
         if args is not None and hasattr(args, "nheads"):
             model["nheads"] = int(args.nheads)
         fmt = "official"

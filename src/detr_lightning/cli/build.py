@@ -11,12 +11,13 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..checkpoints.loading import load_state_into
 from ..checkpoints.reading import read_checkpoint
 from ..data.labels import padded_label_map
 from ..lightning.module import DETRModule
+from ..lightning.specs import plain
 from ..models.backbone_weights import ensure_imagenet_weights
 from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
 
@@ -25,23 +26,9 @@ __all__ = [
     "check_architecture",
     "ensure_backbone_weights",
     "instantiate_data",
-    "model_settings",
 ]
 
 log = logging.getLogger(__name__)
-
-
-# backbone.* config keys -> the build_detr argument each one sets (backbone.lr is the
-# DETRModule's backbone_lr).
-BACKBONE_ARGUMENTS = {
-    "name": "backbone",
-    "dilation": "dilation",
-    "pretrained": "pretrained_backbone",
-    "weights": "backbone_weights",
-    "norm": "norm",
-    "trainable_layers": "trainable_layers",
-    "num_stages": "num_stages",
-}
 
 
 def instantiate_data(node: DictConfig) -> Any:
@@ -53,18 +40,6 @@ def instantiate_data(node: DictConfig) -> Any:
         if err.__cause__ is not None and not isinstance(err.__cause__, TypeError):
             raise err.__cause__ from None
         raise
-
-
-def model_settings(cfg: DictConfig, num_classes: int | None) -> dict[str, Any]:
-    """``build_detr`` keyword arguments from the ``model`` and ``backbone`` config groups."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    if model["num_classes"] is None:
-        if num_classes is None:
-            raise ValueError("model.num_classes is null and no dataset tells the class count")
-        model["num_classes"] = num_classes
-    backbone = OmegaConf.to_container(cfg.backbone, resolve=True)
-    model.update({BACKBONE_ARGUMENTS[k]: v for k, v in backbone.items() if k != "lr"})
-    return model
 
 
 def ensure_backbone_weights(cfg: DictConfig) -> None:
@@ -84,15 +59,13 @@ def ensure_backbone_weights(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
     """The DETRModule of a training config, initialized from ``cfg.pretrained`` if set.
 
-    The label map and the evaluation settings come from ``datamodule``. With ``pretrained``,
-    the class head is re-initialized when the checkpoint's labels differ from the data's (count,
-    category ids or names).
+    The ``model``, ``loss``, ``optimizer``, ``schedule`` and ``postprocess`` groups go to the
+    module as they are (their keys are the constructors' arguments); the label map (which
+    also gives ``model.num_classes: null`` its value) and the evaluation settings come from
+    ``datamodule``. With ``pretrained``, the class head is re-initialized when the
+    checkpoint's labels differ from the data's (count, category ids or names).
     """
-    model = model_settings(cfg, datamodule.num_classes)
-    # before any model is built: the error names the annotation file
-    label_map = padded_label_map(
-        datamodule.label_map, model["num_classes"], datamodule.val_annotation_file
-    )
+    model = plain(cfg.model)
     info = None
     if cfg.get("pretrained"):  # read and checked before the model is built
         with reported_as_setup_error(
@@ -100,18 +73,16 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
         ):
             info = read_checkpoint(cfg.pretrained)
         check_architecture(info, model)
-    if cfg.get("pretrained") and model["pretrained_backbone"]:
-        log.info("pretrained=%s given: not loading ImageNet backbone weights", cfg.pretrained)
-        model["pretrained_backbone"] = False
-        model["backbone_weights"] = None
+        if model["backbone"].get("pretrained"):
+            log.info("pretrained=%s given: not loading ImageNet backbone weights", cfg.pretrained)
+        model["backbone"].update(pretrained=False, weights=None)
     module = DETRModule(
         model=model,
-        loss=cfg.loss,
-        optimizer=cfg.optimizer,
-        backbone_lr=float(cfg.backbone.lr),
-        schedule=cfg.schedule,
-        postprocess=cfg.postprocess,
-        label_map=label_map.to_dict(),
+        loss=plain(cfg.loss),
+        optimizer=plain(cfg.optimizer),
+        schedule=plain(cfg.schedule),
+        postprocess=plain(cfg.postprocess),
+        label_map=datamodule.label_map,
         data=datamodule.evaluation_settings(),
         eval_backend=cfg.eval_backend,
     )
@@ -125,17 +96,18 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
     return module
 
 
-# build_detr arguments that a checkpoint's weights fix, and the override that sets each
+# model settings that a checkpoint's weights fix (a path into the ``model`` spec), and the
+# override that sets each
 ARCHITECTURE_OVERRIDES = {
-    "backbone": "backbone",  # a config of the backbone group, e.g. backbone=resnet101
-    "num_stages": "backbone.num_stages",
-    "hidden_dim": "model.hidden_dim",
-    "num_queries": "model.num_queries",
-    "enc_layers": "model.enc_layers",
-    "dec_layers": "model.dec_layers",
-    "dim_feedforward": "model.dim_feedforward",
-    "pre_norm": "model.pre_norm",
-    "position_embedding": "model.position_embedding",
+    ("backbone", "name"): "backbone",  # a config of the backbone group, e.g. backbone=resnet101
+    ("backbone", "num_stages"): "backbone.num_stages",
+    ("hidden_dim",): "model.hidden_dim",
+    ("num_queries",): "model.num_queries",
+    ("enc_layers",): "model.enc_layers",
+    ("dec_layers",): "model.dec_layers",
+    ("dim_feedforward",): "model.dim_feedforward",
+    ("pre_norm",): "model.pre_norm",
+    ("position_embedding",): "model.position_embedding",
 }
 
 
@@ -152,16 +124,18 @@ def check_architecture(info: dict[str, Any], model: dict[str, Any]) -> None:
     file's name says DC5 and the config does not, or the other way round (the weights fit
     both)."""
     theirs = info["model"]
-    defaults = {"num_stages": 4}  # read off the weights only when it is 3
+    defaults = {("backbone", "num_stages"): 4}  # read off the weights only when it is 3
     lines = []
-    for key, override in ARCHITECTURE_OVERRIDES.items():
-        value = theirs.get(key, defaults.get(key))
-        if value is None or model.get(key) == value:
+    for path, override in ARCHITECTURE_OVERRIDES.items():
+        value = _setting(theirs, path, defaults.get(path))
+        ours = _setting(model, path)
+        if value is None or ours == value:
             continue
+        key = "backbone" if path == ("backbone", "name") else path[-1]
         fix = f"{override}={str(value).lower() if isinstance(value, bool) else value}"
         if key == "backbone" and value in PAPER_MODELS:
             fix += f" (model={PAPER_MODELS[value]} for the paper's {value} model)"
-        lines.append(f"  {key}: checkpoint {value}, config {model.get(key)}: set {fix}")
+        lines.append(f"  {key}: checkpoint {value}, config {ours}: set {fix}")
     if lines:
         raise SetupError(
             f"pretrained={info['path']} holds the weights of another architecture than the "
@@ -170,19 +144,29 @@ def check_architecture(info: dict[str, Any], model: dict[str, Any]) -> None:
         )
     name = Path(info["path"]).name
     official = OFFICIAL_FILE_NAME.fullmatch(name)
-    if official and bool(official.group(2)) != bool(model.get("dilation")):
+    dilation = bool(_setting(model, ("backbone", "dilation")))
+    if official and bool(official.group(2)) != dilation:
         log.warning(
             "%s is the official %s checkpoint, but the config %s the last stage (dilation=%s): "
             "the weights fit either way, but they were trained %s. For the model they come "
             "from, use model=detr_r%s%s",
             info["path"],
             "DC5" if official.group(2) else "non-DC5",
-            "dilates" if model.get("dilation") else "does not dilate",
-            str(bool(model.get("dilation"))).lower(),
+            "dilates" if dilation else "does not dilate",
+            str(dilation).lower(),
             "with it" if official.group(2) else "without it",
             official.group(1),
             "_dc5" if official.group(2) else "",
         )
+
+
+def _setting(spec: dict[str, Any], path: tuple[str, ...], default: Any = None) -> Any:
+    """The value at ``path`` in a nested spec, or ``default``."""
+    for key in path:
+        if not isinstance(spec, dict) or key not in spec:
+            return default
+        spec = spec[key]
+    return spec
 
 
 def _class_head_differs(info: dict[str, Any], module: DETRModule) -> bool:

@@ -25,12 +25,13 @@ from ..evaluation.evaluator import coco_eval_file
 from ..evaluation.report import metrics_payload, report, result_from_metrics
 from ..lightning.callbacks.memory import ReuseFreedMemory
 from ..lightning.datamodule import CocoDataModule
-from ..models.postprocess import PostProcess
+from ..lightning.specs import build, plain
 from ..utils import host_memory
 from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
 from ..utils.io import write_json_atomic
 from .config import CONFIG_PATH
 from .console import exit_on_setup_error, quiet_third_party
+from .legacy import upgrade_config
 from .trainer import build_trainer
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # a config from before the key leaves malloc alone
     reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
     quiet_third_party()
+    cfg = upgrade_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     # first: it checks the devices against the processes that a launcher started
     trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
     key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
     with reported_as_setup_error(f"{key}={source}", CheckpointError, FileNotFoundError):
         module = load_pretrained(source)
-    if cfg.get("postprocess") is not None:
-        module.postprocess = PostProcess(**OmegaConf.to_container(cfg.postprocess, resolve=True))
+    if cfg.get("postprocess") is not None:  # given keys over the checkpoint's settings
+        module.postprocess = build({**module.hparams["postprocess"], **plain(cfg.postprocess)})
     if cfg.get("eval_backend"):
         module.hparams.eval_backend = cfg.eval_backend
     if cfg.get("batch_invariant") is not None:

@@ -46,9 +46,10 @@ def check_resume(
             "training run from its Lightning .ckpt. To start from these weights use "
             f"pretrained={ckpt_path}"
         )
-    # how the weights were first loaded, and how batches run (neither changes a weight)
-    ignored = {"pretrained_backbone", "backbone_weights", "batch_invariant"}
-    saved, ours = info["model"], module.hparams["model"]
+    # how the weights were first loaded, how batches run, and how fast the backbone learns:
+    # none is part of the model that the checkpoint holds
+    ignored = {"backbone.pretrained", "backbone.weights", "backbone.lr", "batch_invariant"}
+    saved, ours = _flat(info["model"]), _flat(module.hparams["model"])
     differences = [
         f"{key}: checkpoint {saved.get(key)!r}, config {ours.get(key)!r}"
         for key in sorted((set(saved) | set(ours)) - ignored)
@@ -63,6 +64,17 @@ def check_resume(
             + ". Resume with the run's own model.*/backbone.*/data.* overrides (see its "
             "config.yaml), or start a new run from its weights with pretrained=..."
         )
+
+
+def _flat(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested spec's settings under dotted keys (``backbone.name``, ``hidden_dim``)."""
+    flat: dict[str, Any] = {}
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:

@@ -26,6 +26,7 @@ from ..lightning.runtime import compile_model, limit_cpu_kernel_cache
 from .build import build_module, ensure_backbone_weights, instantiate_data
 from .config import CONFIG_PATH
 from .console import exit_on_setup_error, quiet_third_party
+from .legacy import upgrade_config
 from .resume import _load_if_torch_file, _loads_in_this_process, _resume, check_resume
 from .sweeps import check_optimized_metric, objective
 from .trainer import build_trainer, run_callbacks
@@ -46,6 +47,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     (:class:`~detr_lightning.callbacks.SignalStop`).
     """
     quiet_third_party()
+    cfg = upgrade_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))

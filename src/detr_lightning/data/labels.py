@@ -49,11 +49,13 @@ class LabelMap:
     """Which COCO category each contiguous class label ``0 .. K-1`` stands for.
 
     ``category_ids[label]`` is the COCO category id of ``label`` (``-1`` for the unused labels of
-    the ``"category_id"`` mode) and ``names[label]`` its name.
+    the ``"category_id"`` mode) and ``names[label]`` its name. ``source`` says where the map
+    came from (e.g. the annotation file), for error messages; it is not part of the map.
     """
 
     category_ids: list[int]
     names: list[str]
+    source: str | None = field(default=None, compare=False, repr=False)
     _label_of: dict[int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,6 +132,7 @@ class LabelMap:
         return LabelMap(
             category_ids=self.category_ids + [UNUSED_ID] * extra,
             names=self.names + [UNUSED_NAME] * extra,
+            source=self.source,
         )
 
     def label_to_category(self, labels: Tensor | Sequence[int]) -> Tensor:
@@ -170,15 +173,17 @@ class LabelMap:
 
 
 def padded_label_map(
-    label_map: LabelMap | Mapping[str, Any], num_classes: int, source: object = "the label map"
+    label_map: LabelMap | Mapping[str, Any], num_classes: int, source: object = None
 ) -> LabelMap:
     """``label_map`` with one entry per model label: labels past its end stand for no
     category (the "unused" convention of :mod:`detr_lightning.data.labels`).
 
-    A map with more labels than the model is an error that names ``source`` (e.g. the
-    annotation file), the category ids the model cannot predict, and the fix."""
+    A map with more labels than the model is an error that names ``source`` (by default the
+    map's own ``source``, e.g. the annotation file), the category ids the model cannot
+    predict, and the fix."""
     if not isinstance(label_map, LabelMap):
         label_map = LabelMap.from_dict(label_map)
+    source = source or label_map.source or "the label map"
     if label_map.num_classes > num_classes:
         unknown = [c for c in label_map.category_ids[num_classes:] if c >= 0]
         raise ValueError(

@@ -175,6 +175,7 @@ class CocoDataModule(pl.LightningDataModule):
         val_json = load_coco_json(self.val_annotation_file)
         self._val_categories = category_names(val_json["categories"])
         self.label_map = LabelMap.from_coco(val_json, label_mapping)
+        self.label_map.source = str(self.val_annotation_file)
         del val_json
         self.per_device_batch_size = self.batch_size
         self.per_device_val_batch_size = self.val_batch_size

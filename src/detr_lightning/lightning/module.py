@@ -9,69 +9,61 @@ evaluation and prediction they come from the checkpoint.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..checkpoints.legacy import CRITERION_TARGET, POSTPROCESS_TARGET, upgrade_module_hparams
 from ..data.labels import LabelMap, padded_label_map
 from ..evaluation.evaluator import CocoEvaluator
 from ..inference.graphs import enable_cpu_graphs
 from ..inference.predictor import Predictor
-from ..models.criterion import SetCriterion
-from ..models.detr import build_detr
-from ..models.matcher import HungarianMatcher, NonFiniteCostError
-from ..models.postprocess import PostProcess
-from ..utils.io import to_plain
+from ..models.matcher import NonFiniteCostError
 from .epoch_sums import EpochSums
 from .nonfinite import NonFiniteSkip, loss_scaler
 from .optim import build_optimizer, build_schedule, parameter_groups
 from .rng import batch_seed, capture_rng_states, restore_rng_states
+from .specs import build, plain
 
 log = logging.getLogger(__name__)
 
 LOSS_LOG_KEYS = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
-# loss.* keys of the matcher, and the HungarianMatcher argument each one sets
-MATCHER_KEYS = {"set_cost_class": "cost_class", "set_cost_bbox": "cost_bbox",
-                "set_cost_giou": "cost_giou"}  # fmt: skip
-
-
-def _check_keys(given: Mapping[str, Any], allowed: Sequence[str], what: str) -> None:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown {what} settings {unknown}; known: {sorted(allowed)}")
-
-
-def _arguments(function: Callable, exclude: Sequence[str] = ()) -> list[str]:
-    return [name for name in inspect.signature(function).parameters if name not in exclude]
 
 
 class DETRModule(NonFiniteSkip):
     """DETR with its matcher, set criterion, post-processing, optimizer and COCO evaluation.
 
+    The settings are config specs, mappings with a ``_target_`` as the config groups of the
+    same names write them, which the module builds itself (so a checkpoint rebuilds it with no
+    config); keys left out take the constructors' defaults, the paper's values.
+
     Args:
-        model: keyword arguments of :func:`detr_lightning.models.build_detr`.
-        loss: matching costs (``set_cost_class``/``bbox``/``giou``, see :class:`HungarianMatcher`)
-            and loss weights (``eos_coef``, ``*_loss_coef``, see :class:`SetCriterion`); keys
-            left out take those constructors' defaults (the paper's values).
-        optimizer: a Hydra ``_partial_`` spec of the optimizer, completed in
+        model: the ``model`` spec (:func:`~detr_lightning.models.build_detr`'s settings, the
+            backbone's spec under ``backbone``, whose ``lr`` is the backbone's learning rate).
+            ``num_classes`` None: the label map's class count.
+        loss: the ``loss`` spec (:func:`~detr_lightning.models.build_criterion`: matching
+            costs and loss weights); None: the paper's.
+        optimizer: a ``_partial_`` spec of the optimizer, completed in
             :meth:`configure_optimizers` with the parameter groups (None: AdamW, lr 1e-4,
             weight decay 1e-4, as the paper).
-        backbone_lr: learning rate of the trainable backbone stages; 0 freezes the backbone.
-        schedule: a Hydra ``_partial_`` spec of a :mod:`detr_lightning.schedules` function
+        schedule: a ``_partial_`` spec of a :mod:`detr_lightning.lightning.optim` schedule
             (None: constant learning rate).
-        postprocess: keyword arguments of :class:`PostProcess`.
-        label_map: ``{"category_ids": [...], "names": [...]}``, one entry per label; labels
-            beyond it (a model with more classes than the data) stand for no category.
+        postprocess: the ``postprocess`` spec (:class:`~detr_lightning.models.PostProcess`).
+        label_map: ``{"category_ids": [...], "names": [...]}`` or a :class:`LabelMap`, one
+            entry per label; labels beyond it (a model with more classes than the data) stand
+            for no category. It is checked against ``num_classes`` here, once.
         data: the data module's ``evaluation_settings()`` (stored so evaluation can repeat the
             validation without the training config); fitting adds
             ``train_per_device_batch_size``, the images per device of the training batches.
         eval_backend: COCO evaluation backend: "auto" (faster_coco_eval when installed),
             "pycocotools" or "faster_coco_eval".
+        backbone_lr: only in checkpoints of the package's first layout (now the backbone's
+            ``lr``); their flat ``model``, ``loss`` and ``postprocess`` mappings are read too
+            (:mod:`detr_lightning.checkpoints.legacy`).
     """
 
     def __init__(
@@ -79,50 +71,58 @@ class DETRModule(NonFiniteSkip):
         model: Mapping[str, Any],
         loss: Mapping[str, Any] | None = None,
         optimizer: Mapping[str, Any] | None = None,
-        backbone_lr: float = 1e-5,
         schedule: Mapping[str, Any] | None = None,
         postprocess: Mapping[str, Any] | None = None,
-        label_map: Mapping[str, Any] | None = None,
+        label_map: LabelMap | Mapping[str, Any] | None = None,
         data: Mapping[str, Any] | None = None,
         eval_backend: str = "auto",
+        backbone_lr: float | None = None,
     ) -> None:
         super().__init__()
-        model = to_plain(model)
-        loss = to_plain(loss) or {}
-        postprocess = to_plain(postprocess) or {}
-        criterion_keys = _arguments(SetCriterion, ("num_classes", "matcher",
-                                                   "num_decoder_layers", "aux_loss"))  # fmt: skip
-        _check_keys(loss, [*MATCHER_KEYS, *criterion_keys], "loss")
-        _check_keys(postprocess, _arguments(PostProcess), "postprocess")
-        self.model = enable_cpu_graphs(build_detr(**model))
-        num_classes = self.model.num_classes
-        if label_map is not None:
-            label_map = padded_label_map(label_map, num_classes).to_dict()
+        settings = upgrade_module_hparams(
+            {
+                "model": plain(model),
+                "loss": plain(loss) or {"_target_": CRITERION_TARGET},
+                "optimizer": plain(optimizer),
+                "schedule": plain(schedule),
+                "postprocess": plain(postprocess) or {"_target_": POSTPROCESS_TARGET},
+                **({"backbone_lr": backbone_lr} if backbone_lr is not None else {}),
+            }
+        )
+        spec = settings["model"]
+        if label_map is not None and not isinstance(label_map, LabelMap):
+            label_map = LabelMap.from_dict(label_map)
+        if spec.get("num_classes") is None:  # the config's null: as many as the data has
+            if label_map is None:
+                raise ValueError("model.num_classes is null and there is no label map to count")
+            spec["num_classes"] = label_map.num_classes
+        if label_map is not None:  # the one check of num_classes against the labels
+            label_map = padded_label_map(label_map, spec["num_classes"], label_map.source)
+        self.model = enable_cpu_graphs(build(spec))
         self.save_hyperparameters(
             {
                 # A rebuilt module gets every backbone weight from its checkpoint: it must
                 # neither download ImageNet weights again nor need the original local file.
-                "model": {**model, "pretrained_backbone": False, "backbone_weights": None},
-                "loss": loss,
-                "optimizer": to_plain(optimizer),
-                "backbone_lr": backbone_lr,
-                "schedule": to_plain(schedule),
-                "postprocess": postprocess,
-                "label_map": label_map,
-                "data": to_plain(data),
+                "model": {
+                    **spec,
+                    "backbone": {**spec["backbone"], "pretrained": False, "weights": None},
+                },  # fmt: skip
+                "loss": settings["loss"],
+                "optimizer": settings["optimizer"],
+                "schedule": settings["schedule"],
+                "postprocess": settings["postprocess"],
+                "label_map": None if label_map is None else label_map.to_dict(),
+                "data": plain(data),
                 "eval_backend": eval_backend,
             }
         )
-        if float(backbone_lr) == 0.0:
-            self.model.backbone.requires_grad_(False)
-        self.criterion = SetCriterion(
-            num_classes,
-            HungarianMatcher(**{MATCHER_KEYS[k]: v for k, v in loss.items() if k in MATCHER_KEYS}),
+        self.criterion = build(
+            settings["loss"],
+            num_classes=self.model.num_classes,
             num_decoder_layers=len(self.model.transformer.decoder.layers),
             aux_loss=self.model.aux_loss,
-            **{k: v for k, v in loss.items() if k not in MATCHER_KEYS},
         )
-        self.postprocess = PostProcess(**postprocess)
+        self.postprocess = build(settings["postprocess"])
         self.evaluator: CocoEvaluator | None = None
         # Where test epochs write their COCO results file (set by the evaluation entry point).
         self.results_file: str | None = None
@@ -416,8 +416,8 @@ class DETRModule(NonFiniteSkip):
     # ---------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         """The optimizer of the ``optimizer`` spec over :func:`~.optim.parameter_groups` (the
-        backbone at ``backbone_lr``), and the ``schedule`` spec's learning-rate schedule."""
-        groups = parameter_groups(self.model, self.hparams.backbone_lr)
+        backbone at its ``lr``), and the ``schedule`` spec's learning-rate schedule."""
+        groups = parameter_groups(self.model, self.model.backbone.lr)
         # Lightning cannot clip the gradients of a fused optimizer under fp16's loss scaling
         scaled = self._trainer is not None and loss_scaler(self.trainer) is not None
         optimizer = build_optimizer(groups, self.hparams.optimizer, allow_fused=not scaled)

@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["build"]
+__all__ = ["build", "plain"]
 
 
 def build(spec: Mapping[str, Any], **kwargs: Any) -> Any:
@@ -20,3 +21,15 @@ def build(spec: Mapping[str, Any], **kwargs: Any) -> Any:
     ``kwargs`` added to its arguments; nested specs are built first, containers are plain
     Python."""
     return instantiate(spec, **kwargs, _convert_="all")
+
+
+def plain(value: Any) -> Any:
+    """``value`` as builtins (dicts, lists, scalars), config containers resolved: what a
+    checkpoint may hold and still load with ``weights_only=True``."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value

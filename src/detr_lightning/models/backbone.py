@@ -94,11 +94,16 @@ class Backbone(nn.Module):
             cache, downloading them once (see ``ensure_imagenet_weights``; a SetupError when
             offline). Neither given: random initialization.
         norm: "frozen" (FrozenBatchNorm2d, the official choice), "batch" or "group".
-        train_backbone: when False every backbone parameter is frozen.
         trainable_layers: how many stages, from the top, are trained (0-5; 3 = layer2-4 as
             the official recipe; 5 = everything, for training from a random backbone).
         num_stages: residual stages used: 4 (the paper, stride 32) or 3 (stops after layer3:
             stride 16 and half the channels, for small images and small machines).
+        lr: learning rate of the trainable stages (the paper's 1e-5, a tenth of the
+            transformer's), which the optimizer reads (the official code's ``lr_backbone``);
+            0 freezes every backbone weight.
+
+    Argument names are the ``backbone`` config group's keys; the defaults are the paper's,
+    except that nothing is downloaded unless asked for (the config asks: ``pretrained``).
     """
 
     def __init__(
@@ -109,9 +114,9 @@ class Backbone(nn.Module):
         weights: str | os.PathLike | None = None,
         pretrained: bool = False,
         norm: NormKind = "frozen",
-        train_backbone: bool = True,
         trainable_layers: int = 3,
         num_stages: int = 4,
+        lr: float = 1e-5,
     ) -> None:
         super().__init__()
         if num_stages not in (3, 4):
@@ -120,6 +125,8 @@ class Backbone(nn.Module):
             raise ValueError("DC5 dilates layer4; it needs num_stages=4")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
+        if lr < 0:
+            raise ValueError(f"backbone.lr={lr}: a learning rate >= 0 (0 freezes the backbone)")
         if name not in RESNET_CHANNELS:
             raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNET_CHANNELS)}")
         if dilation and RESNET_CHANNELS[name] == 512:
@@ -161,9 +168,10 @@ class Backbone(nn.Module):
         self.num_stages = num_stages
         self.num_channels = RESNET_CHANNELS[name] // (2 if num_stages == 3 else 1)
         self.stride = 16 if dilation or num_stages == 3 else 32
+        self.lr = float(lr)
         trainable = STAGES_TOP_DOWN[: trainable_layers + (trainable_layers == 5)]
         for param_name, param in self.body.named_parameters():
-            if not train_backbone or not param_name.startswith(trainable):
+            if self.lr == 0.0 or not param_name.startswith(trainable):
                 param.requires_grad_(False)
 
     # A function (backbone, images) -> features that may run the trunk another way, or return

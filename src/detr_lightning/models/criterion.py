@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from ..ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou_loss
 from ..ops.distributed import all_reduce_mean
+from ..utils.signatures import split_keywords
 from .matcher import HungarianMatcher, Indices
 
 
@@ -190,3 +192,28 @@ class SetCriterion(nn.Module):
 def _layers(outputs: dict) -> list[dict[str, Tensor]]:
     """The final layer's predictions, then the auxiliary layers'."""
     return [outputs, *outputs.get("aux_outputs", [])]
+
+
+# SetCriterion's arguments that the model decides, not the ``loss`` config group
+CRITERION_FROM_MODEL = ("num_classes", "matcher", "num_decoder_layers", "aux_loss")
+
+
+def build_criterion(
+    num_classes: int, *, num_decoder_layers: int = 6, aux_loss: bool = True, **settings: Any
+) -> SetCriterion:
+    """The set criterion and its matcher from one flat set of settings: the ``loss`` config
+    group's keys, which are the arguments of :class:`HungarianMatcher` (``set_cost_class``,
+    ``set_cost_bbox``, ``set_cost_giou``) and the loss weights of :class:`SetCriterion`
+    (``eos_coef``, ``ce_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``); what is left out
+    takes their defaults, the paper's. ``num_classes``, ``num_decoder_layers`` and
+    ``aux_loss`` are the model's."""
+    matcher, weights = split_keywords(
+        settings, HungarianMatcher, SetCriterion, exclude=CRITERION_FROM_MODEL
+    )
+    return SetCriterion(
+        num_classes,
+        HungarianMatcher(**matcher),
+        num_decoder_layers=num_decoder_layers,
+        aux_loss=aux_loss,
+        **weights,
+    )

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.padding import pad_images
-from .backbone import Backbone, NormKind
-from .position_encoding import PositionEmbeddingSine, build_position_encoding
+from ..utils.signatures import split_keywords
+from .backbone import Backbone
+from .position_encoding import build_position_encoding
 from .transformer import Transformer
 
 
@@ -37,34 +39,41 @@ class DETR(nn.Module):
 
     Args:
         backbone: feature extractor with ``num_channels`` and ``forward(images, mask)``.
-        transformer: encoder-decoder with ``d_model``.
+        transformer: encoder-decoder with ``hidden_dim``.
         num_classes: number of object classes; the classifier has one more output, the last
             being "no object". For the official COCO checkpoints this is 91 (max id + 1).
         num_queries: number of object queries (max detections per image).
         aux_loss: also return predictions of every earlier decoder layer.
-        position_encoding: defaults to the normalized sine encoding.
+        position_embedding: "sine" (the paper's normalized sine encoding) or "learned", or a
+            module that maps the [B, h, w] padding mask to [B, hidden_dim, h, w].
         batch_invariant: run the backbone on each image's own unpadded pixels, so that an
             image's predictions do not depend on the other images of its batch (see
             :meth:`forward`). Off by default: the official checkpoints were trained and
             evaluated on padded batches. An attribute too, to switch at evaluation time; it
             holds no weights.
+
+    The defaults are the paper's DETR on COCO; ``num_classes``, ``num_queries``,
+    ``aux_loss``, ``position_embedding`` and ``batch_invariant`` are keys of the ``model``
+    config group (:func:`build_detr`).
     """
 
     def __init__(
         self,
-        backbone: Backbone,
+        backbone: nn.Module,
         transformer: Transformer,
-        num_classes: int,
+        num_classes: int = 91,
         num_queries: int = 100,
         aux_loss: bool = True,
-        position_encoding: nn.Module | None = None,
+        position_embedding: str | nn.Module = "sine",
         batch_invariant: bool = False,
     ) -> None:
         super().__init__()
-        hidden_dim = transformer.d_model
+        hidden_dim = transformer.hidden_dim
         self.backbone = backbone
         self.transformer = transformer
-        self.position_encoding = position_encoding or PositionEmbeddingSine(hidden_dim // 2)
+        if isinstance(position_embedding, str):
+            position_embedding = build_position_encoding(position_embedding, hidden_dim)
+        self.position_encoding = position_embedding
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
@@ -186,58 +195,23 @@ def _top_left_rectangles(heights: Tensor, widths: Tensor, height: int, width: in
     return (rows < heights[:, None])[:, :, None] & (cols < widths[:, None])[:, None, :]
 
 
-def build_detr(
-    *,
-    num_classes: int = 91,
-    backbone: str = "resnet50",
-    dilation: bool = False,
-    pretrained_backbone: bool = False,
-    backbone_weights: str | None = None,
-    norm: NormKind = "frozen",
-    train_backbone: bool = True,
-    trainable_layers: int = 3,
-    num_stages: int = 4,
-    position_embedding: str = "sine",
-    num_queries: int = 100,
-    hidden_dim: int = 256,
-    nheads: int = 8,
-    enc_layers: int = 6,
-    dec_layers: int = 6,
-    dim_feedforward: int = 2048,
-    dropout: float = 0.1,
-    pre_norm: bool = False,
-    aux_loss: bool = True,
-    batch_invariant: bool = False,
-) -> DETR:
-    """Build DETR from plain settings; the defaults are DETR-R50 on COCO (91 = max id + 1).
+def build_detr(backbone: nn.Module | str | Mapping[str, Any] = "resnet50", **settings: Any) -> DETR:
+    """DETR from one flat set of settings: the ``model`` config group's keys.
 
-    ``pretrained_backbone`` loads torchvision's ImageNet weights for the ResNet only (from its
-    cache, downloading them once); ``backbone_weights`` names a local file of them instead.
-    These keyword names are the ones stored in exported configs and Hydra's ``model`` group.
+    ``settings`` are the arguments of :class:`Transformer` (``hidden_dim``, ``nheads``,
+    ``enc_layers``, ``dec_layers``, ``dim_feedforward``, ``dropout``, ``pre_norm``) and those of
+    :class:`DETR` beside its two modules (``num_classes``, ``num_queries``, ``aux_loss``,
+    ``position_embedding``, ``batch_invariant``), under the names those take; what is left
+    out takes their defaults, the paper's DETR-R50 on COCO. ``backbone`` is a module, a
+    :class:`Backbone`'s ``name``, or its arguments (the ``backbone`` config group).
     """
-    return DETR(
-        Backbone(
-            backbone,
-            dilation=dilation,
-            pretrained=pretrained_backbone,
-            weights=backbone_weights,
-            norm=norm,
-            train_backbone=train_backbone,
-            trainable_layers=trainable_layers,
-            num_stages=num_stages,
-        ),
-        Transformer(
-            d_model=hidden_dim,
-            nhead=nheads,
-            num_encoder_layers=enc_layers,
-            num_decoder_layers=dec_layers,
-            dim_feedforward=dim_feedforward,
-            dropout=dropout,
-            normalize_before=pre_norm,
-        ),
-        num_classes=num_classes,
-        num_queries=num_queries,
-        aux_loss=aux_loss,
-        position_encoding=build_position_encoding(position_embedding, hidden_dim),
-        batch_invariant=batch_invariant,
-    )
+    if isinstance(backbone, str):
+        backbone = Backbone(backbone)
+    elif isinstance(backbone, Mapping):
+        backbone = Backbone(**backbone)
+    detr, transformer = split_keywords(settings, DETR, Transformer, exclude=DETR_MODULES)
+    return DETR(backbone, Transformer(**transformer), **detr)
+
+
+# DETR's arguments that are modules, not settings
+DETR_MODULES = ("backbone", "transformer")

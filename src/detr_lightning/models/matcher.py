@@ -1,7 +1,7 @@
 """Hungarian matching between predictions and ground-truth boxes.
 
 The cost of assigning query i to target j is
-``cost_class * -p_i(c_j) + cost_bbox * |b_i - b_j|_1 + cost_giou * -GIoU(b_i, b_j)``
+``set_cost_class * -p_i(c_j) + set_cost_bbox * |b_i - b_j|_1 + set_cost_giou * -GIoU(b_i, b_j)``
 (boxes in normalized cxcywh for L1, xyxy for GIoU). Every image and decoder layer gets its own
 [Q, T] matrix; all of them are built in one batched pass on the model's device, always in fp32,
 moved to the host once, and solved with scipy's ``linear_sum_assignment``.
@@ -25,17 +25,21 @@ class NonFiniteCostError(ValueError):
 
 
 class HungarianMatcher(nn.Module):
-    """One-to-one assignment minimizing the weighted class + L1 + GIoU cost."""
+    """One-to-one assignment minimizing the weighted class + L1 + GIoU cost.
+
+    The weights' names are the official code's options (``--set_cost_class`` ...) and the
+    ``loss`` config group's keys; the defaults are the paper's.
+    """
 
     def __init__(
-        self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0
+        self, set_cost_class: float = 1.0, set_cost_bbox: float = 5.0, set_cost_giou: float = 2.0
     ) -> None:
         super().__init__()
-        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+        if set_cost_class == 0 and set_cost_bbox == 0 and set_cost_giou == 0:
             raise ValueError("all matching costs are 0; at least one must be non-zero")
-        self.cost_class = cost_class
-        self.cost_bbox = cost_bbox
-        self.cost_giou = cost_giou
+        self.set_cost_class = set_cost_class
+        self.set_cost_bbox = set_cost_bbox
+        self.set_cost_giou = set_cost_giou
 
     @torch.no_grad()
     def forward(self, outputs: dict[str, Tensor], targets: Sequence[dict[str, Tensor]]) -> Indices:
@@ -76,9 +80,11 @@ class HungarianMatcher(nn.Module):
             prob = logits.float().softmax(-1)  # [L, B, Q, C+1]
             pred_boxes = torch.stack([layer["pred_boxes"] for layer in layers]).float()
             index = labels[None, :, None, :].expand(num_layers, batch, num_queries, max_targets)
-            cost = -self.cost_class * prob.gather(-1, index)
-            cost += self.cost_bbox * (pred_boxes.unsqueeze(-2) - boxes[None, :, None]).abs().sum(-1)
-            cost -= self.cost_giou * batched_generalized_box_iou(
+            cost = -self.set_cost_class * prob.gather(-1, index)
+            cost += self.set_cost_bbox * (
+                pred_boxes.unsqueeze(-2) - boxes[None, :, None]
+            ).abs().sum(-1)
+            cost -= self.set_cost_giou * batched_generalized_box_iou(
                 box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(boxes)[None]
             )
         cost = cost.cpu()  # the one device-to-host transfer

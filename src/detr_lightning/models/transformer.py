@@ -62,23 +62,18 @@ class _AttentionFFNLayer(nn.Module):
     """What encoder and decoder layers share: self-attention, FFN, two norms, dropouts."""
 
     def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        normalize_before: bool = False,
+        self, hidden_dim: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool
     ) -> None:
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.self_attn = MultiheadAttention(hidden_dim, nheads, dropout=dropout)
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
+        self.pre_norm = pre_norm
 
     def _ffn(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
@@ -89,7 +84,7 @@ class TransformerEncoderLayer(_AttentionFFNLayer):
 
     def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """src, pos [B, HW, E]; key_padding_mask [B, HW]."""
-        if self.normalize_before:
+        if self.pre_norm:
             x = self.norm1(src)
             qk = x + pos
             src = src + self.dropout1(self.self_attn(qk, qk, x, key_padding_mask))
@@ -103,16 +98,11 @@ class TransformerDecoderLayer(_AttentionFFNLayer):
     """Query self-attention, cross-attention to the encoder memory, FFN."""
 
     def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        normalize_before: bool = False,
+        self, hidden_dim: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool
     ) -> None:
-        super().__init__(d_model, nhead, dim_feedforward, dropout, normalize_before)
-        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm3 = nn.LayerNorm(d_model)
+        super().__init__(hidden_dim, nheads, dim_feedforward, dropout, pre_norm)
+        self.multihead_attn = MultiheadAttention(hidden_dim, nheads, dropout=dropout)
+        self.norm3 = nn.LayerNorm(hidden_dim)
         self.dropout3 = nn.Dropout(dropout)
 
     def forward(
@@ -124,7 +114,7 @@ class TransformerDecoderLayer(_AttentionFFNLayer):
         memory_key_padding_mask: Tensor | None,
     ) -> Tensor:
         """tgt, query_pos [B, Q, E]; memory, memory_with_pos [B, HW, E]; mask [B, HW]."""
-        if self.normalize_before:
+        if self.pre_norm:
             x = self.norm1(tgt)
             qk = x + query_pos
             tgt = tgt + self.dropout1(self.self_attn(qk, qk, x))
@@ -179,37 +169,43 @@ class TransformerDecoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Encoder-decoder of DETR (6+6 layers, d=256, 8 heads, FFN 2048 by default)."""
+    """Encoder-decoder of DETR; the defaults are the paper's (6+6 layers, d=256, 8 heads, FFN
+    2048, dropout 0.1, post-norm). Argument names are the official code's options, and the
+    ``model`` config group's keys.
+
+    Args:
+        hidden_dim: width of every layer (the paper's d).
+        nheads: attention heads of every attention.
+        enc_layers, dec_layers: encoder and decoder depth (at least one decoder layer).
+        dim_feedforward: hidden width of the feed-forward blocks.
+        dropout: dropout in attention and feed-forward blocks.
+        pre_norm: LayerNorm before each block (with a final encoder norm), not after.
+    """
 
     def __init__(
         self,
-        d_model: int = 256,
-        nhead: int = 8,
-        num_encoder_layers: int = 6,
-        num_decoder_layers: int = 6,
+        hidden_dim: int = 256,
+        nheads: int = 8,
+        enc_layers: int = 6,
+        dec_layers: int = 6,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        normalize_before: bool = False,
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
-        if num_decoder_layers < 1:
+        if dec_layers < 1:
             raise ValueError("the transformer needs at least one decoder layer")
+        settings = (hidden_dim, nheads, dim_feedforward, dropout, pre_norm)
         self.encoder = TransformerEncoder(
-            [
-                TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
-                for _ in range(num_encoder_layers)
-            ],
-            nn.LayerNorm(d_model) if normalize_before else None,
+            [TransformerEncoderLayer(*settings) for _ in range(enc_layers)],
+            nn.LayerNorm(hidden_dim) if pre_norm else None,
         )
         self.decoder = TransformerDecoder(
-            [
-                TransformerDecoderLayer(d_model, nhead, dim_feedforward, dropout, normalize_before)
-                for _ in range(num_decoder_layers)
-            ],
-            nn.LayerNorm(d_model),
+            [TransformerDecoderLayer(*settings) for _ in range(dec_layers)],
+            nn.LayerNorm(hidden_dim),
         )
-        self.d_model = d_model
-        self.nhead = nhead
+        self.hidden_dim = hidden_dim
+        self.nheads = nheads
         for param in self.parameters():
             if param.dim() > 1:
                 nn.init.xavier_uniform_(param)

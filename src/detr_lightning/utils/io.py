@@ -1,11 +1,11 @@
-"""Crash-safe file writes and conversion of config containers to plain Python."""
+"""Crash-safe file writes."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +59,3 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """JSON through :func:`atomic_write` (NaN allowed, as COCO's -1/NaN statistics need)."""
     text = json.dumps(payload, indent=2, allow_nan=True)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers, mappings and tuples -> dicts and lists of builtins (JSON-able)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value

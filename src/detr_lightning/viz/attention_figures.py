@@ -240,7 +240,7 @@ def attention_panels(
     found = detect_with_attention(predictor, image, threshold=threshold)
     out_dir = Path(out_dir)
     stem = stem or _default_stem(image)
-    heads = predictor.model.transformer.nhead
+    heads = predictor.model.transformer.nheads
     shown = min(len(found.captions), max_detections)
     title = f"last decoder layer: cross-attention (mean of {heads} heads), score > {threshold}"
     if shown < len(found.captions):
