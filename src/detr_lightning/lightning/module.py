@@ -106,7 +106,7 @@ class DETRModule(NonFiniteSkip):
                 "model": {
                     **spec,
                     "backbone": {**spec["backbone"], "pretrained": False, "weights": None},
-                },  # fmt: skip
+                },
                 "loss": settings["loss"],
                 "optimizer": settings["optimizer"],
                 "schedule": settings["schedule"],
