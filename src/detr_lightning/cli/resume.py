@@ -11,7 +11,6 @@ from typing import Any
 import pytorch_lightning as pl
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from ..checkpoints.reading import needs_config_file, read_checkpoint, read_loaded_checkpoint
 from ..checkpoints.run_files import (
@@ -20,6 +19,7 @@ from ..checkpoints.run_files import (
     last_checkpoint_path,
     load_resume_checkpoint,
 )
+from ..lightning import compat
 from ..lightning.callbacks.preemption import launcher_requeue_handler
 from ..lightning.module import DETRModule
 from ..utils.errors import CheckpointError, SetupError
@@ -184,7 +184,7 @@ def _loads_in_this_process(trainer: pl.Trainer) -> bool:
     """Whether ``trainer.fit`` restores its checkpoint in this process: not where it forks or
     spawns its ranks (``ddp_fork``, ``ddp_spawn``, ``ddp_notebook``), whose parent only waits
     and would hold the checkpoint for the whole run."""
-    return not isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+    return not compat.spawns_processes(trainer)
 
 
 def _check_fixed_run_dir(cfg: DictConfig) -> None:

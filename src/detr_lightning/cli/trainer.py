@@ -14,6 +14,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElastic
 from omegaconf import DictConfig
 
 from ..checkpoints.run_files import last_checkpoint_path
+from ..lightning import compat
 from ..lightning.callbacks.preemption import SignalStop
 from ..lightning.checkpoint_io import AtomicCheckpointIO
 from ..lightning.loggers import ResumableLogs
@@ -112,7 +113,7 @@ def build_trainer(
     # Lightning chooses the cluster environment (torchrun's over SLURM's); the requeue is
     # SignalStop's (run_callbacks), which stops all ranks at one step, not that of Lightning's
     # SLURM environment, which saves from its signal handler, mid-step
-    environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+    environment = compat.cluster_environment(trainer)
     if isinstance(environment, SLURMEnvironment):
         environment.auto_requeue = False
     check_launched_processes(trainer)

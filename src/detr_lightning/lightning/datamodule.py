@@ -38,6 +38,7 @@ from ..data.labels import LabelMap
 from ..data.paths import dataset_root, split_path
 from ..data.presets import DEFAULT_SCALES, make_train_transforms, make_val_transforms
 from ..data.sampler import EpochSeededSampler, ResumableDataLoader
+from . import compat
 
 __all__ = ["CocoDataModule", "default_num_workers"]
 
@@ -218,7 +219,7 @@ class CocoDataModule(pl.LightningDataModule):
         checkpoint falls within an epoch, which a resume checks (:meth:`load_state_dict`)."""
         trainer, mid_epoch = self.trainer, False
         if trainer is not None:
-            mid_epoch = 0 < _trained_batches(trainer) < trainer.num_training_batches
+            mid_epoch = 0 < compat.trained_batches(trainer) < trainer.num_training_batches
         return {"training_order": self._training_order(), "mid_epoch": bool(mid_epoch)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -362,7 +363,7 @@ class CocoDataModule(pl.LightningDataModule):
             seed=self.seed,
             epoch_source=(lambda: trainer.current_epoch) if trainer is not None else None,
             trained_source=(
-                (lambda: _trained_batches(trainer) * self.per_device_batch_size)
+                (lambda: compat.trained_batches(trainer) * self.per_device_batch_size)
                 if trainer is not None
                 else None
             ),
@@ -382,15 +383,6 @@ class CocoDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The validation split, for writing predictions."""
         return self.val_dataloader()
-
-
-def _trained_batches(trainer: pl.Trainer) -> int:
-    """How many batches of the current training epoch have been trained: 0 when an epoch
-    starts, more when a run resumes from a checkpoint written mid-epoch (restored from it by
-    the time the first batch is drawn). Lightning's count of processed batches, which also
-    holds where ``training_step`` draws its batch itself (``dataloader_iter``): its count of
-    batches drawn is one ahead there."""
-    return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
 
 def _log_summary(report: SplitReport) -> None:

@@ -9,24 +9,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 from lightning_fabric.loggers.logger import rank_zero_experiment
-from lightning_fabric.utilities.apply_func import convert_tensors_to_scalars
 from pytorch_lightning.loggers import CSVLogger as LightningCSVLogger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..utils.io import atomic_write
+from . import compat
 
 
-class _ContinuingWriter(ExperimentWriter):
+class _ContinuingWriter(compat.KeepingExperimentWriter):
     """Lightning's writer, except that an existing ``metrics.csv`` is kept for a resumed run."""
 
     def __init__(self, log_dir: str) -> None:
         self.resumed = False  # set by CSVLogger.continue_file
         self._sorted_out = False  # whether the rows of an existing file were dealt with
         super().__init__(log_dir)
-
-    def _check_log_dir_exists(self) -> None:
-        """Lightning deletes metrics.csv here; a resumed run needs it."""
 
     def save(self) -> None:
         if self.metrics and not self._sorted_out:
@@ -82,10 +78,7 @@ class CSVLogger(LightningCSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self) -> _ContinuingWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
-        return self._experiment
+        return compat.csv_experiment(self, lambda: _ContinuingWriter(log_dir=self.log_dir))
 
     @rank_zero_only
     def continue_file(self) -> None:
@@ -113,29 +106,6 @@ class CSVLogger(LightningCSVLogger):
         super().log_metrics(metrics, step)
 
 
-def _unlogged_step_row(trainer: pl.Trainer) -> tuple[int, dict[str, float]] | None:
-    """The step metrics of the training batch that a checkpoint ends, when Lightning has yet
-    to log them: a checkpoint every n steps is written in ``on_train_batch_end``, and Lightning
-    logs that batch's row only after the hook. ``None`` when nothing is pending (a checkpoint
-    at the end of an epoch, a step that logs nothing) or when Lightning's internals differ
-    from those this reads (then the row may be lost on a kill, as before)."""
-    try:
-        loop, connector = trainer.fit_loop.epoch_loop, trainer._logger_connector
-        step = loop._batches_that_stepped
-        if not trainer.training or trainer.sanity_checking or step >= trainer.global_step:
-            return None
-        if not connector.should_update_logs:
-            return None
-        metrics = convert_tensors_to_scalars(dict(connector.metrics["log"]))
-    except (AttributeError, KeyError, TypeError):
-        return None
-    if not metrics:
-        return None
-    # what Lightning's own call adds to a row without an explicit step
-    metrics.setdefault("epoch", trainer.current_epoch)
-    return step, metrics
-
-
 class ResumableLogs(pl.Callback):
     """Flushes the loggers into their files with every checkpoint, and tells
     :class:`CSVLogger` when a run resumes.
@@ -150,7 +120,7 @@ class ResumableLogs(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        row = _unlogged_step_row(trainer)
+        row = compat.unlogged_step_row(trainer)
         for logger in trainer.loggers:
             if row is not None and isinstance(logger, CSVLogger):
                 logger.log_ahead(row[1], step=row[0])

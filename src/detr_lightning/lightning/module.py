@@ -23,6 +23,7 @@ from ..evaluation.evaluator import CocoEvaluator
 from ..inference.graphs import enable_cpu_graphs
 from ..inference.predictor import Predictor
 from ..models.matcher import NonFiniteCostError
+from . import compat
 from .epoch_sums import EpochSums
 from .nonfinite import NonFiniteSkip, loss_scaler
 from .optim import build_optimizer, build_schedule, parameter_groups
@@ -172,7 +173,8 @@ class DETRModule(NonFiniteSkip):
         In training the label map came from the data module (``build_module``); here they must
         agree. In evaluation the checkpoint's map relabels the data.
         """
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        trainer = compat.attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         data_map = getattr(datamodule, "label_map", None)
         num_classes = self.model.num_classes
         if data_map is not None and self.label_map is not None and stage != "fit":
@@ -295,7 +297,7 @@ class DETRModule(NonFiniteSkip):
         # Logged at the epoch's last batch, so that callbacks find train/loss & co. in
         # trainer.callback_metrics from their on_train_epoch_end on, as with per-step logging
         # (the module's own on_train_epoch_end runs after theirs).
-        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if compat.is_last_batch(self.trainer):
             self._log_epoch_means()
 
     def on_train_epoch_end(self) -> None:
@@ -419,7 +421,8 @@ class DETRModule(NonFiniteSkip):
         backbone at its ``lr``), and the ``schedule`` spec's learning-rate schedule."""
         groups = parameter_groups(self.model, self.model.backbone.lr)
         # Lightning cannot clip the gradients of a fused optimizer under fp16's loss scaling
-        scaled = self._trainer is not None and loss_scaler(self.trainer) is not None
+        trainer = compat.attached_trainer(self)
+        scaled = trainer is not None and loss_scaler(trainer) is not None
         optimizer = build_optimizer(groups, self.hparams.optimizer, allow_fused=not scaled)
         if self.hparams.schedule is None:
             return optimizer

@@ -23,6 +23,7 @@ from ...checkpoints.run_files import (
     prune_hpc_checkpoints,
     save_as_hpc_checkpoint,
 )
+from .. import compat
 
 __all__ = ["SignalStop", "launcher_requeue_handler", "requeue_slurm_job"]
 
@@ -174,9 +175,9 @@ class SignalStop(pl.Callback):
         installed just before the sanity check and training start."""
         if self._installed or threading.current_thread() is not threading.main_thread():
             return
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is not None and connector.received_sigterm:  # came before this hook
-            connector.received_sigterm = False
+        flag = compat.sigterm_flag(trainer)
+        if flag.get():  # came before this hook
+            flag.set(False)
             self._noted = max(self._noted, _STOP)
         signals = [signal.SIGTERM] + ([self.requeue_signal] if self.requeue_signal else [])
         self._launcher = launcher_requeue_handler()
@@ -204,31 +205,29 @@ class SignalStop(pl.Callback):
         self._install(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Lightning's accumulation test (private: without it, every batch is a step)
-        accumulating = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", None)
-        if accumulating is not None and accumulating():
+        if not compat.batch_closes_step(trainer):
             return
         reason = largest_over_ranks(trainer, self._noted)  # every rank, every step
         if reason == _RUN_ON or self._reason != _RUN_ON or _fit_ends_after_this_step(trainer):
             return  # (a fit that ends here is complete: nothing to stop)
         self._reason = reason
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is None:  # a Lightning without the flag: stop here
+        flag = compat.sigterm_flag(trainer)
+        if not flag.available:  # a Lightning without the flag: stop here
             raise SIGTERMException
         # On every rank alike, Lightning raises SIGTERMException after this batch's hooks,
         # its logging and a validation due after it (see on_validation_start), or at an
         # epoch's last batch after the epoch's end
-        connector.received_sigterm = True
+        flag.set(True)
 
     # Lightning's evaluation loop stops at its next batch when the flag is set: a validation
     # due after the step the ranks stop at runs in full with the flag lowered.
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._reason != _RUN_ON and not trainer.sanity_checking:
-            trainer._signal_connector.received_sigterm = False
+            compat.sigterm_flag(trainer).set(False)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._reason != _RUN_ON and not trainer.sanity_checking:
-            trainer._signal_connector.received_sigterm = True
+            compat.sigterm_flag(trainer).set(True)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -307,7 +306,7 @@ def _fit_ends_after_this_step(trainer: pl.Trainer) -> bool:
     last_epoch = (
         trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
     )
-    return last_epoch and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+    return last_epoch and compat.is_last_batch(trainer)
 
 
 def requeue_slurm_job(environ: Mapping[str, str] = os.environ) -> bool:

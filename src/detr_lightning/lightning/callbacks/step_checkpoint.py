@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from .. import compat
+
 __all__ = ["StepCheckpoint"]
 
 
@@ -19,6 +21,6 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if compat.is_last_batch(trainer):
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
