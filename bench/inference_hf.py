@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import INFERENCE_BOUND_ROW as BOUND
 from common import environment, print_table, write_json
 
-from hf_reference import build_hf_detr
+from helpers.hf_reference import build_hf_detr
 
 BACKBONES = {"R50": "resnet50", "R101": "resnet101", "R101-DC5": "resnet101"}
 

@@ -5,6 +5,12 @@ not in its checkpoints: a run resumed in the middle of an epoch (a SIGTERM stop,
 checkpoint after a kill, a SLURM requeue) reported for that epoch the mean of the batches after
 the resume only, in metrics.json and every logger. :class:`EpochSums` keeps the sums in the
 module instead, and a checkpoint carries them.
+
+Not torchmetrics' aggregators: a ``MeanMetric`` per value syncs each one at the epoch's end
+(here one all-reduce of one stacked tensor), its default NaN check reads every update on the
+host (a device sync per step), and with that check off (``nan_strategy="disable"``)
+torchmetrics 1.9 drops the weights, averaging batches of different sizes as equals. Nor would
+its state load on one rank only, which a resume onto another number of ranks needs.
 """
 
 from __future__ import annotations

@@ -1,0 +1,88 @@
+"""The installed commands work from any directory (the configs ship inside the package), and
+the wheel carries every config file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT
+from helpers.data import write_image
+from helpers.pipeline import TINY_DATA, TINY_MODEL
+
+CONF = ROOT / "src" / "detr_lightning" / "conf"
+BIN = Path(sys.executable).parent
+COMMANDS = ("detr-train", "detr-eval", "detr-predict", "detr-export", "detr-validate")
+
+
+def _run(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``command`` as a user runs it: from ``cwd``, with no path into the checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [str(BIN / command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_every_command_runs_outside_the_checkout(tmp_path):
+    assert not tmp_path.is_relative_to(ROOT)
+    for command in COMMANDS:
+        assert (BIN / command).is_file(), f"{command} is not installed (pip install -e .)"
+    _run("detr-train", *TINY_MODEL, *TINY_DATA, "trainer=cpu", "trainer.max_epochs=1",
+         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+         "run_dir=run", cwd=tmp_path)  # fmt: skip
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()  # Hydra's files follow run_dir
+
+    _run("detr-eval", f"ckpt_path={checkpoint}", "run_dir=eval",
+         "trainer.enable_progress_bar=false", cwd=tmp_path)  # fmt: skip
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == 4
+
+    images = tmp_path / "images"
+    images.mkdir()
+    write_image(images / "a.png", 90, 70)
+    _run("detr-predict", f"pretrained={checkpoint}", f"input={images}", "run_dir=predict",
+         "threshold=0.0", "draw=false", cwd=tmp_path)  # fmt: skip
+    (record,) = json.loads((tmp_path / "predict" / "detections.json").read_text())
+    assert record["file_name"].endswith("a.png") and len(record["detections"]) > 0
+
+    _run("detr-export", f"ckpt_path={checkpoint}", "format=torchscript", "example_size=[64,64]",
+         "output=model.pt", "run_dir=export", cwd=tmp_path)  # fmt: skip
+    logits, _ = torch.jit.load(str(tmp_path / "model.pt"))(
+        torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
+    )
+    assert logits.shape[-1] == 4  # 3 synthetic categories + no object
+
+    report = _run("detr-validate", *TINY_DATA, "--no-decode", cwd=tmp_path).stdout
+    assert "OK:" in report
+
+
+def test_the_wheel_holds_every_config(tmp_path):
+    # built from a copy: a build in place would leave build/ and *.egg-info in the checkout
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "src", source / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(source)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("detr_lightning-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"detr_lightning/conf/{p.relative_to(CONF)}" for p in CONF.rglob("*.yaml")}
+    assert len(configs) > 30 and configs <= names, sorted(configs - names)
+    assert "detr_lightning/conf/__init__.py" in names  # what pkg://detr_lightning.conf imports
