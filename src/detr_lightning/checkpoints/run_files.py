@@ -41,8 +41,8 @@ class LoadedCheckpoint:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> LoadedCheckpoint:
-        """Load ``path`` (:func:`~detr_lightning.pretrained.load_torch_file`). The identity is
-        taken first, so that a file replaced during the read does not pass for the one read."""
+        """Load ``path`` (:func:`~.reading.load_torch_file`). The identity is taken first, so
+        that a file replaced during the read does not pass for the one read."""
         identity = file_identity(path)
         return cls(Path(path), identity, load_torch_file(path))
 

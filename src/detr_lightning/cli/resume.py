@@ -82,8 +82,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
 
     ``ckpt_path=<file>`` resumes that file; ``ckpt_path=last`` the run dir's
     ``checkpoints/last.ckpt``; ``resume=auto`` the newest checkpoint of the run dir that loads
-    (:func:`~detr_lightning.checkpointing.load_resume_checkpoint`), or nothing (a new run, with a
-    log line) when there is none yet, so that one command serves the first start and every
+    (:func:`~detr_lightning.checkpoints.run_files.load_resume_checkpoint`), or nothing (a new
+    run, with a log line) when there is none yet, so that one command serves the first start and every
     restart. A requeued job (SLURM, or a submitit launcher's job) resumes as with
     ``resume=auto`` when the run dir holds an ``hpc_ckpt_<n>.ckpt`` (saved before the job
     requeued itself; under SLURM Lightning would load it anyway; here it is checked first). A job
@@ -200,7 +200,7 @@ def _check_fixed_run_dir(cfg: DictConfig) -> None:
         run_dir_given(cfg)
         or Path(cfg.run_dir).resolve() != Path(hydra.runtime.output_dir).resolve()
     ):
-        return  # run_dir=... given (Hydra's directory follows it: detr_lightning.hydra_dirs)
+        return  # run_dir=... given (Hydra's directory follows it: detr_lightning.cli.hydra_dirs)
     node = "sweep" if hydra.mode == RunMode.MULTIRUN else "run"
     pattern = without_resolver(str(OmegaConf.to_container(hydra[node], resolve=False)["dir"]))
     if "${now:" in pattern and not ("SLURM_JOB_ID" in pattern and os.environ.get("SLURM_JOB_ID")):

@@ -44,7 +44,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     every rank after the same optimizer step, saves ``<run_dir>/checkpoints/last.ckpt`` and
     raises SystemExit(143); SLURM's requeue signal and submitit's (``hydra/launcher=slurm``) do
     the same with an ``hpc_ckpt_<n>.ckpt`` and requeue the job
-    (:class:`~detr_lightning.callbacks.SignalStop`).
+    (:class:`~detr_lightning.lightning.callbacks.SignalStop`).
     """
     quiet_third_party()
     cfg = upgrade_config(cfg)

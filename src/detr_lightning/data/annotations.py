@@ -2,7 +2,7 @@
 statistics of what it describes.
 
 :class:`~detr_lightning.data.coco.CocoDetection` builds its samples from this pass and raises on
-the problems that would fail a run; :mod:`detr_lightning.data.report` lists all of them for
+the problems that would fail a run; :mod:`detr_lightning.data.checks` lists all of them for
 the user. Both read the same lists, so each check has one implementation.
 
 Boxes: ``bbox`` is COCO's ``[x, y, width, height]`` in pixels. A box that overshoots its image

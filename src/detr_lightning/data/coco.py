@@ -5,7 +5,7 @@ missing files, unparsable JSON, unknown categories, images listed but absent on 
 boxes outside their image (clamped, dropped when empty, reported in one warning). Labels are
 checked against the label map here, once, so no training step needs to look at them again.
 The JSON-level checks are :func:`~detr_lightning.data.annotations.scan_annotations`, shared
-with the dataset report (``python -m detr_lightning.data.validate``).
+with the dataset report (``detr-validate``).
 
 The only per-sample failure is an image that does not decode. One bad file out of 118k should
 not stop a multi-day run, and under DDP a rank must never skip a step that the other ranks run:

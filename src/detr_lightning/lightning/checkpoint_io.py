@@ -17,7 +17,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with crash-safe writes and loads that never unpickle code.
 
     A local checkpoint is written to a temporary file in its own directory, flushed to disk and
-    renamed over the target (:func:`~detr_lightning.io.atomic_write`), so a kill during a save
+    renamed over the target (:func:`~detr_lightning.utils.io.atomic_write`), so a kill during a save
     leaves the previous file intact; Lightning's own writer goes through a temporary file in
     the system's temp directory, whose move to another file system is a plain copy. Loads use
     ``weights_only=True`` whatever the caller asks.

@@ -12,7 +12,7 @@ augmentation settings. :meth:`CocoDataModule.evaluation_settings` returns what a
 must remember to evaluate the model as it was validated (split, sizes, label mapping).
 
 Each split it builds is summarized in one log line (a warning when it has problems, see
-:mod:`detr_lightning.data.report`); a validation split that COCO evaluation would fail on or
+:mod:`detr_lightning.data.checks`); a validation split that COCO evaluation would fail on or
 score wrongly (annotations without ``id``/``area``/``iscrowd``, repeated annotation ids) is a
 ``ValueError`` at setup rather than after the first training epoch.
 """
@@ -392,8 +392,7 @@ def _log_summary(report: SplitReport) -> None:
     if errors:
         details = "; ".join(f"{f.message} (e.g. {', '.join(f.items[:3])})" for f in errors)
         raise ValueError(
-            f"{report.annotation_file}: {details}. python -m detr_lightning.data.validate "
-            "lists every problem of the dataset"
+            f"{report.annotation_file}: {details}. detr-validate lists every problem of the dataset"
         )
     warned = any(f.severity == WARNING for f in report.findings)
     log.log(logging.WARNING if warned else logging.INFO, "%s", summary_line(report))

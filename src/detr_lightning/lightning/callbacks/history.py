@@ -132,7 +132,7 @@ class MetricsHistory(pl.Callback):
 
     def write(self, label_map: dict[str, Any] | None = None) -> None:
         """Write metrics.json now (rank 0 calls this after every epoch): the last evaluation
-        (see :func:`~detr_lightning.evaluation.metrics_payload`) and the history."""
+        (see :func:`~detr_lightning.evaluation.report.metrics_payload`) and the history."""
         payload = metrics_payload(self.final_metrics, label_map) if self.final_metrics else {}
         payload["history"] = self.history
         write_json_atomic(self.output_dir / "metrics.json", payload)
