@@ -83,8 +83,8 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     ``ckpt_path=<file>`` resumes that file; ``ckpt_path=last`` the run dir's
     ``checkpoints/last.ckpt``; ``resume=auto`` the newest checkpoint of the run dir that loads
     (:func:`~detr_lightning.checkpoints.run_files.load_resume_checkpoint`), or nothing (a new
-    run, with a log line) when there is none yet, so that one command serves the first start and every
-    restart. A requeued job (SLURM, or a submitit launcher's job) resumes as with
+    run, with a log line) when there is none yet, so that one command serves the first start
+    and every restart. A requeued job (SLURM, or a submitit launcher's job) resumes as with
     ``resume=auto`` when the run dir holds an ``hpc_ckpt_<n>.ckpt`` (saved before the job
     requeued itself; under SLURM Lightning would load it anyway; here it is checked first). A job
     that SLURM requeued (``SLURM_RESTART_COUNT`` > 0) resumes the run dir's newest checkpoint
