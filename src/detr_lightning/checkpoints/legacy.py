@@ -13,7 +13,7 @@ Checkpoints, export directories and ``.hydra/config.yaml`` files of that layout 
   ``detr_lightning.callbacks.StepCheckpoint``, ...) point to their new modules.
 
 Plain mappings in, plain mappings out: the configs' own upgrade, which also warns, is
-:func:`detr_lightning.cli.legacy.upgrade_config`.
+:func:`detr_lightning.cli.config.upgrade_config`.
 """
 
 from __future__ import annotations

@@ -29,9 +29,8 @@ from ..lightning.specs import build, plain
 from ..utils import host_memory
 from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
 from ..utils.io import write_json_atomic
-from .config import CONFIG_PATH
+from .config import CONFIG_PATH, upgrade_config
 from .console import exit_on_setup_error, quiet_third_party
-from .legacy import upgrade_config
 from .trainer import build_trainer
 
 log = logging.getLogger(__name__)

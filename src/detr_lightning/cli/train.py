@@ -24,9 +24,8 @@ from ..lightning.callbacks.preemption import SignalStop
 from ..lightning.checkpoint_io import AtomicCheckpointIO
 from ..lightning.runtime import compile_model, limit_cpu_kernel_cache
 from .build import build_module, ensure_backbone_weights, instantiate_data
-from .config import CONFIG_PATH
+from .config import CONFIG_PATH, upgrade_config
 from .console import exit_on_setup_error, quiet_third_party
-from .legacy import upgrade_config
 from .resume import _load_if_torch_file, _loads_in_this_process, _resume, check_resume
 from .sweeps import check_optimized_metric, objective
 from .trainer import build_trainer, run_callbacks
