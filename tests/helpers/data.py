@@ -90,3 +90,58 @@ def save_png(pixels: torch.Tensor, path: Path) -> Path:
     """Write uint8 pixels [3, H, W] as a PNG file; returns ``path``."""
     Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
     return path
+
+
+CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
+
+
+def write_clean(root: Path) -> None:
+    """Both splits: 3 train images (one empty), 2 val images, boxes well inside."""
+    train_images = [
+        {"id": 1, "width": 100, "height": 50},
+        {"id": 2, "width": 64, "height": 64},
+        {"id": 3, "width": 40, "height": 40},
+    ]
+    train_annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10.0, 5.0, 20.0, 10.0]},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50.0, 0.0, 50.0, 50.0]},
+        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0.0, 0.0, 64.0, 64.0]},
+    ]
+    write_coco(root, train_images, train_annotations, CATEGORIES, split="train")
+    val_images = [{"id": 10, "width": 80, "height": 60}, {"id": 11, "width": 30, "height": 30}]
+    val_annotations = [
+        {"id": 10, "image_id": 10, "category_id": 1, "bbox": [1.0, 1.0, 30.0, 30.0]},
+        {"id": 11, "image_id": 11, "category_id": 2, "bbox": [0.0, 0.0, 30.0, 30.0]},
+    ]
+    write_coco(root, val_images, val_annotations, CATEGORIES, split="val")
+
+
+def write_broken(root: Path) -> None:
+    """A clean val split and a train split with one of each problem."""
+    write_clean(root)
+    images = [
+        {"id": 1, "width": 100, "height": 50},
+        {"id": 2, "width": 64, "height": 64, "file_name": "gone.jpg"},  # deleted below
+        {"id": 3, "width": 64, "height": 64, "file_name": "corrupt.jpg"},  # garbage below
+        {"id": 3, "width": 64, "height": 64, "file_name": "again.jpg"},  # duplicate id
+    ]
+    annotations = [
+        {"id": 21, "image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 0.0, 5.0]},  # w = 0
+        {"id": 22, "image_id": 1, "category_id": 1, "bbox": [90.0, 40.0, 20.0, 20.0]},  # outside
+        {"id": 23, "image_id": 1, "category_id": 99, "bbox": [1.0, 1.0, 5.0, 5.0]},  # category
+        {"id": 24, "image_id": 7, "category_id": 1, "bbox": [1.0, 1.0, 5.0, 5.0]},  # image
+        {"id": 25, "image_id": 1, "category_id": 2, "bbox": [1.0, 1.0, 5.0, 5.0]},
+        {"id": 25, "image_id": 1, "category_id": 2, "bbox": [2.0, 2.0, 5.0, 5.0]},  # same id
+    ]
+    image_dir, _ = write_coco(root, images, annotations, CATEGORIES, split="train")
+    (image_dir / "gone.jpg").unlink()
+    (image_dir / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg at all")
+
+
+def write_street_image(path: Path) -> Path:
+    """A 150 x 230 PNG with a few rectangles on noise; returns ``path``."""
+    pixels = torch.randint(0, 60, (150, 230, 3), dtype=torch.uint8)
+    pixels[20:90, 30:120] = torch.tensor([200, 40, 40], dtype=torch.uint8)
+    pixels[70:140, 150:220] = torch.tensor([40, 200, 90], dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+    return path

@@ -7,6 +7,7 @@ import inspect
 import torch
 from torch import nn
 
+from detr_lightning.lightning import DETRModule
 from detr_lightning.models import DETR, Backbone, build_detr
 from detr_lightning.models.backbone import FrozenBatchNorm2d
 
@@ -100,7 +101,6 @@ def varied_module():
     """A tiny DETRModule whose queries disagree: varied classes and scores, some on the
     unused label (for the prediction tests)."""
     from detr_lightning.data.images import inference_transform
-    from detr_lightning.lightning import DETRModule
     from helpers.data import noise
 
     torch.manual_seed(0)
@@ -118,4 +118,58 @@ def varied_module():
         detr.model.class_embed.weight.normal_(0, 1)
         probe = inference_transform(VARIED_DATA)(noise(90, 130, seed=99))
         detr.model.class_embed.bias.sub_(detr.model(probe[None])["pred_logits"][0].mean(0))
+    return detr
+
+
+def assert_same_predictions(actual: dict, expected: dict, atol: float = 1e-4) -> None:
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=1e-4)
+
+
+@torch.no_grad()
+def badly_scaled_resnet50(dilation: bool) -> tuple[Backbone, torch.Generator]:
+    """A seeded random ResNet-50 backbone in eval mode whose frozen BN statistics are drawn
+    badly scaled (variances down to 0.01), and the generator that drew them, for the inputs."""
+    torch.manual_seed(0)
+    backbone = Backbone("resnet50", dilation=dilation).eval()
+    generator = torch.Generator().manual_seed(1)
+    for name, buffer in backbone.named_buffers():
+        if name.endswith("running_var"):
+            buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.99 + 0.01)
+        elif name.endswith(("running_mean", "bias")):
+            buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
+    return backbone, generator
+
+
+CONFIDENT_LABEL_MAP = {
+    "category_ids": [1, 2, 3],
+    "names": ["cat", "dog", "bird"],
+}  # labels 3, 4: none
+
+
+def confident_module(confident_label: int) -> DETRModule:
+    """A random tiny module whose queries all favour ``confident_label``, with varied scores."""
+    module = DETRModule(
+        model=TINY_MODEL, label_map=CONFIDENT_LABEL_MAP, data={"val_size": 128, "max_size": 200}
+    )
+    with torch.no_grad():
+        classifier = module.model.class_embed
+        classifier.weight.copy_(torch.randn_like(classifier.weight) * 0.2)
+        classifier.bias.zero_()
+        classifier.bias[confident_label] = 3.0
+    return module.eval()
+
+
+DEPLOY_LABEL_MAP = {"category_ids": [1, 2, 4, 7, 9], "names": ["a", "b", "c", "d", "e"]}
+
+
+def deploy_module() -> DETRModule:
+    """The tiny module that the export tests export, in eval mode with non-trivial frozen-BN
+    statistics."""
+    torch.manual_seed(0)
+    detr = DETRModule(
+        model=TINY_MODEL, label_map=DEPLOY_LABEL_MAP, data={"val_size": 96, "max_size": 160}
+    ).eval()
+    with torch.no_grad():
+        randomize_frozen_batchnorm(detr.model, torch.Generator().manual_seed(0))
     return detr

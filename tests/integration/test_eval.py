@@ -16,10 +16,7 @@ import torch
 from detr_lightning.cli.eval import evaluate
 from detr_lightning.cli.train import train
 from detr_lightning.data.synthetic import ensure_synthetic_coco
-from detr_lightning.evaluation.evaluator import (
-    COCO_METRIC_KEYS,
-    coco_eval_file,
-)
+from detr_lightning.evaluation.evaluator import COCO_METRIC_KEYS, coco_eval_file
 from helpers import ROOT
 from helpers.pipeline import compose_config, tiny_overrides
 

@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from detr_lightning.checkpoints.run_files import (
-    run_checkpoints,
-)
+from detr_lightning.checkpoints.run_files import run_checkpoints
 from detr_lightning.cli.resume import resume_checkpoint
 from detr_lightning.cli.train import train
 from detr_lightning.lightning.checkpoint_io import AtomicCheckpointIO
@@ -27,19 +23,17 @@ from detr_lightning.lightning.loggers import CSVLogger, ResumableLogs
 from detr_lightning.utils.errors import SetupError
 from helpers import ROOT
 from helpers.pipeline import compose_config, tiny_overrides
-
-
-def _training_state(step: int) -> dict:
-    """A stand-in for a Lightning training checkpoint (the keys resume=auto requires)."""
-    return {"state_dict": {"w": torch.full((2,), float(step))}, "optimizer_states": [],
-            "loops": {}, "global_step": step, "epoch": 0}  # fmt: skip
-
-
-def _write(path: Path, obj: object, mtime: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path)
-    os.utime(path, (mtime, mtime))
-    return path
+from helpers.runs import (
+    ENV,
+    SLURM_ENV,
+    epoch_rows,
+    history,
+    loss_rows,
+    train_command,
+    training_state,
+    wait_for,
+    write,
+)
 
 
 class _StepLogger(pl.LightningModule):
@@ -74,7 +68,7 @@ def test_a_step_checkpoint_lands_after_the_rows_of_every_step_before_it(tmp_path
     class Recording(AtomicCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None):
             super().save_checkpoint(checkpoint, path, storage_options)
-            steps = _loss_rows(tmp_path) if metrics.exists() else {}
+            steps = loss_rows(tmp_path) if metrics.exists() else {}
             on_disk.append((checkpoint["global_step"], set(steps)))
 
     # two step checkpoints: every 2 steps and every 4, so that two land at one step
@@ -90,7 +84,7 @@ def test_a_step_checkpoint_lands_after_the_rows_of_every_step_before_it(tmp_path
     assert [s for s, _ in on_disk] == [2, 4, 4, 6, 8, 8, 10, 12, 12]
     for step, logged in on_disk:
         assert set(range(step)) <= logged, (step, logged)
-    assert sorted(_loss_rows(tmp_path)) == list(range(12))  # each step once
+    assert sorted(loss_rows(tmp_path)) == list(range(12))  # each step once
     # what the later hook logged for step 1 is kept too, and no value is written twice
     logged: dict[int, list[str]] = {}
     for row in csv.DictReader(metrics.open(newline="")):
@@ -116,7 +110,7 @@ def test_resume_settings_are_checked(tmp_path, caplog, monkeypatch):
         resolve("resume=yes")
     with pytest.raises(SetupError, match=r"ckpt_path=nope\.ckpt: no such file(.|\n)*resume=auto"):
         resolve("ckpt_path=nope.ckpt")
-    _write(tmp_path / "checkpoints" / "last.ckpt", _training_state(3), 1000)
+    write(tmp_path / "checkpoints" / "last.ckpt", training_state(3), 1000)
     assert resolve("ckpt_path=last") == str(tmp_path / "checkpoints" / "last.ckpt")
     assert resolve("resume=auto") == str(tmp_path / "checkpoints" / "last.ckpt")
     monkeypatch.setenv("HOME", str(tmp_path))  # Lightning's load gets the expanded path
@@ -143,16 +137,11 @@ def test_resuming_weights_that_need_their_config_names_it(tmp_path):
             train(cfg)
 
 
-# what srun sets for a one-task job
-SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "detr", "SLURM_JOB_ID": "42",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
-
-
 def test_a_requeued_job_resumes_its_hpc_checkpoint(tmp_path, monkeypatch):
     for key, value in SLURM_ENV.items():
         monkeypatch.setenv(key, value)
     # a requeued job (the run dir holds an hpc_ckpt_<n>.ckpt) resumes without being told
-    hpc = _write(tmp_path / "hpc_ckpt_1.ckpt", _training_state(5), 1000)
+    hpc = write(tmp_path / "hpc_ckpt_1.ckpt", training_state(5), 1000)
     assert resume_checkpoint(compose_config("train", tiny_overrides(tmp_path))) == str(hpc)
 
 
@@ -163,18 +152,18 @@ def test_a_requeued_job_started_from_a_file_resumes_its_own_later_state(tmp_path
     purpose) resumes the file it names."""
     for key, value in SLURM_ENV.items():
         monkeypatch.setenv(key, value)
-    start = _write(tmp_path / "elsewhere" / "start.ckpt", _training_state(4), 1000)
+    start = write(tmp_path / "elsewhere" / "start.ckpt", training_state(4), 1000)
     run_dir = tmp_path / "run"
     cfg = compose_config("train", tiny_overrides(run_dir, f"ckpt_path={start}"))
     assert resume_checkpoint(cfg) == str(start)  # the first start
-    hpc = _write(run_dir / "hpc_ckpt_1.ckpt", _training_state(6), 2000)
+    hpc = write(run_dir / "hpc_ckpt_1.ckpt", training_state(6), 2000)
     assert resume_checkpoint(cfg) == str(start)  # not requeued: as given
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert resume_checkpoint(cfg) == str(hpc)  # requeued after step 6
     os.utime(start, (3000, 3000))  # a file newer than the run's own state: as given
     assert resume_checkpoint(cfg) == str(start)
     # the step checkpoint and the stop's hpc checkpoint within one second: the stop's is later
-    last = _write(run_dir / "checkpoints" / "last.ckpt", _training_state(5), 2000)
+    last = write(run_dir / "checkpoints" / "last.ckpt", training_state(5), 2000)
     cfg = compose_config("train", tiny_overrides(run_dir, "ckpt_path=last"))
     assert resume_checkpoint(cfg) == str(hpc)
     assert run_checkpoints(run_dir) == [hpc, last]
@@ -183,38 +172,10 @@ def test_a_requeued_job_started_from_a_file_resumes_its_own_later_state(tmp_path
     assert resume_checkpoint(cfg) == str(last)
 
 
-# ------------------------------------------------------------------------ real processes
-def _command(*extra: str) -> list[str]:
-    overrides = [o for o in tiny_overrides(Path("unused")) if not o.startswith("run_dir")]
-    return [sys.executable, str(ROOT / "train.py"), *overrides, "cpu_threads=1", *extra]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-
-
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"train.py ended early:\n{process.communicate()[0][-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out waiting for train.py")
-        time.sleep(0.05)
-
-
-def _loss_rows(run_dir: Path) -> dict[int, str]:
-    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
-        rows = [row for row in csv.DictReader(file) if row.get("train/loss_step")]
-    steps = [int(row["step"]) for row in rows]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {int(row["step"]): row["train/loss_step"] for row in rows}
-
-
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_auto_continues_the_same_run(tmp_path):
     run_dir = tmp_path / "run"
-    command = _command(
+    command = train_command(
         f"hydra.run.dir={run_dir}",  # the documented way to fix the run dir
         "trainer.max_epochs=3",
         "data.synthetic.num_train=16",  # 4 steps per epoch, 12 in all
@@ -235,14 +196,14 @@ def test_sigkill_mid_epoch_then_resume_auto_continues_the_same_run(tmp_path):
             seen["step"] = torch.load(last, weights_only=True, mmap=True)["global_step"]
         return seen["step"] > 4
 
-    _wait_for(checkpoint_in_epoch_1, process)
+    wait_for(checkpoint_in_epoch_1, process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     killed = torch.load(last, weights_only=True)  # the newest complete one
     step, epoch = killed["global_step"], killed["epoch"]
     assert 4 < step < 12 and step % 2 == 0 and epoch == (step - 1) // 4, (step, epoch)
-    before = _loss_rows(run_dir)
+    before = loss_rows(run_dir)
     assert set(range(step)) <= set(before)
     first_epochs = json.loads(history.read_text())["history"]
     assert [entry["epoch"] for entry in first_epochs] == list(range(len(first_epochs)))
@@ -257,26 +218,13 @@ def test_sigkill_mid_epoch_then_resume_auto_continues_the_same_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the same run dir
     assert sorted(p.name for p in (run_dir / "csv").iterdir()) == ["hparams.yaml", "metrics.csv"]
     assert torch.load(last, weights_only=True)["global_step"] == 12
-    after = _loss_rows(run_dir)
+    after = loss_rows(run_dir)
     # every step logged once: the killed run's rows up to its checkpoint, then the resumed run's
     assert sorted(after) == list(range(12))
     assert {s: after[s] for s in range(step)} == {s: before[s] for s in range(step)}
     entries = json.loads(history.read_text())["history"]
     assert [entry["epoch"] for entry in entries] == [0, 1, 2]
     assert entries[: len(first_epochs)] == first_epochs
-
-
-def _history(run_dir: Path) -> list[tuple]:
-    """(epoch, training loss, images evaluated, mAP) of every entry of metrics.json."""
-    entries = json.loads((run_dir / "metrics.json").read_text())["history"]
-    return [(e["epoch"], e["train_loss"], e.get("num_images"), e.get("map")) for e in entries]
-
-
-def _epoch_rows(run_dir: Path) -> dict[int, str]:
-    """metrics.csv's epoch means of the training loss, by epoch."""
-    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
-        return {int(row["epoch"]): row["train/loss"] for row in csv.DictReader(file)
-                if row.get("train/loss")}  # fmt: skip
 
 
 class _Crash(pl.Callback):
@@ -311,11 +259,9 @@ def test_epoch_means_after_a_checkpoint_at_an_epochs_last_step(tmp_path):
                  ]  # fmt: skip
     straight, run_dir, crashed_at = _crash_and_resume(tmp_path, overrides)
     assert crashed_at == 2  # written at epoch 0's last step
-    losses = {
-        run: {epoch: loss for epoch, loss, *_ in _history(run)} for run in (run_dir, straight)
-    }
+    losses = {run: {epoch: loss for epoch, loss, *_ in history(run)} for run in (run_dir, straight)}
     assert losses[run_dir][1] == losses[straight][1]
-    assert _epoch_rows(run_dir)[1] == _epoch_rows(straight)[1]
+    assert epoch_rows(run_dir)[1] == epoch_rows(straight)[1]
 
 
 def test_no_step_checkpoint_at_an_epochs_last_step(tmp_path):
@@ -329,13 +275,13 @@ def test_no_step_checkpoint_at_an_epochs_last_step(tmp_path):
                  "callbacks.checkpoint.every_n_train_steps=3"]  # fmt: skip
     straight, run_dir, crashed_at = _crash_and_resume(tmp_path, overrides)
     assert crashed_at == 3  # 6 steps per epoch: step 6 ended epoch 0, not saved
-    assert _history(run_dir) == _history(straight)
-    assert [epoch for epoch, *_ in _history(run_dir)] == [0, 1]
+    assert history(run_dir) == history(straight)
+    assert [epoch for epoch, *_ in history(run_dir)] == [0, 1]
 
 
 @pytest.mark.slow
 def test_resume_auto_needs_a_run_dir_that_stays(tmp_path):
-    command = [c for c in _command("resume=auto") if not c.startswith("hydra.run")]
+    command = [c for c in train_command("resume=auto") if not c.startswith("hydra.run")]
     result = subprocess.run(command, cwd=tmp_path, env=ENV, text=True, capture_output=True,
                             timeout=300)  # fmt: skip
     assert result.returncode == 1

@@ -3,46 +3,33 @@ every rank, near a validation, between accumulated batches, with the state saved
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
-from detr_lightning.checkpoints.run_files import (
-    next_hpc_checkpoint,
-)
+from detr_lightning.checkpoints.run_files import next_hpc_checkpoint
 from detr_lightning.cli.train import build_trainer, run_callbacks, train
 from detr_lightning.lightning.callbacks.preemption import SignalStop, requeue_slurm_job
 from detr_lightning.utils.errors import SetupError
-from helpers import ROOT
 from helpers.pipeline import compose_config, tiny_overrides
-
-
-def _training_state(step: int) -> dict:
-    """A stand-in for a Lightning training checkpoint (the keys resume=auto requires)."""
-    return {"state_dict": {"w": torch.full((2,), float(step))}, "optimizer_states": [],
-            "loops": {}, "global_step": step, "epoch": 0}  # fmt: skip
-
-
-def _write(path: Path, obj: object, mtime: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path)
-    os.utime(path, (mtime, mtime))
-    return path
-
-
-# what srun sets for a one-task job
-SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "detr", "SLURM_JOB_ID": "42",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+from helpers.runs import (
+    ENV,
+    SLURM_ENV,
+    epoch_rows,
+    history,
+    loss_rows,
+    train_command,
+    training_state,
+    wait_for,
+    write,
+)
 
 
 def _signal_stop(cfg) -> SignalStop:
@@ -102,8 +89,8 @@ def test_submitit_signal_after_a_sigterm_stop_is_handed_over_with_an_hpc_checkpo
         monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "USR1")  # another signal: not submitit's
         assert launcher_requeue_handler() is None
         monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL")
-        last = _write(tmp_path / "checkpoints" / "last.ckpt", _training_state(7), 2000)
-        old = _write(tmp_path / "hpc_ckpt_3.ckpt", _training_state(2), 1000)
+        last = write(tmp_path / "checkpoints" / "last.ckpt", training_state(7), 2000)
+        old = write(tmp_path / "hpc_ckpt_3.ckpt", training_state(2), 1000)
         stop = SignalStop(last)
         stop._launcher = launcher_requeue_handler()
         stop._reason, stop._noted = _STOP, _LAUNCHER
@@ -138,34 +125,6 @@ def test_submitit_signal_requeues_without_the_save_near_the_time_limit(tmp_path,
         stop._reason = _LAUNCHER  # the ranks stop and save: the stop's own hand-over
         stop.requeue(trainer)
         assert submitit.calls == [signal.SIGUSR2]
-
-
-# ------------------------------------------------------------------------ real processes
-def _command(*extra: str) -> list[str]:
-    overrides = [o for o in tiny_overrides(Path("unused")) if not o.startswith("run_dir")]
-    return [sys.executable, str(ROOT / "train.py"), *overrides, "cpu_threads=1", *extra]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-
-
-def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"train.py ended early:\n{process.communicate()[0][-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("timed out waiting for train.py")
-        time.sleep(0.05)
-
-
-def _loss_rows(run_dir: Path) -> dict[int, str]:
-    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
-        rows = [row for row in csv.DictReader(file) if row.get("train/loss_step")]
-    steps = [int(row["step"]) for row in rows]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
-    return {int(row["step"]): row["train/loss_step"] for row in rows}
 
 
 class _SignalDuring(pl.Callback):
@@ -212,19 +171,6 @@ def test_sigterm_between_accumulated_batches_stops_after_the_step(tmp_path):
     assert batches["processed"] == 4
 
 
-def _history(run_dir: Path) -> list[tuple]:
-    """(epoch, training loss, images evaluated, mAP) of every entry of metrics.json."""
-    entries = json.loads((run_dir / "metrics.json").read_text())["history"]
-    return [(e["epoch"], e["train_loss"], e.get("num_images"), e.get("map")) for e in entries]
-
-
-def _epoch_rows(run_dir: Path) -> dict[int, str]:
-    """metrics.csv's epoch means of the training loss, by epoch."""
-    with (run_dir / "csv" / "metrics.csv").open(newline="") as file:
-        return {int(row["epoch"]): row["train/loss"] for row in csv.DictReader(file)
-                if row.get("train/loss")}  # fmt: skip
-
-
 @pytest.mark.parametrize(
     ("during", "stop_step"),
     [
@@ -250,12 +196,12 @@ def test_sigterm_near_validation_lets_it_finish_then_stops(tmp_path, during, sto
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == stop_step  # 2 steps per epoch
     assert during.trained == stop_step
-    assert _history(run_dir) == _history(straight)[:2]  # epoch 1 validated in full
+    assert history(run_dir) == history(straight)[:2]  # epoch 1 validated in full
     train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")))
-    assert _history(run_dir) == _history(straight)
-    assert all(images == 16 for *_, images, _ in _history(run_dir))
-    assert _loss_rows(run_dir) == _loss_rows(straight)
-    assert _epoch_rows(run_dir) == _epoch_rows(straight) and sorted(_epoch_rows(run_dir)) == [
+    assert history(run_dir) == history(straight)
+    assert all(images == 16 for *_, images, _ in history(run_dir))
+    assert loss_rows(run_dir) == loss_rows(straight)
+    assert epoch_rows(run_dir) == epoch_rows(straight) and sorted(epoch_rows(run_dir)) == [
         0,
         1,
         2,
@@ -276,7 +222,7 @@ def test_sigterm_during_the_last_validation_leaves_the_test_for_the_restart(tmp_
     assert during.trained == 4  # the whole fit
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 4 and state["epoch"] == 2  # saved as finished
-    assert len(_history(tmp_path)) == 2
+    assert len(history(tmp_path)) == 2
     restarted = _SignalDuring(batch=-1)  # counts training batches, sends nothing
     metrics = train(compose_config("train", tiny_overrides(tmp_path, *overrides, "resume=auto")),
                     [restarted])  # fmt: skip
@@ -319,7 +265,7 @@ def test_requeue_signal_saves_an_hpc_checkpoint_and_requeues_the_job(tmp_path, m
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # given back after the run
     # the requeued job: the same command, no resume=auto
     train(compose_config("train", tiny_overrides(run_dir, *overrides)))
-    assert sorted(_loss_rows(run_dir)) == [0, 1, 2, 3]
+    assert sorted(loss_rows(run_dir)) == [0, 1, 2, 3]
 
 
 def test_requeue_helpers(tmp_path, monkeypatch, caplog):
@@ -351,11 +297,11 @@ def test_requeue_helpers(tmp_path, monkeypatch, caplog):
 @pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_and_exits(tmp_path):
     run_dir = tmp_path / "run"
-    command = _command(f"run_dir={run_dir}", "trainer.max_epochs=50",
+    command = train_command(f"run_dir={run_dir}", "trainer.max_epochs=50",
                        "trainer.limit_val_batches=0")  # fmt: skip
     process = subprocess.Popen(command, cwd=tmp_path, env=ENV, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    _wait_for((run_dir / "metrics.json").exists, process)  # epoch 0 is done
+    wait_for((run_dir / "metrics.json").exists, process)  # epoch 0 is done
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]

@@ -12,64 +12,20 @@ from detr_lightning import DETRModule
 from detr_lightning.deploy.exporters import export_onnx, export_torchscript
 from detr_lightning.deploy.graph import nearest_resize_mask
 from detr_lightning.models.backbone import resize_mask
-from detr_lightning.ops.padding import pad_images
-from helpers.models import NUM_CLASSES, TINY_MODEL, randomize_frozen_batchnorm
+from helpers.deploy import CASES, assert_parity, batch, reference
+from helpers.models import NUM_CLASSES, deploy_module
 
 # torch >= 2.9 marks torch.jit deprecated; loading the exported file is what deployments do.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
-
-
-LABEL_MAP = {"category_ids": [1, 2, 4, 7, 9], "names": ["a", "b", "c", "d", "e"]}
 
 
 # Traced at a size that none of the cases below uses.
 EXAMPLE_SIZE = (112, 144)
 
 
-BOX_ATOL, LOGIT_ATOL = 1e-4, 1e-3
-
-
-# Image sizes per batch, padded bottom/right to the first (largest) one: batch 1, 2 and 4 at
-# 96x128 and 160x112. In "b2-160x112" the 56-wide image in a 112-wide batch is a size where
-# an ONNX Resize of the mask would move the padding boundary (see ExactMaskBackbone), and so
-# is "b2-120x128" (60 of 120 rows).
-CASES = {
-    "b1-96x128": [(96, 128)],
-    "b1-160x112": [(160, 112)],
-    "b2-96x128": [(96, 128), (64, 100)],
-    "b2-160x112": [(160, 112), (120, 56)],
-    "b2-120x128": [(120, 128), (60, 96)],
-    "b4-96x128": [(96, 128), (64, 100), (80, 128), (96, 72)],
-    "b4-160x112": [(160, 112), (120, 56), (100, 112), (160, 80)],
-}
-
-
-def _batch(sizes: list[tuple[int, int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return pad_images([torch.randn(3, h, w, generator=generator) for h, w in sizes])
-
-
-def _reference(module: DETRModule, images, padding_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        out = module(images, padding_mask)
-    return out["pred_logits"], out["pred_boxes"]
-
-
-def _assert_parity(logits, boxes, ref_logits, ref_boxes) -> None:
-    assert logits.shape == ref_logits.shape and boxes.shape == ref_boxes.shape
-    torch.testing.assert_close(boxes, ref_boxes, atol=BOX_ATOL, rtol=0)
-    torch.testing.assert_close(logits, ref_logits, atol=LOGIT_ATOL, rtol=0)
-
-
 @pytest.fixture(scope="module")
 def module() -> DETRModule:
-    torch.manual_seed(0)
-    detr = DETRModule(
-        model=TINY_MODEL, label_map=LABEL_MAP, data={"val_size": 96, "max_size": 160}
-    ).eval()
-    with torch.no_grad():
-        randomize_frozen_batchnorm(detr.model, torch.Generator().manual_seed(0))
-    return detr
+    return deploy_module()
 
 
 @pytest.fixture(scope="module")
@@ -98,22 +54,22 @@ def torchscript_module(torchscript_file: Path) -> torch.jit.ScriptModule:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_onnx_matches_pytorch(case: str, module: DETRModule, onnx_session) -> None:
-    images, padding_mask = _batch(CASES[case])
+    images, padding_mask = batch(CASES[case])
     logits, boxes = onnx_session.run(
         ["pred_logits", "pred_boxes"],
         {"images": images.numpy(), "padding_mask": padding_mask.numpy()},
     )
-    _assert_parity(
-        torch.from_numpy(logits), torch.from_numpy(boxes), *_reference(module, images, padding_mask)
+    assert_parity(
+        torch.from_numpy(logits), torch.from_numpy(boxes), *reference(module, images, padding_mask)
     )
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_torchscript_matches_pytorch(case: str, module: DETRModule, torchscript_module) -> None:
-    images, padding_mask = _batch(CASES[case])
+    images, padding_mask = batch(CASES[case])
     with torch.no_grad():
         logits, boxes = torchscript_module(images, padding_mask)
-    _assert_parity(logits, boxes, *_reference(module, images, padding_mask))
+    assert_parity(logits, boxes, *reference(module, images, padding_mask))
 
 
 def test_onnx_graph_has_dynamic_batch_and_size(onnx_file: Path, onnx_session) -> None:

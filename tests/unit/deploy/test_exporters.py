@@ -12,13 +12,11 @@ import torch
 from detr_lightning import DETRModule
 from detr_lightning.deploy.exporters import export_onnx, export_torchscript, sidecar_path
 from detr_lightning.models.backbone import Backbone
-from helpers.models import NUM_CLASSES, NUM_QUERIES, TINY_MODEL, randomize_frozen_batchnorm
+from helpers.models import DEPLOY_LABEL_MAP as LABEL_MAP
+from helpers.models import NUM_CLASSES, NUM_QUERIES, deploy_module
 
 # torch >= 2.9 marks torch.jit deprecated; loading the exported file is what deployments do.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:FutureWarning")
-
-
-LABEL_MAP = {"category_ids": [1, 2, 4, 7, 9], "names": ["a", "b", "c", "d", "e"]}
 
 
 # Traced at a size that none of the cases below uses.
@@ -27,13 +25,7 @@ EXAMPLE_SIZE = (112, 144)
 
 @pytest.fixture(scope="module")
 def module() -> DETRModule:
-    torch.manual_seed(0)
-    detr = DETRModule(
-        model=TINY_MODEL, label_map=LABEL_MAP, data={"val_size": 96, "max_size": 160}
-    ).eval()
-    with torch.no_grad():
-        randomize_frozen_batchnorm(detr.model, torch.Generator().manual_seed(0))
-    return detr
+    return deploy_module()
 
 
 @pytest.fixture(scope="module")

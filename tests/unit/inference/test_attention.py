@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from detr_lightning.data.images import inference_transform, read_image
@@ -18,10 +17,10 @@ from detr_lightning.inference.attention import (
     capture_attention,
     detect_with_attention,
 )
-from detr_lightning.lightning.module import DETRModule
 from detr_lightning.models import DETR, PositionEmbeddingSine, Transformer
 from detr_lightning.ops.padding import pad_images
-from helpers.models import NUM_CLASSES, NUM_QUERIES, TINY_MODEL, PatchBackbone
+from helpers.data import write_street_image
+from helpers.models import NUM_CLASSES, NUM_QUERIES, PatchBackbone, confident_module
 from helpers.models import tiny_detr as tiny_model
 
 
@@ -232,35 +231,13 @@ def test_training_mode_and_foreign_models_are_refused() -> None:
         capture_attention(nn.Conv2d(3, 3, 1).eval(), torch.randn(1, 3, 64, 64))
 
 
-LABEL_MAP = {"category_ids": [1, 2, 3], "names": ["cat", "dog", "bird"]}  # labels 3, 4: none
-
-
-def tiny_module(confident_label: int) -> DETRModule:
-    """A random tiny module whose queries all favour ``confident_label``, with varied scores."""
-    module = DETRModule(
-        model=TINY_MODEL, label_map=LABEL_MAP, data={"val_size": 128, "max_size": 200}
-    )
-    with torch.no_grad():
-        classifier = module.model.class_embed
-        classifier.weight.copy_(torch.randn_like(classifier.weight) * 0.2)
-        classifier.bias.zero_()
-        classifier.bias[confident_label] = 3.0
-    return module.eval()
-
-
 @pytest.fixture
 def image_file(tmp_path):
-    """A 150 x 230 PNG with a few rectangles on noise."""
-    pixels = torch.randint(0, 60, (150, 230, 3), dtype=torch.uint8)
-    pixels[20:90, 30:120] = torch.tensor([200, 40, 40], dtype=torch.uint8)
-    pixels[70:140, 150:220] = torch.tensor([40, 200, 90], dtype=torch.uint8)
-    path = tmp_path / "street.png"
-    Image.fromarray(pixels.numpy()).save(path)
-    return path
+    return write_street_image(tmp_path / "street.png")
 
 
 def test_detections_match_evaluation_and_postprocess(image_file) -> None:
-    module = tiny_module(confident_label=1)
+    module = confident_module(confident_label=1)
     original = read_image(image_file)
     inputs = inference_transform(module.hparams["data"])(original)
     assert inputs.shape[1:] == (128, 196)  # resized as evaluation does, not the 150 x 230 file
@@ -291,12 +268,12 @@ def test_detections_match_evaluation_and_postprocess(image_file) -> None:
 
 def test_labels_without_category_are_not_detections(image_file) -> None:
     found = detect_with_attention(
-        tiny_module(confident_label=4).predictor(), image_file, threshold=0.3
+        confident_module(confident_label=4).predictor(), image_file, threshold=0.3
     )
     assert len(found.captions) == 0 and found.boxes.shape == (0, 4)
     assert found.decoder.shape == (0, 4, 7)
     # while the same scores on a label with a category are detections
     found = detect_with_attention(
-        tiny_module(confident_label=2).predictor(), image_file, threshold=0.3
+        confident_module(confident_label=2).predictor(), image_file, threshold=0.3
     )
     assert len(found.captions) == NUM_QUERIES

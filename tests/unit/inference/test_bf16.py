@@ -6,34 +6,8 @@ import pytest
 import torch
 
 from detr_lightning.inference.bf16 import bf16_inference_backbone, bf16_inference_copy
-from detr_lightning.models import (
-    DETR,
-    Backbone,
-)
 from detr_lightning.models.backbone import FrozenBatchNorm2d
-from helpers.models import (
-    tiny_eval_detr,
-)
-
-
-@pytest.fixture(scope="module")
-def model() -> DETR:
-    return tiny_eval_detr()
-
-
-@torch.no_grad()
-def badly_scaled_resnet50(dilation: bool) -> tuple[Backbone, torch.Generator]:
-    """A seeded random ResNet-50 backbone in eval mode whose frozen BN statistics are drawn
-    badly scaled (variances down to 0.01), and the generator that drew them, for the inputs."""
-    torch.manual_seed(0)
-    backbone = Backbone("resnet50", dilation=dilation).eval()
-    generator = torch.Generator().manual_seed(1)
-    for name, buffer in backbone.named_buffers():
-        if name.endswith("running_var"):
-            buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.99 + 0.01)
-        elif name.endswith(("running_mean", "bias")):
-            buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
-    return backbone, generator
+from helpers.models import badly_scaled_resnet50, tiny_eval_detr
 
 
 def test_bf16_inference_copy_returns_what_autocast_returns() -> None:

@@ -11,27 +11,15 @@ import torch
 
 import detr_lightning.utils.io
 from detr_lightning.checkpoints.reading import CheckpointError
-from detr_lightning.checkpoints.run_files import (
-    LoadedCheckpoint,
-    file_identity,
-)
+from detr_lightning.checkpoints.run_files import LoadedCheckpoint, file_identity
 from detr_lightning.lightning.checkpoint_io import AtomicCheckpointIO
-
-
-def _training_state(step: int) -> dict:
-    """A stand-in for a Lightning training checkpoint (the keys resume=auto requires)."""
-    return {"state_dict": {"w": torch.full((2,), float(step))}, "optimizer_states": [],
-            "loops": {}, "global_step": step, "epoch": 0}  # fmt: skip
-
-
-class _Opaque:
-    """Pickled as a class reference: a weights_only load refuses it."""
+from helpers.runs import Opaque, training_state
 
 
 def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
-    io.save_checkpoint(_training_state(1), path)
+    io.save_checkpoint(training_state(1), path)
     assert io.load_checkpoint(path)["global_step"] == 1
 
     def killed_mid_save(obj, target):
@@ -40,7 +28,7 @@ def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", killed_mid_save)
     with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint(_training_state(2), path)
+        io.save_checkpoint(training_state(2), path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["global_step"] == 1  # the previous file, intact
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
@@ -48,12 +36,12 @@ def test_checkpoint_io_is_atomic_and_loads_no_code(tmp_path, monkeypatch):
     # the data reach the disk before the rename makes them visible
     synced = []
     monkeypatch.setattr(detr_lightning.utils.io.os, "fsync", lambda fd: synced.append(fd))
-    io.save_checkpoint(_training_state(3), path)
+    io.save_checkpoint(training_state(3), path)
     assert len(synced) >= 1
     monkeypatch.undo()
 
     unsafe = tmp_path / "unsafe.ckpt"
-    torch.save({**_training_state(1), "x": _Opaque()}, unsafe)
+    torch.save({**training_state(1), "x": Opaque()}, unsafe)
     with pytest.raises(CheckpointError, match=r"refused to load"):
         io.load_checkpoint(unsafe, weights_only=False)  # the caller cannot turn it off
 
@@ -63,13 +51,13 @@ def test_a_checkpoint_handed_over_is_not_read_again(tmp_path, monkeypatch):
     for that file only, not if the file changed after it was read, not across a pickle
     (ddp_spawn ranks), and dropped by forget()."""
     path = tmp_path / "last.ckpt"
-    torch.save(_training_state(1), path)
+    torch.save(training_state(1), path)
     reads = []
     load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
     io = AtomicCheckpointIO()
 
-    handed = LoadedCheckpoint(path, file_identity(path), _training_state(1))
+    handed = LoadedCheckpoint(path, file_identity(path), training_state(1))
     io.hand_over(handed)
     assert pickle.loads(pickle.dumps(io))._handed is None
     assert io.load_checkpoint(str(tmp_path / "." / "last.ckpt")) is handed.state  # same file
@@ -79,7 +67,7 @@ def test_a_checkpoint_handed_over_is_not_read_again(tmp_path, monkeypatch):
 
     io.hand_over(handed)
     other = tmp_path / "other.ckpt"
-    torch.save(_training_state(2), other)
+    torch.save(training_state(2), other)
     assert io.load_checkpoint(other)["global_step"] == 2  # another file is read
     assert io.load_checkpoint(path) is not handed.state  # and the hand-over is gone
 
@@ -87,7 +75,7 @@ def test_a_checkpoint_handed_over_is_not_read_again(tmp_path, monkeypatch):
     io.forget()
     assert io.load_checkpoint(path) is not handed.state
 
-    torch.save(_training_state(3), path)  # rewritten after it was read, before the hand-over
+    torch.save(training_state(3), path)  # rewritten after it was read, before the hand-over
     os.utime(path, ns=(1, 1))
     io.hand_over(handed)
     assert io.load_checkpoint(path)["global_step"] == 3

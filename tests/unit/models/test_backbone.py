@@ -10,23 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from detr_lightning.models import (
-    DETR,
-    Backbone,
-    fuse_frozen_batchnorm,
-)
+from detr_lightning.models import DETR, Backbone, fuse_frozen_batchnorm
 from detr_lightning.models.backbone import FrozenBatchNorm2d
 from helpers.models import (
     NUM_CLASSES,
     NUM_QUERIES,
+    assert_same_predictions,
+    badly_scaled_resnet50,
     tiny_detr,
     tiny_eval_detr,
 )
-
-
-def assert_same_predictions(actual: dict, expected: dict, atol: float = 1e-4) -> None:
-    for key in ("pred_logits", "pred_boxes"):
-        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -115,21 +108,6 @@ def test_fuse_frozen_batchnorm_keeps_outputs(model: DETR) -> None:
     images = [torch.randn(3, 64, 96), torch.randn(3, 96, 64)]
     with torch.no_grad():
         assert_same_predictions(fused(images), model(images))
-
-
-@torch.no_grad()
-def badly_scaled_resnet50(dilation: bool) -> tuple[Backbone, torch.Generator]:
-    """A seeded random ResNet-50 backbone in eval mode whose frozen BN statistics are drawn
-    badly scaled (variances down to 0.01), and the generator that drew them, for the inputs."""
-    torch.manual_seed(0)
-    backbone = Backbone("resnet50", dilation=dilation).eval()
-    generator = torch.Generator().manual_seed(1)
-    for name, buffer in backbone.named_buffers():
-        if name.endswith("running_var"):
-            buffer.copy_(torch.rand(buffer.shape, generator=generator) * 0.99 + 0.01)
-        elif name.endswith(("running_mean", "bias")):
-            buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
-    return backbone, generator
 
 
 @pytest.mark.parametrize("dilation", [False, True], ids=["r50", "r50-dc5"])

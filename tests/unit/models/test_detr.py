@@ -19,15 +19,11 @@ from helpers.models import (
     NUM_CLASSES,
     NUM_QUERIES,
     PatchBackbone,
+    assert_same_predictions,
     randomize_frozen_batchnorm,
     tiny_detr,
     tiny_eval_detr,
 )
-
-
-def assert_same_predictions(actual: dict, expected: dict, atol: float = 1e-4) -> None:
-    for key in ("pred_logits", "pred_boxes"):
-        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

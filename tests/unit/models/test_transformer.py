@@ -14,9 +14,7 @@ from detr_lightning.models import (
     PositionEmbeddingLearned,
     PositionEmbeddingSine,
 )
-from helpers.models import (
-    tiny_detr,
-)
+from helpers.models import tiny_detr
 
 
 def test_pre_norm_encoder_has_final_norm() -> None:

@@ -14,52 +14,7 @@ from detr_lightning.data.annotations import scan_annotations
 from detr_lightning.data.checks import ERROR, INFO, WARNING, Finding, annotation_findings
 from detr_lightning.lightning import CocoDataModule
 from detr_lightning.tools.dataset_check import DatasetReport, TrainingPlan, check_dataset
-from helpers.data import write_coco
-
-CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
-
-
-def write_clean(root: Path) -> None:
-    """Both splits: 3 train images (one empty), 2 val images, boxes well inside."""
-    train_images = [
-        {"id": 1, "width": 100, "height": 50},
-        {"id": 2, "width": 64, "height": 64},
-        {"id": 3, "width": 40, "height": 40},
-    ]
-    train_annotations = [
-        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10.0, 5.0, 20.0, 10.0]},
-        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50.0, 0.0, 50.0, 50.0]},
-        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0.0, 0.0, 64.0, 64.0]},
-    ]
-    write_coco(root, train_images, train_annotations, CATEGORIES, split="train")
-    val_images = [{"id": 10, "width": 80, "height": 60}, {"id": 11, "width": 30, "height": 30}]
-    val_annotations = [
-        {"id": 10, "image_id": 10, "category_id": 1, "bbox": [1.0, 1.0, 30.0, 30.0]},
-        {"id": 11, "image_id": 11, "category_id": 2, "bbox": [0.0, 0.0, 30.0, 30.0]},
-    ]
-    write_coco(root, val_images, val_annotations, CATEGORIES, split="val")
-
-
-def write_broken(root: Path) -> None:
-    """A clean val split and a train split with one of each problem."""
-    write_clean(root)
-    images = [
-        {"id": 1, "width": 100, "height": 50},
-        {"id": 2, "width": 64, "height": 64, "file_name": "gone.jpg"},  # deleted below
-        {"id": 3, "width": 64, "height": 64, "file_name": "corrupt.jpg"},  # garbage below
-        {"id": 3, "width": 64, "height": 64, "file_name": "again.jpg"},  # duplicate id
-    ]
-    annotations = [
-        {"id": 21, "image_id": 1, "category_id": 1, "bbox": [10.0, 10.0, 0.0, 5.0]},  # w = 0
-        {"id": 22, "image_id": 1, "category_id": 1, "bbox": [90.0, 40.0, 20.0, 20.0]},  # outside
-        {"id": 23, "image_id": 1, "category_id": 99, "bbox": [1.0, 1.0, 5.0, 5.0]},  # category
-        {"id": 24, "image_id": 7, "category_id": 1, "bbox": [1.0, 1.0, 5.0, 5.0]},  # image
-        {"id": 25, "image_id": 1, "category_id": 2, "bbox": [1.0, 1.0, 5.0, 5.0]},
-        {"id": 25, "image_id": 1, "category_id": 2, "bbox": [2.0, 2.0, 5.0, 5.0]},  # same id
-    ]
-    image_dir, _ = write_coco(root, images, annotations, CATEGORIES, split="train")
-    (image_dir / "gone.jpg").unlink()
-    (image_dir / "corrupt.jpg").write_bytes(b"\xff\xd8 not a jpeg at all")
+from helpers.data import CATEGORIES, write_broken, write_clean, write_coco
 
 
 def check(root: Path, **kwargs) -> DatasetReport:

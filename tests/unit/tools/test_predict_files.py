@@ -12,11 +12,7 @@ from PIL import Image
 
 from detr_lightning import DETRModule
 from detr_lightning.data.images import inference_transform, read_image
-from detr_lightning.tools.predict_files import (
-    _drawing_names,
-    image_files,
-    predict_files,
-)
+from detr_lightning.tools.predict_files import _drawing_names, image_files, predict_files
 from detr_lightning.utils.errors import SetupError
 from helpers.data import noise, save_png
 from helpers.models import VARIED_DATA as DATA

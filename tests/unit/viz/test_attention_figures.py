@@ -6,42 +6,19 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_lightning.inference.attention import (
-    detect_with_attention,
-)
-from detr_lightning.lightning.module import DETRModule
+from detr_lightning.inference.attention import detect_with_attention
 from detr_lightning.viz.attention_figures import (
     attention_panels,
     plot_decoder_attention,
     plot_encoder_attention,
 )
-from helpers.models import TINY_MODEL
-
-LABEL_MAP = {"category_ids": [1, 2, 3], "names": ["cat", "dog", "bird"]}  # labels 3, 4: none
-
-
-def tiny_module(confident_label: int) -> DETRModule:
-    """A random tiny module whose queries all favour ``confident_label``, with varied scores."""
-    module = DETRModule(
-        model=TINY_MODEL, label_map=LABEL_MAP, data={"val_size": 128, "max_size": 200}
-    )
-    with torch.no_grad():
-        classifier = module.model.class_embed
-        classifier.weight.copy_(torch.randn_like(classifier.weight) * 0.2)
-        classifier.bias.zero_()
-        classifier.bias[confident_label] = 3.0
-    return module.eval()
+from helpers.data import write_street_image
+from helpers.models import confident_module
 
 
 @pytest.fixture
 def image_file(tmp_path):
-    """A 150 x 230 PNG with a few rectangles on noise."""
-    pixels = torch.randint(0, 60, (150, 230, 3), dtype=torch.uint8)
-    pixels[20:90, 30:120] = torch.tensor([200, 40, 40], dtype=torch.uint8)
-    pixels[70:140, 150:220] = torch.tensor([40, 200, 90], dtype=torch.uint8)
-    path = tmp_path / "street.png"
-    Image.fromarray(pixels.numpy()).save(path)
-    return path
+    return write_street_image(tmp_path / "street.png")
 
 
 def open_png(path) -> tuple[int, int]:
@@ -52,7 +29,7 @@ def open_png(path) -> tuple[int, int]:
 
 
 def test_attention_panels_write_both_figures(image_file, tmp_path) -> None:
-    module = tiny_module(confident_label=1)
+    module = confident_module(confident_label=1)
     module.train()  # put back in eval for the pass, then back in training mode
     out_dir = tmp_path / "panels"
     paths = attention_panels(module.predictor(), image_file, out_dir, threshold=0.3)
@@ -79,7 +56,7 @@ def test_attention_panels_write_both_figures(image_file, tmp_path) -> None:
 
 
 def test_attention_panels_from_a_tensor_with_points(tmp_path) -> None:
-    module = tiny_module(confident_label=4)  # detects nothing
+    module = confident_module(confident_label=4)  # detects nothing
     image = torch.randint(0, 256, (3, 90, 60), dtype=torch.uint8)
     paths = attention_panels(module.predictor(), image, tmp_path, points=[(10, 10), (80, 50)])
     assert [path.name for path in paths] == ["image_decoder.png", "image_encoder.png"]
