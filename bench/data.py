@@ -4,7 +4,7 @@
         [--images 200] [--rounds 5] [--json bench/results/data_cpu.json]
 
 Both read the same JPEGs and apply the full training augmentation at the benchmark's small
-scale (see bench/train.py): flip; short side 128..192, max 256; half of the time resize to
+scale (see bench/train_speed.py): flip; short side 128..192, max 256; half of the time resize to
 96/128/160 and a random crop of 80..160 first; normalize. Ours is ``CocoDetection`` with
 ``make_train_transforms`` (seeded per sample, as training runs it); the official one is its
 ``datasets.coco.CocoDetection`` with its ``datasets.transforms`` composed the same way (PIL

@@ -47,7 +47,7 @@ echo "== 5. train.py on the GPU, defaults; then stopped by SIGTERM mid-epoch and
 gpu_run="experiment=synthetic_cpu trainer.accelerator=gpu trainer.max_epochs=2 cpu_threads=null"
 timeout 150 "$py" train.py $gpu_run run_dir="$out/train-run" 2>&1 \
     | grep -E "precision|optimizer|epoch 2/2|Error"
-signal_once="+callbacks.sig._target_=pipeline_fixtures.SignalOnce +callbacks.sig.step=180"
+signal_once="+callbacks.sig._target_=helpers.pipeline.SignalOnce +callbacks.sig.step=180"
 signal_once="$signal_once +callbacks.sig.marker=$out/train-stopped.signalled"
 for attempt in stop resume; do  # the first stops after step 180 (exit 143), the second resumes
     PYTHONPATH="$PYTHONPATH:$PWD/tests" timeout 150 "$py" train.py $gpu_run \

@@ -3,8 +3,8 @@
     make bench OFFICIAL=/path/to/detr-checkout        # or REF_DETR_DIR=...
     PYTHONPATH=src python bench/run_all.py --official PATH [--out bench/results/NAME] [--quick]
 
-Runs bench/train.py (with and without size grouping, and the official code), bench/data.py,
-bench/evaluation.py and bench/inference_hf.py (fp32 also with ``--reuse-freed-memory``, the
+Runs bench/train_speed.py (with and without size grouping, and the official code), bench/data.py,
+bench/eval_backends.py and bench/inference_hf.py (fp32 also with ``--reuse-freed-memory``, the
 malloc setting of predict.py and eval.py), each writing its JSON under ``--out``, then
 prints the summary (ratios with their targets) and writes ``summary.json`` there. Run it with
 nothing else busy on the machine: on a small CPU a parallel job makes every figure meaningless.
@@ -71,11 +71,11 @@ def main() -> None:
     summarize_only = args.summarize
     # two rounds in ABBA order for the recorded figures: the machine may drift over the run
     train_args = ["--epochs", "1"] if quick else ["--epochs", "3", "--rounds", "2"]
-    train = _run("train.py", [*official, *train_args], args.out, summarize_only)
+    train = _run("train_speed.py", [*official, *train_args], args.out, summarize_only)
     data_args = ["--images", "40", "--rounds", "2"] if quick else []
     data = _run("data.py", [*official, *data_args], args.out, summarize_only)
     evaluation_args = ["--images", "300", "--rounds", "1"] if quick else ["--rounds", "2"]
-    evaluation = _run("evaluation.py", evaluation_args, args.out, summarize_only)
+    evaluation = _run("eval_backends.py", evaluation_args, args.out, summarize_only)
     # bf16 autocast is only worth timing where the CPU computes in bf16 (AMX / AVX512-BF16);
     # elsewhere it is emulated and many times slower than fp32
     inference_args = ["--precisions", "fp32", *(["bf16"] if native_bf16() else [])]
@@ -109,7 +109,7 @@ def main() -> None:
     ours, plain, ref = runs["default"], runs.get("no-group"), runs["official"]
 
     def vs_official(run: dict) -> float:
-        """The median of the rounds' ratios (train.py --rounds); older files hold one run."""
+        """The median of the rounds' ratios (train_speed.py --rounds); older files hold one run."""
         return run.get("ratio_median", run["img_per_s_median"] / ref["img_per_s_median"])
 
     speed = vs_official(ours)

@@ -72,7 +72,7 @@ def _bench(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedPro
 
 def test_evaluation_benchmark_backends_agree(tmp_path: Path) -> None:
     out = tmp_path / "evaluation.json"
-    _bench("evaluation.py", "--images", "40", "--rounds", "1", "--json", str(out))
+    _bench("eval_backends.py", "--images", "40", "--rounds", "1", "--json", str(out))
     report = json.loads(out.read_text())
     assert set(report["seconds"]) == {"pycocotools", "faster_coco_eval"}
     assert all(len(times) == 1 and times[0] > 0 for times in report["seconds"].values())
@@ -147,7 +147,7 @@ def test_training_benchmark_runs_ours_on_a_generated_dataset(tmp_path: Path) -> 
     annotations = json.loads((data / "annotations/instances_train2017.json").read_text())
     assert len(annotations["images"]) == 8 and annotations["annotations"]
     out = tmp_path / "train.json"
-    result = _bench("train.py", "--skip-official", "--data", str(data), "--epochs", "1",
+    result = _bench("train_speed.py", "--skip-official", "--data", str(data), "--epochs", "1",
                     "--variants", "default", "--rounds", "2", "--json", str(out))  # fmt: skip
     assert "detr-lightning (default, round 2/2)" in result.stdout
     run = json.loads(out.read_text())["runs"]["default"]

@@ -110,7 +110,7 @@ def fused_by_default(factory: Callable, params: Sequence[Tensor]) -> dict[str, b
     On CUDA torch defaults to its multi-tensor (foreach) update; the fused kernel computes the
     same AdamW step in fewer launches and passes over the weights (``bench/train_step.py``).
     On the CPU torch defaults to a Python loop of a dozen operations per parameter: for the
-    12M parameters (88 tensors) of ``bench/train.py``'s small DETR, one AdamW step took 52-64
+    12M parameters (88 tensors) of ``bench/train_speed.py``'s small DETR, one AdamW step took 52-64
     ms that way, 50-54 ms with foreach and 11 ms fused on a 2-core CPU, of a training step of
     about 560 ms. The fused step differs from the loop by float32 rounding only (6e-8 after
     33 steps). ``optimizer.fused=false`` keeps torch's default."""

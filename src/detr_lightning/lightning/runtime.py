@@ -80,7 +80,7 @@ def limit_cpu_kernel_cache(capacity: Any) -> None:
 
     oneDNN compiles a kernel ("primitive") per convolution shape and keeps up to 1024 of them.
     Multi-scale training brings new shapes nearly every batch, so the cache seldom hits and its
-    kernels pile up in the training process: one epoch of ``bench/train.py``'s CPU config
+    kernels pile up in the training process: one epoch of ``bench/train_speed.py``'s CPU config
     peaked at 1392-1400 MB with no cache against 1509-1591 MB with oneDNN's default, for 2-3%
     of speed (kernels shared by same-shape convolutions in a step are compiled again). oneDNN
     reads its environment variable once, at its first kernel, so this takes effect when it runs

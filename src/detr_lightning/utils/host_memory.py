@@ -22,7 +22,7 @@ of their own, which still ``mmap`` blocks over 64 MB and return an empty heap to
 That suits a process that does one job, as ``predict.py`` and ``eval.py`` on a CPU: they
 call :func:`reuse_freed_memory` unless ``reuse_freed_memory=false`` (``eval.py`` in every
 process of a multi-process run, from a callback). ``train.py`` does not: at
-``bench/train.py``'s small CPU config (one epoch, alternating runs) an epoch ran at 9.57 /
+``bench/train_speed.py``'s small CPU config (one epoch, alternating runs) an epoch ran at 9.57 /
 9.58 images/s with it against 11.35 / 10.10 without. A library call never changes it: it is
 a setting of the whole process, for its owner to make.
 """

@@ -1,6 +1,6 @@
 """Training throughput, peak memory and loss against the official DETR code, side by side.
 
-    PYTHONPATH=src python bench/train.py --official /path/to/detr-checkout [--epochs 3] \
+    PYTHONPATH=src python bench/train_speed.py --official /path/to/detr-checkout [--epochs 3] \
         [--data ROOT] [--json bench/results/train_cpu.json] [--variants default no-group] \
         [--rounds 2]
 

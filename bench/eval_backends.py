@@ -1,6 +1,6 @@
 """COCO evaluation time through our CocoEvaluator: faster_coco_eval against pycocotools.
 
-    PYTHONPATH=src python bench/evaluation.py [--images 5000] [--detections 100] [--rounds 3] \
+    PYTHONPATH=src python bench/eval_backends.py [--images 5000] [--detections 100] [--rounds 3] \
         [--json bench/results/evaluation_cpu.json]
 
 A COCO-sized ground truth (``--images`` images of 640x480, 1..15 objects each over 80
