@@ -102,12 +102,7 @@ class DETRModule(NonFiniteSkip):
         self.model = enable_cpu_graphs(build(spec))
         self.save_hyperparameters(
             {
-                # A rebuilt module gets every backbone weight from its checkpoint: it must
-                # neither download ImageNet weights again nor need the original local file.
-                "model": {
-                    **spec,
-                    "backbone": {**spec["backbone"], "pretrained": False, "weights": None},
-                },
+                "model": _without_weight_files(spec),
                 "loss": settings["loss"],
                 "optimizer": settings["optimizer"],
                 "schedule": settings["schedule"],
@@ -419,7 +414,7 @@ class DETRModule(NonFiniteSkip):
     def configure_optimizers(self):
         """The optimizer of the ``optimizer`` spec over :func:`~.optim.parameter_groups` (the
         backbone at its ``lr``), and the ``schedule`` spec's learning-rate schedule."""
-        groups = parameter_groups(self.model, self.model.backbone.lr)
+        groups = parameter_groups(self.model, getattr(self.model.backbone, "lr", None))
         # Lightning cannot clip the gradients of a fused optimizer under fp16's loss scaling
         trainer = compat.attached_trainer(self)
         scaled = trainer is not None and loss_scaler(trainer) is not None
@@ -429,3 +424,13 @@ class DETRModule(NonFiniteSkip):
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = build_schedule(self.hparams.schedule, optimizer, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def _without_weight_files(spec: dict[str, Any]) -> dict[str, Any]:
+    """The model spec as a checkpoint stores it: a rebuilt module gets every backbone weight
+    from its checkpoint, so it must neither download ImageNet weights again nor need the
+    original local file."""
+    backbone = spec.get("backbone")
+    if not isinstance(backbone, dict):  # a name, or the builder's default
+        return spec
+    return {**spec, "backbone": {**backbone, "pretrained": False, "weights": None}}

@@ -48,10 +48,14 @@ def warmup_cosine(optimizer: Optimizer, *, total_steps: int, warmup_steps: int) 
     return {"scheduler": scheduler, "interval": "step", "name": "lr"}
 
 
-def parameter_groups(model: nn.Module, backbone_lr: float) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, backbone_lr: float | None) -> list[dict[str, Any]]:
     """The trainable parameters of ``model`` in two groups: ``transformer_and_heads`` (the
     optimizer's own learning rate) and ``backbone`` (at ``backbone_lr``; left out when the
-    backbone has nothing to train)."""
+    backbone has nothing to train). ``backbone_lr`` None (a backbone module of one's own,
+    without an ``lr``): one group, everything at the optimizer's learning rate."""
+    if backbone_lr is None:
+        params = [param for param in model.parameters() if param.requires_grad]
+        return [{"params": params, "name": "all"}]
     backbone, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
