@@ -98,7 +98,7 @@ class DETRModule(NonFiniteSkip):
                 raise ValueError("model.num_classes is null and there is no label map to count")
             spec["num_classes"] = label_map.num_classes
         if label_map is not None:  # the one check of num_classes against the labels
-            label_map = padded_label_map(label_map, spec["num_classes"], label_map.source)
+            label_map = padded_label_map(label_map, spec["num_classes"])
         self.model = enable_cpu_graphs(build(spec))
         self.save_hyperparameters(
             {
