@@ -62,8 +62,7 @@ from common import environment, print_table, spread, write_json
 from inference import MODELS  # the benchmarks' model configurations, "tiny" included
 
 from detr_lightning.cli.console import quiet_third_party
-from detr_lightning.cli.train import compile_model
-from detr_lightning.cli.trainer import resolve_precision
+from detr_lightning.lightning.runtime import compile_model, resolve_precision
 from detr_lightning.lightning.module import DETRModule
 
 
