@@ -4,5 +4,6 @@ from .history import MetricsHistory
 from .memory import ReuseFreedMemory
 from .preemption import SignalStop
 from .step_checkpoint import StepCheckpoint
+from .step_work import StepWork
 
-__all__ = ["MetricsHistory", "ReuseFreedMemory", "SignalStop", "StepCheckpoint"]
+__all__ = ["MetricsHistory", "ReuseFreedMemory", "SignalStop", "StepCheckpoint", "StepWork"]
