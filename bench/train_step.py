@@ -62,8 +62,8 @@ from common import environment, print_table, spread, write_json
 from inference import MODELS  # the benchmarks' model configurations, "tiny" included
 
 from detr_lightning.cli.console import quiet_third_party
-from detr_lightning.lightning.runtime import compile_model, resolve_precision
 from detr_lightning.lightning.module import DETRModule
+from detr_lightning.lightning.runtime import compile_model, resolve_precision
 
 
 @dataclass(frozen=True)

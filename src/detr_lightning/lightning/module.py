@@ -252,7 +252,9 @@ class DETRModule(NonFiniteSkip):
         skipped step changes nothing.
 
         Non-finite predictions show in the matching cost, which the matcher reads on the host
-        anyway: the step waits for the device there and once more for the loss check.
+        anyway; the loss is checked with the gradients, before the optimizer step
+        (:meth:`_check_loss`), so that a step reads the device once more, not twice. The step's
+        loss is logged for the loggers on the device, which read it at their logging interval.
         """
         images, padding_mask, targets = batch
         self._start_step(targets)
@@ -266,21 +268,24 @@ class DETRModule(NonFiniteSkip):
             return self._skipped("the predictions are NaN/Inf" if nonfinite else None)
         losses = self.criterion(outputs, targets, indices)
         total = self.criterion.weighted_total(losses)
-        nonfinite = ~torch.isfinite(total.detach())
-        if self._any_rank(nonfinite):
-            reason = f"the loss is {float(total.detach())}"
-            return self._skipped(reason if bool(nonfinite) else None)
         batch_size = len(targets)
-        # The step value is this rank's; the epoch values are summed here and averaged over
-        # ranks once, at the epoch's last batch (on_train_batch_end).
-        self.log("train/loss_step", total, on_step=True, on_epoch=False, prog_bar=True,
-                 batch_size=batch_size)  # fmt: skip
-        self.epoch_sums.add({"loss": total, **losses}, weight=batch_size)
         # Samples that stood in for unreadable images (named in the dataset's warnings).
         # (filled in on the device: a host value would be copied over, waiting for the device)
         count = sum(int(target["stand_in_for"]) >= 0 for target in targets)
         stand_ins = torch.full((), float(count), device=total.device)
-        self.epoch_sums.add({"stand_in_images": stand_ins}, mean=False)
+
+        def record() -> None:  # what a kept step adds to the epoch's sums
+            # The step value is this rank's; the epoch values are summed here and averaged over
+            # ranks once, at the epoch's last batch (on_train_batch_end).
+            self.epoch_sums.add({"loss": total, **losses}, weight=batch_size)
+            self.epoch_sums.add({"stand_in_images": stand_ins}, mean=False)
+
+        skipped = self._check_loss(total, record)
+        if skipped is not None:
+            return skipped
+        # not on the progress bar, which would read it at every step: LossProgressBar shows
+        # it as read at the logging interval
+        self.log("train/loss_step", total, on_step=True, on_epoch=False, batch_size=batch_size)
         return total
 
     def training_epoch_means(self) -> dict[str, float]:
@@ -289,6 +294,7 @@ class DETRModule(NonFiniteSkip):
         return self.epoch_sums.means()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._record_unchecked()
         # Logged at the epoch's last batch, so that callbacks find train/loss & co. in
         # trainer.callback_metrics from their on_train_epoch_end on, as with per-step logging
         # (the module's own on_train_epoch_end runs after theirs).

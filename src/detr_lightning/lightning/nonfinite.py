@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,11 @@ class NonFiniteSkip(pl.LightningModule):
     are checked in :meth:`configure_gradient_clipping`. ``nonfinite_streak`` counts the steps
     skipped in a row and ``nonfinite_images`` names the last one's images, for
     :class:`NonFiniteStop`.
+
+    Reading a device value on the host makes the host wait for the device, so the loss is
+    checked with the gradients where it can be (:meth:`_check_with_gradients`): one read per
+    step decides both, and what the step records (its losses' epoch sums) is recorded once the
+    step is known to be kept.
     """
 
     def _init_nonfinite(self) -> None:
@@ -48,11 +53,46 @@ class NonFiniteSkip(pl.LightningModule):
         self._step_images: list[int] = []
         self._skipping = False  # the current step is skipped: drop its (zero) update
         self._running_stats: list[tuple[Tensor, Tensor]] = []
+        self._step_loss: Tensor | None = None  # checked with the gradients
+        self._on_kept: Callable[[], None] | None = None
 
     def _start_step(self, targets: Sequence[dict[str, Any]]) -> None:
         """Note the batch's image ids and keep the BatchNorm statistics the step may change."""
         self._step_images = [int(target["image_id"]) for target in targets]  # host ints
+        self._step_loss, self._on_kept = None, None
         self._save_running_stats()
+
+    def _loss_checked_with_gradients(self) -> bool:
+        """Whether a finite-looking step's loss can wait to be checked with its gradients: under
+        native precision (fp32, bf16-mixed; DDP included), without fp16's loss scaler (which
+        skips inf gradients by itself) and without gradient accumulation (whose batches that
+        do not step reach no gradient check)."""
+        trainer = self.trainer
+        native = type(trainer.precision_plugin) in (Precision, MixedPrecision)
+        return native and loss_scaler(trainer) is None and trainer.accumulate_grad_batches == 1
+
+    def _check_loss(self, loss: Tensor, record: Callable[[], None]) -> Tensor | None:
+        """Check the step's weighted total ``loss``, and run ``record`` (what the step logs)
+        if it is kept. The zero stand-in of :meth:`_skipped` if the loss is NaN/Inf on any
+        rank now; None if the step goes on, with the check and ``record`` left to
+        :meth:`configure_gradient_clipping` where :meth:`_loss_checked_with_gradients`."""
+        if self._loss_checked_with_gradients():
+            self._step_loss, self._on_kept = loss.detach(), record
+            return None
+        nonfinite = ~torch.isfinite(loss.detach())
+        if self._any_rank(nonfinite):
+            reason = f"the loss is {float(loss.detach())}"
+            return self._skipped(reason if bool(nonfinite) else None)
+        record()
+        return None
+
+    def _record_unchecked(self) -> None:
+        """After the step: a loss left to the gradient check that no check reached (a hook path
+        without gradient clipping) is checked here, on the host."""
+        record, loss = self._on_kept, self._step_loss
+        self._on_kept, self._step_loss = None, None
+        if record is not None and loss is not None and bool(torch.isfinite(loss)):
+            record()
 
     def _any_rank(self, flag: Tensor | bool) -> bool:
         """Whether ``flag`` is true on any rank (the ranks decide together). Every rank must
@@ -96,11 +136,19 @@ class NonFiniteSkip(pl.LightningModule):
         native = type(plugin) in (Precision, MixedPrecision)
         total = torch.nn.utils.get_total_norm([p.grad for p in params])
         nonfinite = ~torch.isfinite(total)
+        loss, record = self._step_loss, self._on_kept
+        self._step_loss, self._on_kept = None, None
+        if loss is not None:  # one read decides for the loss and the gradients
+            nonfinite = nonfinite | ~torch.isfinite(loss)
+            if self.trainer.world_size > 1:  # the gradients are alike on every rank, not the loss
+                nonfinite = self.trainer.strategy.reduce(nonfinite.float(), reduce_op="sum") > 0
         # sharded gradients (FSDP) differ between ranks: decide together there
         if bool(nonfinite) if native else self._any_rank(nonfinite):
-            self._note_skip("a gradient is NaN/Inf")
+            self._note_skip(_reason(loss, total))
             optimizer.zero_grad(set_to_none=True)
             return
+        if record is not None:
+            record()
         self.nonfinite_streak = 0
         if gradient_clip_val is None or gradient_clip_val <= 0:  # Lightning's "off"
             return
@@ -157,6 +205,15 @@ class NonFiniteSkip(pl.LightningModule):
             batches,
             self.nonfinite_streak,
         )
+
+
+def _reason(loss: Tensor | None, grad_norm: Tensor) -> str | None:
+    """What is NaN/Inf on this rank in a skipped step (None: nothing, another rank's loss)."""
+    if loss is not None and not bool(torch.isfinite(loss)):
+        return f"the loss is {float(loss)}"
+    if not bool(torch.isfinite(grad_norm)):
+        return "a gradient is NaN/Inf"
+    return None
 
 
 class NonFiniteStop(pl.Callback):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -87,14 +88,14 @@ class HungarianMatcher(nn.Module):
             cost -= self.set_cost_giou * batched_generalized_box_iou(
                 box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(boxes)[None]
             )
-        cost = cost.cpu()  # the one device-to-host transfer
-        if not torch.isfinite(cost).all():
+        cost = cost.cpu().numpy()  # the one device-to-host transfer
+        if not np.isfinite(cost).all():  # checked on the host copy: no operator, no wait
             raise NonFiniteCostError(
                 "matching cost has NaN/Inf: the model produced non-finite predictions "
                 "(diverged training: lower the learning rate or check the input data)"
             )
         result = []
-        for layer_cost in cost.numpy():
+        for layer_cost in cost:
             layer_indices = []
             for i, size in enumerate(sizes):
                 if size == 0:

@@ -27,7 +27,9 @@ class _Poison(pl.Callback):
     and the image ids of every batch.
 
     ``image``: a NaN pixel, as a corrupt decode would give (the predictions become NaN);
-    ``loss``: the criterion's total becomes NaN while the predictions stay finite.
+    ``loss``: the criterion's total becomes NaN while the predictions stay finite;
+    ``loss_only``: a NaN is added to the total, whose gradients stay finite (only the loss
+    check can find it).
     """
 
     def __init__(self, poisoned: set[int], how: str = "image") -> None:
@@ -42,10 +44,12 @@ class _Poison(pl.Callback):
         bad = batch_idx in self.poisoned
         if bad and self.how == "image":
             batch[0][0, 0, 0, 0] = float("nan")
-        if self.how == "loss":
+        if self.how in ("loss", "loss_only"):
             total = type(pl_module.criterion).weighted_total
+            poisoned = (lambda value: value * torch.nan) if self.how == "loss" else (
+                lambda value: value + torch.nan)  # fmt: skip
             pl_module.criterion.weighted_total = (
-                (lambda losses: total(pl_module.criterion, losses) * torch.nan) if bad else
+                (lambda losses: poisoned(total(pl_module.criterion, losses))) if bad else
                 (lambda losses: total(pl_module.criterion, losses))
             )  # fmt: skip
 
@@ -58,7 +62,8 @@ def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str
 
 
 @pytest.mark.parametrize(("how", "reason"), [("image", "the predictions are NaN/Inf"),
-                                             ("loss", "the loss is nan")])  # fmt: skip
+                                             ("loss", "the loss is nan"),
+                                             ("loss_only", "the loss is nan")])  # fmt: skip
 def test_nonfinite_step_is_skipped_and_names_the_images(how, reason, tmp_path, caplog):
     poison = _Poison({1}, how)
     cfg = compose_config("train", tiny_overrides(tmp_path, *COMMON))
@@ -142,11 +147,18 @@ from detr_lightning.cli.train import train  # noqa: E402
 
 
 class PoisonRankOne(pl.Callback):
-    """NaN images in batch 1 of rank 1 only; rank 0 saves its weights around that step."""
+    """In batch 1 of rank 1 only, a NaN image ("image") or a NaN added to the loss, whose
+    gradients stay finite ("loss"); rank 0 saves its weights around that step."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == 1 and trainer.global_rank == 1:
+        poisoned = batch_idx == 1 and trainer.global_rank == 1
+        if poisoned and {how!r} == "image":
             batch[0][0, 0, 0, 0] = float("nan")
+        if {how!r} == "loss":
+            total = type(pl_module.criterion).weighted_total
+            pl_module.criterion.weighted_total = (
+                lambda losses: total(pl_module.criterion, losses) + (torch.nan if poisoned else 0)
+            )
         if batch_idx == 1 and trainer.global_rank == 0:
             torch.save(pl_module.state_dict(), {before!r})
 
@@ -161,9 +173,13 @@ train(compose_config("train", [*overrides, *{extra!r}]), [PoisonRankOne()])
 
 
 @pytest.mark.slow
-def test_ddp_ranks_skip_a_nan_step_together(tmp_path):
-    """Only rank 1's loss is NaN: both ranks skip the step (a rank that skipped alone would
-    leave the other waiting in the gradient all-reduce), and training goes on."""
+@pytest.mark.parametrize(("how", "reason"), [("image", "the predictions are NaN/Inf"),
+                                             ("loss", "the loss is nan")])  # fmt: skip
+def test_ddp_ranks_skip_a_nan_step_together(how, reason, tmp_path):
+    """Only rank 1's predictions or loss are NaN: both ranks skip the step (a rank that skipped
+    alone would leave the other waiting in the gradient all-reduce, or train on alone), and
+    training goes on. The NaN loss has finite gradients: only the ranks' joint loss check
+    finds it."""
     import os
     import subprocess
     import sys
@@ -176,14 +192,15 @@ def test_ddp_ranks_skip_a_nan_step_together(tmp_path):
     script = tmp_path / "poisoned_ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(root / "tests"), run_dir=str(tmp_path / "run"),
                                         before=str(tmp_path / "before.pt"),
-                                        after=str(tmp_path / "after.pt"), extra=extra))  # fmt: skip
+                                        after=str(tmp_path / "after.pt"), extra=extra,
+                                        how=how))  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src")}
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
                             capture_output=True, timeout=300)  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output
-    assert "the predictions are NaN/Inf for the batch of images" in output
+    assert f"{reason} for the batch of images" in output
     assert "on rank 1; skipping the step on every rank" in output
     before = torch.load(tmp_path / "before.pt", weights_only=True)
     after = torch.load(tmp_path / "after.pt", weights_only=True)

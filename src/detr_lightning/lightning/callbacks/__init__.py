@@ -3,7 +3,15 @@
 from .history import MetricsHistory
 from .memory import ReuseFreedMemory
 from .preemption import SignalStop
+from .progress import LossProgressBar
 from .step_checkpoint import StepCheckpoint
 from .step_work import StepWork
 
-__all__ = ["MetricsHistory", "ReuseFreedMemory", "SignalStop", "StepCheckpoint", "StepWork"]
+__all__ = [
+    "LossProgressBar",
+    "MetricsHistory",
+    "ReuseFreedMemory",
+    "SignalStop",
+    "StepCheckpoint",
+    "StepWork",
+]
