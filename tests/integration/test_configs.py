@@ -239,7 +239,7 @@ def test_config_composes_and_instantiates(experiment, coco_root, tmp_path):
 def test_no_dataset_is_one_clear_message(tmp_path, monkeypatch):
     monkeypatch.delenv("COCO_ROOT", raising=False)
     cfg = compose_config("train", [f"run_dir={tmp_path}"])
-    with pytest.raises(SetupError, match=r"data\.root=.*python train\.py experiment=synthetic_cpu"):
+    with pytest.raises(SetupError, match=r"data\.root=.*: detr-train experiment=synthetic_cpu"):
         train(cfg)
     cfg = compose_config("train", [f"run_dir={tmp_path}", f"data.root={tmp_path / 'none'}"])
     with pytest.raises(SetupError, match=r"data\.root=.*none is not a directory"):

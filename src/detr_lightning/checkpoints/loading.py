@@ -50,6 +50,9 @@ def load_state_into(
                     f" (+{len(items) - 8} more)" if len(items) > 8 else ""
                 )
                 lines.append(f"  {title} ({len(items)}): {shown}")
+        norm = _norm_hint(missing, unexpected)
+        if norm:
+            lines.append(f"  {norm}")
         lines.append(
             "  Check the backbone/dilation/layer settings; only the class head may differ "
             "(pass num_classes to re-initialize it)."
@@ -59,3 +62,18 @@ def load_state_into(
         for key, value in own.items():
             if key not in skip:
                 value.copy_(state[key])
+
+
+def _norm_hint(missing: list[str], unexpected: list[str]) -> str | None:
+    """What the backbone's normalization buffers among the problems say: the checkpoint was
+    trained with another ``backbone.norm`` than the model's (frozen, batch or group)."""
+    if any(k.startswith("backbone.") and k.endswith(".num_batches_tracked") for k in unexpected):
+        return "the checkpoint's backbone has trainable BatchNorm: set backbone.norm=batch"
+    if any(k.startswith("backbone.") and k.endswith(".running_mean") for k in unexpected):
+        return (
+            "the checkpoint's backbone has BatchNorm statistics and the model's none: set "
+            "backbone.norm=frozen (or batch)"
+        )
+    if any(k.startswith("backbone.") and k.endswith(".running_mean") for k in missing):
+        return "the checkpoint's backbone has no BatchNorm statistics: set backbone.norm=group"
+    return None

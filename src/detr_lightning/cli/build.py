@@ -101,7 +101,14 @@ def build_module(cfg: DictConfig, datamodule: Any) -> DETRModule:
 ARCHITECTURE_OVERRIDES = {
     ("backbone", "name"): "backbone",  # a config of the backbone group, e.g. backbone=resnet101
     ("backbone", "num_stages"): "backbone.num_stages",
+    # no trace in the shapes, compared when the checkpoint records it (our own files): a
+    # frozen-BN model finds BatchNorm's step counters in a norm=batch file, and no running
+    # statistics in a norm=group one
+    ("backbone", "norm"): "backbone.norm",
     ("hidden_dim",): "model.hidden_dim",
+    # no trace either (our files, Hugging Face's config, the official ``args`` record it):
+    # the same tensors split into 4 heads or into 8 are two different models
+    ("nheads",): "model.nheads",
     ("num_queries",): "model.num_queries",
     ("enc_layers",): "model.enc_layers",
     ("dec_layers",): "model.dec_layers",
@@ -120,23 +127,26 @@ OFFICIAL_FILE_NAME = re.compile(r"detr-r(50|101)(-dc5)?(-panoptic)?-[0-9a-f]{8}\
 
 def check_architecture(info: dict[str, Any], model: dict[str, Any]) -> None:
     """Refuse (SetupError) a ``pretrained`` checkpoint whose weights belong to another
-    architecture than the config's, naming each override that fixes it; warn when an official
-    file's name says DC5 and the config does not, or the other way round (the weights fit
-    both)."""
+    architecture than the config's, or that records another backbone norm or head count,
+    naming each override that fixes it; warn when an official file's name says DC5 and the
+    config does not, or the other way round (the weights fit both)."""
     theirs = info["model"]
     defaults = {("backbone", "num_stages"): 4}  # read off the weights only when it is 3
-    lines = []
+    lines, fixes = [], []
     for path, override in ARCHITECTURE_OVERRIDES.items():
         value = _setting(theirs, path, defaults.get(path))
         ours = _setting(model, path)
-        if value is None or ours == value:
+        if value is None or ours == value:  # None: not recorded (older or official files)
             continue
         key = "backbone" if path == ("backbone", "name") else path[-1]
         fix = f"{override}={str(value).lower() if isinstance(value, bool) else value}"
+        fixes.append(fix)
         if key == "backbone" and value in PAPER_MODELS:
             fix += f" (model={PAPER_MODELS[value]} for the paper's {value} model)"
         lines.append(f"  {key}: checkpoint {value}, config {ours}: set {fix}")
     if lines:
+        if len(fixes) > 1:
+            lines.append(f"  all together: {' '.join(fixes)}")
         raise SetupError(
             f"pretrained={info['path']} holds the weights of another architecture than the "
             "config builds:\n" + "\n".join(lines) + "\nOnly the class head may differ (it is "

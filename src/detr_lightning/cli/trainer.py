@@ -69,7 +69,7 @@ def check_launched_processes(trainer: pl.Trainer) -> None:
             raise SetupError(
                 f"{started}, but {asked}: under SLURM every device is one srun task "
                 "(#SBATCH --ntasks-per-node=<trainer.devices> --nodes=<trainer.num_nodes>, "
-                "then srun python train.py ...); to have Lightning start the processes of one "
+                "then srun detr-train ...); to have Lightning start the processes of one "
                 "task itself, run it as a job named interactive (srun --job-name=interactive)"
             )
     elif tasks is not None and tasks > 1:
@@ -85,7 +85,7 @@ def check_launched_processes(trainer: pl.Trainer) -> None:
         raise SetupError(
             f"hydra/launcher=local runs each job as one process, in which Lightning cannot start "
             f"DDP processes ({asked}): use trainer.devices=1 with it, or run multi-device jobs "
-            "one after the other with Hydra's basic launcher (python train.py -m ... without "
+            "one after the other with Hydra's basic launcher (detr-train -m ... without "
             "hydra/launcher)"
         )
 

@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "overrides",
         nargs="*",
-        help="train.py overrides: data.root=..., data.val_annotations=..., decode=false, "
+        help="detr-train's overrides: data.root=..., data.val_annotations=..., decode=false, "
         "max_examples=20, ...",
     )
     parser.add_argument(

@@ -17,7 +17,10 @@ def check_data_source(root: str | os.PathLike | None, synthetic: Mapping | None)
     """Raise SetupError unless ``root`` is a folder or ``synthetic`` parameters are given.
 
     Cheap, so entry points call it before any slow set-up (weights, indexing)."""
-    demo = "or run the CPU demo on the built-in data: python train.py experiment=synthetic_cpu"
+    demo = (
+        "or run the CPU demo on the built-in data: detr-train experiment=synthetic_cpu "
+        "(python train.py experiment=synthetic_cpu in a source checkout)"
+    )
     if root is None and synthetic is None:
         raise SetupError(
             "no dataset: set data.root=/path/to/coco (a folder with train2017/, val2017/ and "
