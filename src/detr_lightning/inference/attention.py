@@ -25,7 +25,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..data.images import read_image
-from ..models.transformer import MultiheadAttention
+from ..models.transformer import KeyPadding, MultiheadAttention
 from .predictor import Predictor
 
 __all__ = [
@@ -148,7 +148,16 @@ def capture_attention(
         def hook(module, args, kwargs, output) -> None:
             named = dict(zip(("query", "key", "value", "key_padding_mask"), args))
             named.update(kwargs)
-            calls[name] = (named["query"], named["key"], named.get("key_padding_mask"))
+            query, key, mask = named["query"], named["key"], named.get("key_padding_mask")
+            if isinstance(mask, KeyPadding):
+                mask = mask.mask
+            if query.dim() == 2:  # the layers' flattened [B * L, E]
+                batch = named["batch"]
+                query, key = (
+                    query.view(batch, -1, query.shape[-1]),
+                    key.view(batch, -1, key.shape[-1]),
+                )
+            calls[name] = (query, key, mask)
 
         return hook
 

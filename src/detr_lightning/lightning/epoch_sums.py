@@ -53,7 +53,8 @@ class EpochSums:
     def add(self, values: Mapping[str, Tensor], weight: float = 1.0, mean: bool = True) -> None:
         """Add ``values`` with ``weight`` (a batch size); ``mean=False``: report the total."""
         names = tuple(values)
-        batch = torch.stack([value.detach() for value in values.values()])
+        with torch.no_grad():  # one operator, not a detach per value
+            batch = torch.stack(list(values.values()))
         batch = batch.to(_sum_dtype(batch.device)) * weight
         total = self._totals.get(names)
         if total is None and any(name in self._restored for name in names):

@@ -266,8 +266,7 @@ class DETRModule(NonFiniteSkip):
             indices, nonfinite = None, True
         if self._any_rank(nonfinite):
             return self._skipped("the predictions are NaN/Inf" if nonfinite else None)
-        losses = self.criterion(outputs, targets, indices)
-        total = self.criterion.weighted_total(losses)
+        losses, total = self.criterion.losses_and_total(outputs, targets, indices)
         batch_size = len(targets)
         # Samples that stood in for unreadable images (named in the dataset's warnings).
         # (filled in on the device: a host value would be copied over, waiting for the device)

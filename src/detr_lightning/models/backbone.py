@@ -39,6 +39,11 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        # (scale, shift, scale as [C, 1, 1, 1]) and what they were computed from; a frozen
+        # conv's folded weight likewise (see fold_into)
+        self._folded: tuple[Tensor, Tensor, Tensor] | None = None
+        self._folded_from: tuple | None = None
+        self._folded_weight: tuple[tuple, Tensor] | None = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # checkpoints of a trainable BatchNorm2d carry a counter that frozen BN has no use for
@@ -46,8 +51,40 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def scale_and_shift(self) -> tuple[Tensor, Tensor]:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        return scale, self.bias - self.running_mean * scale
+        """(scale, shift), each [C]: the norm is ``x * scale + shift`` per channel."""
+        return self._scale_and_shift()[:2]
+
+    def _scale_and_shift(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Computed when a buffer has changed (loaded, moved, written in place) and kept
+        otherwise, so that a forward pass spends no operator on them; computed afresh under
+        ``torch.compile``, which folds them into its graph itself."""
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        if torch.compiler.is_compiling():
+            scale, shift = _scale_and_shift(*buffers, self.eps)
+            return scale, shift, scale.view(-1, 1, 1, 1)
+        source = (self.eps, *(_identity(t) for t in buffers))
+        if None in source:
+            scale, shift = _scale_and_shift(*buffers, self.eps)
+            return scale, shift, scale.view(-1, 1, 1, 1)
+        if self._folded is None or self._folded_from != source:
+            with torch.no_grad():
+                scale, shift = _scale_and_shift(*buffers, self.eps)
+            self._folded, self._folded_from = (scale, shift, scale.view(-1, 1, 1, 1)), source
+        return self._folded
+
+    def fold_into(self, conv_weight: Tensor) -> Tensor:
+        """The weight of the convolution whose output this norm normalizes, scaled per output
+        channel: ``conv(x, fold_into(w)) + shift == norm(conv(x, w))``. Kept between calls for
+        a weight that is not trained (the frozen stages), like the scale itself."""
+        scale = self._scale_and_shift()[2].to(conv_weight.dtype)
+        weight_source = _identity(conv_weight)
+        if conv_weight.requires_grad or torch.compiler.is_compiling() or weight_source is None:
+            return conv_weight * scale
+        source = (weight_source, self._folded_from)
+        if self._folded_weight is None or self._folded_weight[0] != source:
+            with torch.no_grad():
+                self._folded_weight = (source, conv_weight * scale)
+        return self._folded_weight[1]
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, C, H, W] -> [B, C, H, W]."""
@@ -57,6 +94,21 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _identity(tensor: Tensor) -> tuple | None:
+    """What tells a tensor's contents apart without reading them: storage, in-place writes;
+    None for an inference tensor, which counts no writes (nothing of it can be kept)."""
+    if tensor.is_inference():
+        return None
+    return tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device
+
+
+def _scale_and_shift(
+    weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    scale = weight * (var + eps).rsqrt()
+    return scale, bias - mean * scale
 
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
@@ -226,7 +278,7 @@ def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tensor:
 def folded_conv(conv: nn.Conv2d, norm: FrozenBatchNorm2d) -> tuple[Tensor, Tensor]:
     """The weight and bias of the one convolution that computes ``norm(conv(x))``."""
     scale, shift = norm.scale_and_shift()
-    weight = conv.weight * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+    weight = norm.fold_into(conv.weight)
     if conv.bias is not None:
         shift = shift + conv.bias * scale
     return weight, shift

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou_loss
 from ..ops.distributed import all_reduce_mean
+from ..ops.transfer import host_to_device
 from ..utils.signatures import split_keywords
 from .matcher import HungarianMatcher, Indices
 
@@ -52,6 +54,7 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight, persistent=False)
         base = {"loss_ce": ce_loss_coef, "loss_bbox": bbox_loss_coef, "loss_giou": giou_loss_coef}
         self.weight_dict = dict(base)
+        self._weights_cache: tuple[tuple, Tensor] | None = None
         if aux_loss:
             for i in range(num_decoder_layers - 1):
                 self.weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
@@ -62,8 +65,10 @@ class SetCriterion(nn.Module):
 
     def match(self, outputs: dict, targets: Sequence[dict[str, Tensor]]) -> list[Indices]:
         """The matcher's assignment for the final and every auxiliary layer (raises
-        :class:`~detr_lightning.models.matcher.NonFiniteCostError` on NaN/Inf predictions)."""
-        return self.matcher.match_layers(_layers(outputs), targets)
+        :class:`~detr_lightning.models.matcher.NonFiniteCostError` on NaN/Inf predictions);
+        index arrays as the matcher gives them (numpy for :class:`HungarianMatcher`)."""
+        assign = getattr(self.matcher, "assign_layers", self.matcher.match_layers)
+        return assign(_layers(outputs), targets)
 
     def forward(
         self,
@@ -78,7 +83,8 @@ class SetCriterion(nn.Module):
                 optional ``aux_outputs``).
             targets: per image ``labels`` int64 [T] in [0, num_classes) and ``boxes`` [T, 4]
                 cxcywh normalized to the unpadded image.
-            indices: :meth:`match`'s result, if already computed.
+            indices: :meth:`match`'s result, if already computed (per layer, per image a pair
+                of index tensors or arrays).
         Returns:
             unweighted terms (scalars); combine with :attr:`weight_dict` or :meth:`weighted_total`.
 
@@ -87,11 +93,21 @@ class SetCriterion(nn.Module):
         operations does not grow with the number of decoder layers. The matched indices go to
         the device in one copy.
         """
+        return self.losses_and_total(outputs, targets, indices)[0]
+
+    def losses_and_total(
+        self,
+        outputs: dict,
+        targets: Sequence[dict[str, Tensor]],
+        indices: Sequence[Indices] | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """:meth:`forward`'s terms and their :meth:`weighted_total`, which is computed from the
+        terms of all layers at once (a product and a sum, not two operators per term)."""
         # Labels are not checked here: that would cost a host sync per step. The dataset checks
         # them against its label map once, and DETRModule.setup the map against num_classes.
         layers = _layers(outputs)
         if indices is None:
-            indices = self.matcher.match_layers(layers, targets)
+            indices = self.match(outputs, targets)
         if len(indices) != len(layers):
             raise ValueError(
                 f"got indices for {len(indices)} layers, the outputs have {len(layers)}"
@@ -101,36 +117,24 @@ class SetCriterion(nn.Module):
         num_layers, batch, num_queries = logits.shape[:3]
         device = logits.device
 
-        # Host side: every matched pair as (layer, image, query, index into the concatenated
-        # targets), layer by layer, and the target count of each image; one copy to the device.
-        sizes = [len(t["labels"]) for t in targets]
-        starts = [0]
-        for size in sizes[:-1]:
-            starts.append(starts[-1] + size)
-        columns: list[Tensor] = []
+        # Host side (numpy): every matched pair as (layer, image, query, index into the
+        # concatenated targets), layer by layer, and the target count of each image; one copy
+        # to the device.
+        sizes = np.array([len(t["labels"]) for t in targets], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        columns: list[np.ndarray] = []
         pairs_per_layer = []
         for layer_index, layer_indices in enumerate(indices):
             count = 0
             for image, (src, tgt) in enumerate(layer_indices):
-                n = len(src)
-                count += n
-                columns.append(
-                    torch.stack(
-                        [
-                            torch.full((n,), layer_index, dtype=torch.int64),
-                            torch.full((n,), image, dtype=torch.int64),
-                            src.to(torch.int64),
-                            tgt.to(torch.int64) + starts[image],
-                        ]
-                    )
-                )
+                src, tgt = np.asarray(src, dtype=np.int64), np.asarray(tgt, dtype=np.int64)
+                count += len(src)
+                layer, images = np.full_like(src, layer_index), np.full_like(src, image)
+                columns.append(np.stack([layer, images, src, tgt + starts[image]]))
             pairs_per_layer.append(count)
-        pairs = torch.cat(columns, dim=1) if columns else torch.zeros(4, 0, dtype=torch.int64)
-        host = torch.cat([pairs.flatten(), torch.tensor(sizes, dtype=torch.int64)])
-        if device.type == "cuda":
-            host = host.pin_memory()
-        packed = host.to(device, non_blocking=True)
+        pairs = np.concatenate(columns, axis=1) if columns else np.zeros((4, 0), np.int64)
         num_pairs = pairs.shape[1]
+        packed = host_to_device(torch.from_numpy(np.concatenate([pairs.ravel(), sizes])), device)
         layer_idx, batch_idx, query_idx, target_idx = packed[: 4 * num_pairs].view(4, num_pairs)
         num_targets = packed[4 * num_pairs :].float()  # [B]
 
@@ -167,14 +171,14 @@ class SetCriterion(nn.Module):
         else:
             parts = per_pair.split(pairs_per_layer, dim=1)
             per_layer = torch.stack([part.sum(1) for part in parts], dim=1)
-        loss_bbox, loss_giou = per_layer / num_boxes
+        # [3, L]: ce, bbox, giou of each layer (the final layer first)
+        terms = torch.cat([loss_ce[None], per_layer / num_boxes])
 
         losses = {}
-        for layer_index in range(num_layers):
-            suffix = "" if layer_index == 0 else f"_{layer_index - 1}"
-            losses[f"loss_ce{suffix}"] = loss_ce[layer_index]
-            losses[f"loss_bbox{suffix}"] = loss_bbox[layer_index]
-            losses[f"loss_giou{suffix}"] = loss_giou[layer_index]
+        for name, layer_terms in zip(("loss_ce", "loss_bbox", "loss_giou"), terms.unbind()):
+            for layer_index, term in enumerate(layer_terms.unbind()):
+                losses[name + ("" if layer_index == 0 else f"_{layer_index - 1}")] = term
+        total = (terms * self._term_weights(num_layers, terms)).sum()
 
         with torch.no_grad():  # logged only, for the final layer: its pairs come first
             first = pairs_per_layer[0] if pairs_per_layer else 0
@@ -186,7 +190,22 @@ class SetCriterion(nn.Module):
                 losses["class_error"] = torch.tensor(100.0, device=device)
             num_predicted = (logits[0].argmax(-1) != self.num_classes).sum(1).float()
             losses["cardinality_error"] = F.l1_loss(num_predicted, num_targets)
-        return losses
+        return losses, total
+
+    def _term_weights(self, num_layers: int, terms: Tensor) -> Tensor:
+        """[3, L] weights of the terms (0 for a term without a weight), as :meth:`weighted_total`
+        applies them; made once per device, dtype and number of layers."""
+        key = (num_layers, terms.device, terms.dtype, tuple(self.weight_dict.items()))
+        cached = self._weights_cache
+        if cached is None or cached[0] != key:
+            names = [
+                [name + ("" if layer == 0 else f"_{layer - 1}") for layer in range(num_layers)]
+                for name in ("loss_ce", "loss_bbox", "loss_giou")
+            ]
+            values = [[self.weight_dict.get(name, 0.0) for name in row] for row in names]
+            weights = torch.tensor(values, dtype=terms.dtype, device=terms.device)
+            self._weights_cache = cached = (key, weights)
+        return cached[1]
 
 
 def _layers(outputs: dict) -> list[dict[str, Tensor]]:

@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..ops.boxes import batched_generalized_box_iou, box_cxcywh_to_xyxy
+from ..ops.transfer import host_to_device
 
 Indices = list[tuple[Tensor, Tensor]]  # per image: (query indices, target indices), int64
 
@@ -59,23 +60,37 @@ class HungarianMatcher(nn.Module):
         self, layers: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
     ) -> list[Indices]:
         """Match several prediction sets (e.g. every decoder layer) against the same targets."""
+        return [
+            [(torch.from_numpy(rows), torch.from_numpy(cols)) for rows, cols in layer]
+            for layer in self.assign_layers(layers, targets)
+        ]
+
+    @torch.no_grad()
+    def assign_layers(
+        self, layers: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Tensor]]
+    ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """:meth:`match_layers` with numpy int64 index arrays, as the solver gives them: what
+        :class:`~detr_lightning.models.criterion.SetCriterion` takes without a tensor per
+        image and layer."""
         logits = torch.stack([layer["pred_logits"] for layer in layers])  # [L, B, Q, C+1]
         num_layers, batch, num_queries = logits.shape[:3]
         if len(targets) != batch:
             raise ValueError(f"got {len(targets)} targets for a batch of {batch} predictions")
         sizes = [len(target["labels"]) for target in targets]
-        empty = (torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+        empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
         max_targets = max(sizes, default=0)
         if max_targets == 0:
             return [[empty] * batch for _ in range(num_layers)]
 
         device = logits.device
-        # Pad targets to [B, T_max]; the padded columns are cut off before solving.
-        labels = torch.zeros(batch, max_targets, dtype=torch.int64, device=device)
-        boxes = torch.full((batch, max_targets, 4), 0.5, device=device)
-        for i, target in enumerate(targets):
-            labels[i, : sizes[i]] = target["labels"]
-            boxes[i, : sizes[i]] = target["boxes"].float()
+        # Targets padded to [B, T_max] by one gather from their concatenation (the padded
+        # columns repeat target 0 and are cut off before solving).
+        starts = np.cumsum([0, *sizes[:-1]])
+        slots = np.arange(max_targets)
+        gather = np.where(slots < np.array(sizes)[:, None], starts[:, None] + slots, 0)
+        gather = host_to_device(torch.from_numpy(gather), device)
+        labels = torch.cat([target["labels"] for target in targets])[gather]  # [B, T_max]
+        boxes = torch.cat([target["boxes"] for target in targets])[gather].float()
 
         with torch.autocast(device_type=device.type, enabled=False):
             prob = logits.float().softmax(-1)  # [L, B, Q, C+1]
@@ -102,11 +117,6 @@ class HungarianMatcher(nn.Module):
                     layer_indices.append(empty)
                     continue
                 rows, cols = linear_sum_assignment(layer_cost[i, :, :size])
-                layer_indices.append(
-                    (
-                        torch.as_tensor(rows, dtype=torch.int64),
-                        torch.as_tensor(cols, dtype=torch.int64),
-                    )
-                )
+                layer_indices.append((rows.astype(np.int64), cols.astype(np.int64)))
             result.append(layer_indices)
         return result

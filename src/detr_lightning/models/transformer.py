@@ -12,11 +12,64 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class KeyPadding:
+    """A key padding mask [B, Lk] (True = padding) in the forms attention needs, each made
+    once per forward pass for every layer that attends over the same keys: the boolean
+    ``attend`` [B, 1, 1, Lk] (True = attend) of ``scaled_dot_product_attention``, and the
+    additive ``bias`` [B * heads, 1, Lk] (0 or -inf) of the explicit CPU path. Every query
+    has a key to attend to: each image keeps unpadded pixels."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask = mask
+        self._attend: Tensor | None = None
+        self._bias: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def attend(self) -> Tensor:
+        if self._attend is None:
+            self._attend = ~self.mask[:, None, None, :]
+        return self._attend
+
+    def bias(self, heads: int, dtype: torch.dtype) -> Tensor:
+        key = (heads, dtype)
+        if key not in self._bias:
+            batch, length = self.mask.shape
+            bias = torch.zeros((batch, 1, 1, length), dtype=dtype, device=self.mask.device)
+            bias = bias.masked_fill_(self.mask[:, None, None, :], float("-inf"))
+            self._bias[key] = bias.expand(batch, heads, 1, length).reshape(-1, 1, length)
+        return self._bias[key]
+
+
+def _key_padding(mask: Tensor | KeyPadding | None) -> KeyPadding | None:
+    return mask if mask is None or isinstance(mask, KeyPadding) else KeyPadding(mask)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` as one operator, forward and backward (``torch.native_dropout``, what
+    ``F.dropout`` runs on a GPU), also on a CPU, where ``F.dropout`` takes four."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _dropout(x, self.p, self.training)
+
+
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    if not training or p == 0.0:
+        return x
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return F.dropout(x, p, True)
+    return torch.native_dropout(x, p, True)[0]
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention with ``nn.MultiheadAttention``'s parameters, computed by SDPA.
 
     SDPA picks fused kernels (flash / memory-efficient) on GPU and a fused CPU kernel, which
-    ``nn.MultiheadAttention`` in training mode does not.
+    ``nn.MultiheadAttention`` in training mode does not. With dropout on a CPU, where SDPA
+    falls back to some twenty-five operators forward and as many backward, the same math runs
+    as a scaled ``baddbmm``, softmax, dropout and ``bmm``.
+
+    Inputs are [B, L, E] (returns [B, Lq, E]) or, as the transformer's layers keep them,
+    flattened [B * L, E] with ``batch`` given (returns [B * Lq, E]): the projections are then
+    plain matrix products, without a reshape around each.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
@@ -33,33 +86,76 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(
-        self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | KeyPadding | None = None,
+        *,
+        batch: int | None = None,
     ) -> Tensor:
-        """query [B, Lq, E], key/value [B, Lk, E], key_padding_mask [B, Lk] (True = ignore)."""
-        batch, len_q, embed = query.shape
-        len_k = key.shape[1]
-        heads, head_dim = self.num_heads, embed // self.num_heads
-        weight, bias = self.in_proj_weight, self.in_proj_bias
+        """query [B, Lq, E], key/value [B, Lk, E] (or each flattened to [B * L, E], with
+        ``batch``), key_padding_mask [B, Lk] (True = ignore) or a :class:`KeyPadding`."""
+        if query.dim() == 3:
+            batch, len_q, embed = query.shape
+            flat_query = query.flatten(0, 1)
+            flat_key = flat_query if key is query else key.flatten(0, 1)
+            flat_value = flat_key if value is key else value.flatten(0, 1)
+            out = self(flat_query, flat_key, flat_value, key_padding_mask, batch=batch)
+            return out.view(batch, len_q, embed)
+        if batch is None:
+            raise ValueError("flattened [B * L, E] inputs need batch=B")
+        embed, heads = self.embed_dim, self.num_heads
+        len_q, len_k = query.shape[0] // batch, key.shape[0] // batch
+        head_dim = embed // heads
         if query is key:  # self-attention: one matmul for q and k
-            q, k = F.linear(query, weight[: 2 * embed], bias[: 2 * embed]).chunk(2, dim=-1)
+            weight_qk, weight_v = self.in_proj_weight.split([2 * embed, embed])
+            bias_qk, bias_v = self.in_proj_bias.split([2 * embed, embed])
+            q, k = F.linear(query, weight_qk, bias_qk).split(embed, dim=1)
         else:
-            q = F.linear(query, weight[:embed], bias[:embed])
-            k = F.linear(key, weight[embed : 2 * embed], bias[embed : 2 * embed])
-        v = F.linear(value, weight[2 * embed :], bias[2 * embed :])
-        q = q.view(batch, len_q, heads, head_dim).transpose(1, 2)
-        k = k.view(batch, len_k, heads, head_dim).transpose(1, 2)
-        v = v.view(batch, len_k, heads, head_dim).transpose(1, 2)
-        attn_mask = None
-        if key_padding_mask is not None:
-            attn_mask = ~key_padding_mask[:, None, None, :]  # True = attend
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out_proj(out.transpose(1, 2).reshape(batch, len_q, embed))
+            weight_q, weight_k, weight_v = self.in_proj_weight.split(embed)
+            bias_q, bias_k, bias_v = self.in_proj_bias.split(embed)
+            q, k = F.linear(query, weight_q, bias_q), F.linear(key, weight_k, bias_k)
+        v = F.linear(value, weight_v, bias_v)
+        padding = _key_padding(key_padding_mask)
+        if self.training and self.dropout > 0 and q.device.type == "cpu":
+            out = self._cpu_attention_with_dropout(q, k, v, padding, batch, len_q, len_k)
+        else:
+            q = q.view(batch, len_q, heads, head_dim).transpose(1, 2)
+            k = k.view(batch, len_k, heads, head_dim).transpose(1, 2)
+            v = v.view(batch, len_k, heads, head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if padding is None else padding.attend(),
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # fmt: skip
+        return self.out_proj(out.transpose(1, 2).reshape(batch * len_q, embed))
+
+    def _cpu_attention_with_dropout(
+        self, q: Tensor, k: Tensor, v: Tensor, padding: KeyPadding | None,
+        batch: int, len_q: int, len_k: int,
+    ) -> Tensor:  # fmt: skip
+        """softmax(q k^T / sqrt(d) + mask) with dropout, times v: [B, heads, Lq, head_dim]."""
+        heads = self.num_heads
+        head_dim = self.embed_dim // heads
+
+        def by_head(x: Tensor, length: int) -> Tensor:  # [B * L, E] -> [B * heads, L, d]
+            x = x.view(batch, length, heads, head_dim).transpose(1, 2)
+            return x.reshape(batch * heads, length, head_dim)
+
+        q, k, v = by_head(q, len_q), by_head(k, len_k), by_head(v, len_k)
+        scale = head_dim**-0.5
+        if padding is None:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
+        else:
+            scores = torch.baddbmm(padding.bias(heads, q.dtype), q, k.transpose(1, 2), alpha=scale)
+        weights = _dropout(scores.softmax(-1), self.dropout, True)
+        return torch.bmm(weights, v).view(batch, heads, len_q, head_dim)
 
 
 class _AttentionFFNLayer(nn.Module):
-    """What encoder and decoder layers share: self-attention, FFN, two norms, dropouts."""
+    """What encoder and decoder layers share: self-attention, FFN, two norms, dropouts.
+
+    Layers take and return flattened [B * L, E] activations, with ``batch`` = B."""
 
     def __init__(
         self, hidden_dim: int, nheads: int, dim_feedforward: int, dropout: float, pre_norm: bool
@@ -70,9 +166,9 @@ class _AttentionFFNLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.pre_norm = pre_norm
 
     def _ffn(self, x: Tensor) -> Tensor:
@@ -82,15 +178,18 @@ class _AttentionFFNLayer(nn.Module):
 class TransformerEncoderLayer(_AttentionFFNLayer):
     """Self-attention + FFN, post-norm (the checkpoints') or pre-norm."""
 
-    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        """src, pos [B, HW, E]; key_padding_mask [B, HW]."""
+    def forward(
+        self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | KeyPadding | None, batch: int
+    ) -> Tensor:
+        """src, pos [B * HW, E]; key_padding_mask [B, HW]."""
         if self.pre_norm:
             x = self.norm1(src)
             qk = x + pos
-            src = src + self.dropout1(self.self_attn(qk, qk, x, key_padding_mask))
+            src = src + self.dropout1(self.self_attn(qk, qk, x, key_padding_mask, batch=batch))
             return src + self.dropout2(self._ffn(self.norm2(src)))
         qk = src + pos
-        src = self.norm1(src + self.dropout1(self.self_attn(qk, qk, src, key_padding_mask)))
+        attended = self.self_attn(qk, qk, src, key_padding_mask, batch=batch)
+        src = self.norm1(src + self.dropout1(attended))
         return self.norm2(src + self.dropout2(self._ffn(src)))
 
 
@@ -103,7 +202,7 @@ class TransformerDecoderLayer(_AttentionFFNLayer):
         super().__init__(hidden_dim, nheads, dim_feedforward, dropout, pre_norm)
         self.multihead_attn = MultiheadAttention(hidden_dim, nheads, dropout=dropout)
         self.norm3 = nn.LayerNorm(hidden_dim)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
 
     def forward(
         self,
@@ -111,24 +210,24 @@ class TransformerDecoderLayer(_AttentionFFNLayer):
         memory: Tensor,
         memory_with_pos: Tensor,
         query_pos: Tensor,
-        memory_key_padding_mask: Tensor | None,
+        memory_key_padding_mask: Tensor | KeyPadding | None,
+        batch: int,
     ) -> Tensor:
-        """tgt, query_pos [B, Q, E]; memory, memory_with_pos [B, HW, E]; mask [B, HW]."""
+        """tgt, query_pos [B * Q, E]; memory, memory_with_pos [B * HW, E]; mask [B, HW]."""
+        padding = memory_key_padding_mask
         if self.pre_norm:
             x = self.norm1(tgt)
             qk = x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x))
+            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x, batch=batch))
             x = self.norm2(tgt)
             cross = self.multihead_attn(
-                x + query_pos, memory_with_pos, memory, memory_key_padding_mask
+                x + query_pos, memory_with_pos, memory, padding, batch=batch
             )
             tgt = tgt + self.dropout2(cross)
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         qk = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt)))
-        cross = self.multihead_attn(
-            tgt + query_pos, memory_with_pos, memory, memory_key_padding_mask
-        )
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt, batch=batch)))
+        cross = self.multihead_attn(tgt + query_pos, memory_with_pos, memory, padding, batch=batch)
         tgt = self.norm2(tgt + self.dropout2(cross))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
 
@@ -139,9 +238,13 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
 
-    def forward(self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, src: Tensor, pos: Tensor, key_padding_mask: Tensor | KeyPadding | None, batch: int
+    ) -> Tensor:
+        """src, pos [B * HW, E] -> [B * HW, E]."""
+        padding = _key_padding(key_padding_mask)
         for layer in self.layers:
-            src = layer(src, pos, key_padding_mask)
+            src = layer(src, pos, padding, batch)
         return src if self.norm is None else self.norm(src)
 
 
@@ -157,13 +260,16 @@ class TransformerDecoder(nn.Module):
         memory: Tensor,
         pos: Tensor,
         query_pos: Tensor,
-        memory_key_padding_mask: Tensor | None,
+        memory_key_padding_mask: Tensor | KeyPadding | None,
+        batch: int,
     ) -> Tensor:
-        """Returns [num_layers, B, Q, E]: every layer's output after the shared final norm."""
+        """tgt, query_pos [B * Q, E]; memory, pos [B * HW, E]. Returns [num_layers, B * Q, E]:
+        every layer's output after the shared final norm."""
         memory_with_pos = memory + pos  # the same keys for every layer: add once
+        padding = _key_padding(memory_key_padding_mask)
         outputs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_with_pos, query_pos, memory_key_padding_mask)
+            tgt = layer(tgt, memory, memory_with_pos, query_pos, padding, batch)
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
 
@@ -224,11 +330,15 @@ class Transformer(nn.Module):
             decoder outputs [num_decoder_layers, B, Q, E] and memory [B, E, h, w].
         """
         batch, channels, height, width = src.shape
-        src = src.flatten(2).transpose(1, 2)  # [B, hw, E]
-        pos = pos.flatten(2).transpose(1, 2)
-        key_padding_mask = padding_mask.flatten(1)
-        query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
-        memory = self.encoder(src, pos, key_padding_mask)
+        # flattened [B * L, E] from here on: every projection is one matrix product
+        src = src.flatten(2).transpose(1, 2).reshape(-1, channels)  # [B * hw, E]
+        pos = pos.flatten(2).transpose(1, 2).reshape(-1, channels)
+        padding = KeyPadding(padding_mask.flatten(1))  # shared by every layer
+        num_queries = query_embed.shape[0]
+        query_pos = query_embed.repeat(batch, 1)  # [B * Q, E]
+        memory = self.encoder(src, pos, padding, batch)
         tgt = torch.zeros_like(query_pos)
-        hidden = self.decoder(tgt, memory, pos, query_pos, key_padding_mask)
-        return hidden, memory.transpose(1, 2).reshape(batch, channels, height, width)
+        hidden = self.decoder(tgt, memory, pos, query_pos, padding, batch)
+        hidden = hidden.view(hidden.shape[0], batch, num_queries, channels)
+        memory = memory.view(batch, height * width, channels).transpose(1, 2)
+        return hidden, memory.reshape(batch, channels, height, width)

@@ -52,9 +52,12 @@ _PATCH_LOCK = threading.Lock()
 
 class HostWorkCounter(TorchDispatchMode):
     """Counts operators and host syncs while active (a context manager; re-entrant use is not
-    supported). ``device_type``: where the counted work runs, ``"cpu"`` adds the host reads
-    that a CPU run does not dispatch (see the module docstring); None takes it from the first
-    operator's tensors.
+    supported). ``device_type``: where the counted work runs. ``"cpu"`` adds the host reads
+    that a CPU run does not dispatch (see the module docstring), and counts every read of a
+    tensor's value, since on a CPU the data that would live on a device cannot be told from
+    the host's own (with ``data.num_workers=0``, the data loading's reads count too); a
+    device type (``"cuda"``) counts the reads of device tensors only; None counts every
+    read.
 
     After the ``with`` block, :attr:`operators` counts each operator by name and :attr:`syncs`
     each kind of host sync; :attr:`num_operators` and :attr:`num_syncs` are their totals.
@@ -85,6 +88,8 @@ class HostWorkCounter(TorchDispatchMode):
         name = str(func)
         self.operators[name] += 1
         kind = SYNC_OPERATORS.get(name)
+        if kind is not None and self.device_type not in (None, "cpu") and _on_host(args):
+            kind = None  # reads a host tensor: no wait for the device
         if kind is None and name in ("aten._to_copy.default", "aten.copy_.default"):
             kind = _device_to_host(name, args, kwargs)
         if kind is not None:
@@ -124,6 +129,11 @@ class HostWorkCounter(TorchDispatchMode):
             return original(tensor, *args, **kwargs)
 
         return read
+
+
+def _on_host(args: tuple) -> bool:
+    """Whether every tensor among ``args`` is on the CPU."""
+    return all(arg.device.type == "cpu" for arg in args if isinstance(arg, torch.Tensor))
 
 
 def _device_to_host(name: str, args: tuple, kwargs: dict) -> str | None:

@@ -18,6 +18,7 @@ from detr_lightning.inference.attention import (
     detect_with_attention,
 )
 from detr_lightning.models import DETR, PositionEmbeddingSine, Transformer
+from detr_lightning.models.transformer import KeyPadding
 from detr_lightning.ops.padding import pad_images
 from helpers.data import write_street_image
 from helpers.models import NUM_CLASSES, NUM_QUERIES, PatchBackbone, confident_module
@@ -52,8 +53,15 @@ class Recorder:
 
     def __call__(self, module, args, kwargs, output) -> None:
         names = ("query", "key", "value", "key_padding_mask")
-        self.inputs = {**dict(zip(names, args)), **kwargs}
-        self.output = output
+        inputs = {**dict(zip(names, args)), **kwargs}
+        batch = inputs.pop("batch", None)
+        if batch is not None:  # the layers' flattened [B * L, E]: back to [B, L, E]
+            for name in ("query", "key", "value"):
+                inputs[name] = inputs[name].view(batch, -1, inputs[name].shape[-1])
+            output = output.view(batch, -1, output.shape[-1])
+        if isinstance(inputs.get("key_padding_mask"), KeyPadding):
+            inputs["key_padding_mask"] = inputs["key_padding_mask"].mask
+        self.inputs, self.output = inputs, output
 
 
 def reference_attention(attn: nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:

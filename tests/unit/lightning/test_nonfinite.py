@@ -45,13 +45,15 @@ class _Poison(pl.Callback):
         if bad and self.how == "image":
             batch[0][0, 0, 0, 0] = float("nan")
         if self.how in ("loss", "loss_only"):
-            total = type(pl_module.criterion).weighted_total
+            compute = type(pl_module.criterion).losses_and_total
             poisoned = (lambda value: value * torch.nan) if self.how == "loss" else (
                 lambda value: value + torch.nan)  # fmt: skip
-            pl_module.criterion.weighted_total = (
-                (lambda losses: poisoned(total(pl_module.criterion, losses))) if bad else
-                (lambda losses: total(pl_module.criterion, losses))
-            )  # fmt: skip
+
+            def losses_and_total(*args):
+                losses, total = compute(pl_module.criterion, *args)
+                return losses, poisoned(total) if bad else total
+
+            pl_module.criterion.losses_and_total = losses_and_total
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.after.append(_state(pl_module))
@@ -155,10 +157,13 @@ class PoisonRankOne(pl.Callback):
         if poisoned and {how!r} == "image":
             batch[0][0, 0, 0, 0] = float("nan")
         if {how!r} == "loss":
-            total = type(pl_module.criterion).weighted_total
-            pl_module.criterion.weighted_total = (
-                lambda losses: total(pl_module.criterion, losses) + (torch.nan if poisoned else 0)
-            )
+            compute = type(pl_module.criterion).losses_and_total
+
+            def losses_and_total(*args):
+                losses, total = compute(pl_module.criterion, *args)
+                return losses, total + (torch.nan if poisoned else 0)
+
+            pl_module.criterion.losses_and_total = losses_and_total
         if batch_idx == 1 and trainer.global_rank == 0:
             torch.save(pl_module.state_dict(), {before!r})
 

@@ -156,3 +156,51 @@ def test_three_stage_backbone_has_stride_16():
         Backbone("resnet50", num_stages=2)
     with pytest.raises(ValueError, match="DC5"):
         Backbone("resnet50", num_stages=3, dilation=True)
+
+
+def test_frozen_batchnorm_follows_changes_of_its_buffers() -> None:
+    """The scale and shift kept between forward passes are computed afresh whenever a
+    buffer changes: written in place, loaded, or converted; the result stays that of
+    torchvision's FrozenBatchNorm2d."""
+    from torchvision.ops import FrozenBatchNorm2d as Reference
+
+    torch.manual_seed(0)
+    ours, reference = FrozenBatchNorm2d(4), Reference(4)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(ours(x), reference(x))
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        value = torch.rand(4) + 0.5
+        getattr(ours, name).copy_(value)
+        getattr(reference, name).copy_(value)
+        torch.testing.assert_close(ours(x), reference(x), msg=name)
+    state = {k: torch.rand(4) + 0.5 for k in ("weight", "bias", "running_mean", "running_var")}
+    ours.load_state_dict(state)
+    reference.load_state_dict(state, strict=False)
+    torch.testing.assert_close(ours(x), reference(x))
+    ours.double()  # converted: computed in float64 now
+    result = ours(x.double())
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, reference.double()(x.double()))
+
+
+def test_frozen_stages_keep_their_folded_weights_until_the_weights_change() -> None:
+    model = tiny_detr()
+    body = model.backbone.body
+    conv, norm = body.conv1, body.bn1
+    assert not conv.weight.requires_grad  # the stem is frozen
+    first = norm.fold_into(conv.weight)
+    assert norm.fold_into(conv.weight) is first  # kept
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    torch.testing.assert_close(norm.fold_into(conv.weight), 2 * first)
+
+
+def test_frozen_batchnorm_of_inference_tensors() -> None:
+    """Buffers made under torch.inference_mode count no writes: nothing is kept, every call
+    computes the norm afresh."""
+    with torch.inference_mode():
+        norm = FrozenBatchNorm2d(3)
+        x = torch.randn(1, 3, 2, 2)
+        first = norm(x)
+        norm.running_var.fill_(4.0)
+        torch.testing.assert_close(norm(x), first / (4.0 + 1e-5) ** 0.5 * (1 + 1e-5) ** 0.5)

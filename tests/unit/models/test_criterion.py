@@ -226,3 +226,38 @@ def test_losses_from_precomputed_matching_and_layers_of_unequal_match_counts() -
     assert float(full["loss_bbox"] - less["loss_bbox"]) == pytest.approx(float(dropped), abs=1e-6)
     for key in ("loss_bbox_0", "loss_bbox_1", "loss_giou_0", "loss_ce_1"):
         assert torch.equal(full[key], less[key]), key
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 5], [1, 4]])
+def test_batched_layer_losses_equal_each_layer_alone(sizes: list[int]) -> None:
+    """Every layer's terms, computed together over the stacked layers, equal those of a
+    one-layer criterion called on that layer alone with its own matching; the total equals
+    the weighted sum of the terms, term by term."""
+    num_layers = 6
+    logits, boxes, targets = random_case(sizes, num_layers=num_layers, seed=11)
+    criterion = make_criterion(num_decoder_layers=num_layers)
+    outputs = model_outputs(logits, boxes)
+    indices = criterion.match(outputs, targets)
+    losses, total = criterion.losses_and_total(outputs, targets, indices)
+    single = make_criterion(num_decoder_layers=1, aux_loss=False)
+    # criterion's order: the final layer first, then the auxiliary layers from the first
+    order = [num_layers - 1, *range(num_layers - 1)]
+    for position, layer in enumerate(order):
+        alone = single({"pred_logits": logits[layer], "pred_boxes": boxes[layer]}, targets,
+                       [indices[position]])  # fmt: skip
+        suffix = "" if position == 0 else f"_{position - 1}"
+        for term in LOSS_TERMS:
+            torch.testing.assert_close(losses[term + suffix], alone[term], atol=1e-6, rtol=0)
+    by_term = sum(losses[key] * weight for key, weight in criterion.weight_dict.items())
+    torch.testing.assert_close(total, by_term, atol=1e-6, rtol=0)
+    torch.testing.assert_close(criterion.weighted_total(losses), total, atol=1e-6, rtol=0)
+
+
+def test_total_follows_an_edited_weight_dict() -> None:
+    logits, boxes, targets = random_case([2, 3], seed=3)
+    criterion = make_criterion()
+    outputs = model_outputs(logits, boxes)
+    _, before = criterion.losses_and_total(outputs, targets)
+    criterion.weight_dict["loss_giou_1"] = 0.0
+    losses, after = criterion.losses_and_total(outputs, targets)
+    torch.testing.assert_close(before - after, 2.0 * losses["loss_giou_1"], atol=1e-6, rtol=0)

@@ -13,7 +13,9 @@ from detr_lightning.models import (
     MultiheadAttention,
     PositionEmbeddingLearned,
     PositionEmbeddingSine,
+    transformer,
 )
+from detr_lightning.models.transformer import Dropout, KeyPadding
 from helpers.models import tiny_detr
 
 
@@ -118,3 +120,52 @@ def test_multihead_attention_matches_torch(self_attention: bool) -> None:
 def test_multihead_attention_rejects_indivisible_heads() -> None:
     with pytest.raises(ValueError, match="divisible"):
         MultiheadAttention(30, 4)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_cpu_attention_with_dropout_is_sdpas_math(masked: bool, monkeypatch) -> None:
+    """In training with dropout on a CPU the attention runs as baddbmm/softmax/dropout/bmm:
+    with the dropout itself made the identity, it equals SDPA's result (and torch's
+    nn.MultiheadAttention), masked keys included, for batched and flattened inputs."""
+    torch.manual_seed(4)
+    ours = MultiheadAttention(32, 4, dropout=0.5)
+    with torch.no_grad():
+        ours.in_proj_bias.normal_()
+    query, key = torch.randn(3, 7, 32), torch.randn(3, 11, 32)
+    value = torch.randn(3, 11, 32)
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    if masked:
+        mask[0, -4:] = True
+        mask[2, ::2] = True
+    expected = ours.eval()(query, key, value, mask if masked else None)
+    monkeypatch.setattr(transformer, "_dropout", lambda x, p, training: x)
+    called = []
+    original = MultiheadAttention._cpu_attention_with_dropout
+    monkeypatch.setattr(MultiheadAttention, "_cpu_attention_with_dropout",
+                        lambda self, *args: called.append(1) or original(self, *args))  # fmt: skip
+    actual = ours.train()(query, key, value, mask if masked else None)
+    assert called  # the explicit path ran
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    flat = ours(query.flatten(0, 1), key.flatten(0, 1), value.flatten(0, 1),
+                KeyPadding(mask) if masked else None, batch=3)  # fmt: skip
+    torch.testing.assert_close(flat.view(3, 7, 32), expected, atol=1e-5, rtol=1e-5)
+    reference = copied_torch_attention(ours)
+    with torch.no_grad():
+        torch_out, _ = reference(query, key, value, key_padding_mask=mask if masked else None)
+    torch.testing.assert_close(actual.detach(), torch_out, atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_is_one_operator_that_drops_and_rescales() -> None:
+    from detr_lightning.utils.host_work import HostWorkCounter
+
+    dropout = Dropout(0.25)
+    x = torch.ones(200, 200, requires_grad=True)
+    with HostWorkCounter() as work:
+        y = dropout.train()(x)
+    assert dict(work.operators) == {"aten.native_dropout.default": 1}
+    kept = y != 0
+    assert 0.72 < kept.float().mean() < 0.78
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.75)
+    assert torch.equal(dropout.eval()(x), x)

@@ -81,3 +81,13 @@ def test_reset_starts_the_counts_afresh():
         work.reset()
         x + x
     assert dict(work.operators) == {"aten.add.Tensor": 1} and work.num_syncs == 0
+
+
+def test_a_device_run_does_not_count_reads_of_host_tensors():
+    host = torch.tensor([2.0])
+    with HostWorkCounter(device_type="cuda") as work:
+        host.item()  # no device to wait for
+    assert work.num_syncs == 0 and work.operators["aten._local_scalar_dense.default"] == 1
+    with HostWorkCounter(device_type="cpu") as work:
+        host.item()  # on a CPU run it stands for a read of device data
+    assert work.num_syncs == 1
