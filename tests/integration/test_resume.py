@@ -324,3 +324,38 @@ def test_resume_auto_takes_a_given_run_dir_or_a_slurm_job_id(tmp_path, monkeypat
                 _check_fixed_run_dir(task)
         finally:
             HydraConfig.instance().cfg = None
+
+
+class _BatchShapes(pl.Callback):
+    """Records each step's padded batch shape; raises at (epoch, batch) ``crash_at``."""
+
+    def __init__(self, crash_at: tuple[int, int] | None = None) -> None:
+        self.crash_at, self.shapes = crash_at, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == self.crash_at:
+            raise RuntimeError("crash")
+        self.shapes[trainer.global_step] = tuple(batch[0].shape)
+
+
+def test_padded_buckets_repeat_exactly_after_a_mid_epoch_resume(tmp_path):
+    """With data.pad_to every batch lands on a fixed canvas, and a run resumed from within an
+    epoch trains the same padded batches, with the same losses, as the uninterrupted run."""
+    overrides = ["data.pad_to=[[64,64],[64,96],[96,64],[96,96],[128,128]]",
+                 "data.synthetic.num_train=24", "callbacks=default", "callbacks.progress_bar=null",
+                 "callbacks.metrics_history.plot=false",
+                 "callbacks.checkpoint.every_n_train_steps=2"]  # fmt: skip
+    straight = _BatchShapes()
+    train(compose_config("train", tiny_overrides(tmp_path / "straight", *overrides)), [straight])
+    canvases = {(64, 64), (64, 96), (96, 64), (96, 96), (128, 128)}
+    assert len(straight.shapes) == 12  # 6 steps per epoch, 2 epochs
+    assert {shape[-2:] for shape in straight.shapes.values()} <= canvases
+    run_dir = tmp_path / "crashed"
+    crashed = _BatchShapes(crash_at=(1, 3))  # global step 9; the last checkpoint is step 8's
+    with pytest.raises(RuntimeError, match="crash"):
+        train(compose_config("train", tiny_overrides(run_dir, *overrides)), [crashed])
+    resumed = _BatchShapes()
+    train(compose_config("train", tiny_overrides(run_dir, *overrides, "resume=auto")), [resumed])
+    assert sorted(resumed.shapes) == [8, 9, 10, 11]
+    assert {**crashed.shapes, **resumed.shapes} == straight.shapes
+    assert loss_rows(run_dir) == loss_rows(tmp_path / "straight")

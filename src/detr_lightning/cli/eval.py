@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # CocoDataModule arguments that evaluation uses; the eval config's data node has these keys.
 EVAL_DATA_KEYS = ("root", "synthetic", "val_images", "val_annotations", "val_size", "max_size",
-                  "val_batch_size", "label_mapping", "num_workers", "strict")  # fmt: skip
+                  "val_batch_size", "label_mapping", "num_workers", "strict", "pad_to")  # fmt: skip
 
 
 def evaluation_data(stored: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> dict:

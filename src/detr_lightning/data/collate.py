@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor
 
-from ..ops.padding import pad_images
+from ..ops.padding import PadTo, canvas_size, pad_images
 
 __all__ = ["collate_detection"]
 
+log = logging.getLogger(__name__)
+_warned_sizes: set[tuple[int, int]] = set()
+
 
 def collate_detection(
-    samples: Sequence[tuple[Tensor, dict[str, Any]]],
+    samples: Sequence[tuple[Tensor, dict[str, Any]]], pad_to: PadTo = None
 ) -> tuple[Tensor, Tensor, list[dict[str, Any]]]:
     """Pad a list of ``(image, target)`` samples into one batch.
 
+    ``pad_to`` (:func:`~detr_lightning.ops.padding.parse_pad_to`): None pads to the largest
+    height and width of the batch; a step rounds them up to its multiples; a list of canvas
+    sizes takes the smallest that holds the batch, so that an epoch has only those shapes
+    (what a captured graph or a compiled kernel per shape needs). A batch that fits no canvas
+    is padded to its own size, with a warning (once per size).
+
     Returns:
-        images: [B, 3, H, W] float, zero-padded at the bottom/right to the largest H and W.
+        images: [B, 3, H, W] float, zero-padded at the bottom/right.
         padding_mask: [B, H, W] bool, True on padding pixels.
         targets: list of B dicts, unchanged (boxes stay normalized by each unpadded size).
     """
-    images, padding_mask = pad_images([image for image, _ in samples])
+    pictures = [image for image, _ in samples]
+    height = max(int(image.shape[-2]) for image in pictures)
+    width = max(int(image.shape[-1]) for image in pictures)
+    size = canvas_size(height, width, pad_to)
+    if size is None and (height, width) not in _warned_sizes:
+        _warned_sizes.add((height, width))
+        log.warning(
+            "a batch of %dx%d images fits none of the canvas sizes of data.pad_to %s; it is "
+            "padded to its own size, a shape of its own (add a canvas that holds it, or lower "
+            "data.max_size)",
+            height, width, [list(canvas) for canvas in pad_to],
+        )  # fmt: skip
+    images, padding_mask = pad_images(pictures, size=size)
     return images, padding_mask, [target for _, target in samples]

@@ -19,6 +19,7 @@ score wrongly (annotations without ``id``/``area``/``iscrowd``, repeated annotat
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -38,6 +39,7 @@ from ..data.labels import LabelMap
 from ..data.paths import dataset_root, split_path
 from ..data.presets import DEFAULT_SCALES, make_train_transforms, make_val_transforms
 from ..data.sampler import EpochSeededSampler, ResumableDataLoader
+from ..ops.padding import parse_pad_to
 from . import compat
 
 __all__ = ["CocoDataModule", "default_num_workers"]
@@ -125,6 +127,7 @@ class CocoDataModule(pl.LightningDataModule):
         persistent_workers: bool = False,
         worker_start: str | None = "forkserver",
         group_by_aspect_ratio: bool = True,
+        pad_to: int | Sequence[Sequence[int]] | None = None,
         scales: Sequence[int] = DEFAULT_SCALES,
         max_size: int = 1333,
         crop: bool = True,
@@ -158,6 +161,9 @@ class CocoDataModule(pl.LightningDataModule):
             )
         self.worker_start = worker_start
         self.group_by_aspect_ratio = bool(group_by_aspect_ratio)
+        self.pad_to = parse_pad_to(pad_to)
+        # a function of the module's settings only: workers get it by pickling
+        self.collate = functools.partial(collate_detection, pad_to=self.pad_to)
         self.label_mapping = label_mapping
         self.strict = strict
         self.seed = int(seed)
@@ -201,6 +207,7 @@ class CocoDataModule(pl.LightningDataModule):
             "max_size": self.max_size,
             "val_batch_size": self.val_batch_size,
             "label_mapping": self.label_mapping,
+            "pad_to": None if self.pad_to is None else _plain_pad_to(self.pad_to),
         }
 
     def _training_order(self) -> dict[str, Any]:
@@ -335,7 +342,7 @@ class CocoDataModule(pl.LightningDataModule):
             num_workers=num_workers,
             pin_memory=bool(self.pin_memory),
             persistent_workers=self.persistent_workers and num_workers > 0,
-            collate_fn=collate_detection,
+            collate_fn=self.collate,
             multiprocessing_context=context,
             # A DataLoader without a generator of its own draws its workers' base seed from the
             # global RNG at every new iterator, which shifts the dropout of every later step;
@@ -383,6 +390,11 @@ class CocoDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """The validation split, for writing predictions."""
         return self.val_dataloader()
+
+
+def _plain_pad_to(pad_to: int | tuple) -> int | list[list[int]]:
+    """``pad_to`` as a config stores it (lists, not tuples)."""
+    return pad_to if isinstance(pad_to, int) else [list(canvas) for canvas in pad_to]
 
 
 def _log_summary(report: SplitReport) -> None:
