@@ -31,6 +31,9 @@ Variants (``--variants``; the ratio column is against ``fp32``):
 - ``default``: what a user gets without overrides on this device (``trainer.precision=auto``,
   the optimizer as ``DETRModule.configure_optimizers`` picks it);
 - ``compile``: ``default`` plus ``compile=true`` (``torch.compile`` of the model);
+- ``capture``: ``default`` plus ``capture=true`` (CUDA graphs of the training forward and
+  backward, one per batch shape; CUDA only, eager elsewhere); ``capture-multiscale`` with
+  the four sizes below, a graph each;
 - ``multiscale`` / ``compile-multiscale``: ``default`` / ``compile`` on batches of four
   different padded sizes (the short side of ``--size`` times 1, 0.9, 0.8, 0.7), as multi-scale
   training feeds them; the warm-up covers each size twice.
@@ -74,6 +77,7 @@ class Variant:
     compile: bool = False
     tf32: bool = False
     multiscale: bool = False
+    capture: bool = False
 
 
 VARIANTS: dict[str, Variant] = {
@@ -88,6 +92,8 @@ VARIANTS: dict[str, Variant] = {
     "compile": Variant("auto", optimizer="auto", compile=True),
     "multiscale": Variant("auto", optimizer="auto", multiscale=True),
     "compile-multiscale": Variant("auto", optimizer="auto", compile=True, multiscale=True),
+    "capture": Variant("auto", optimizer="auto", capture=True),
+    "capture-multiscale": Variant("auto", optimizer="auto", capture=True, multiscale=True),
 }
 BASELINE = "fp32"
 DEFAULT_VARIANTS = ["fp32-math", "fp32", "tf32", "bf16", "bf16-math", "bf16-fused", "default",
@@ -393,6 +399,8 @@ def run_variant(
     if variant.compile:
         torch._dynamo.reset()
         compile_model(module, True)
+    if variant.capture:
+        module.capture_setting = True  # installed at the fit's start (CUDA only)
     profile = args.profile == name and steps >= 2
     clock = StepClock(
         warmup,

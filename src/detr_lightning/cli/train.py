@@ -21,6 +21,7 @@ from ..evaluation.evaluator import resolve_backend
 from ..evaluation.report import report, result_from_metrics
 from ..lightning.callbacks.history import MetricsHistory
 from ..lightning.callbacks.preemption import SignalStop
+from ..lightning.capture import capture_settings
 from ..lightning.checkpoint_io import AtomicCheckpointIO
 from ..lightning.runtime import compile_model, limit_cpu_kernel_cache
 from .build import build_module, ensure_backbone_weights, instantiate_data
@@ -66,6 +67,8 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     if ckpt_path:
         check_resume(module, ckpt_path, None if resumed is None else resumed.state)
     compile_model(module, cfg.get("compile"))
+    capture_settings(cfg.get("capture"))  # a bad value fails here, before any training
+    module.capture_setting = cfg.get("capture")
     checkpoint_io = trainer.strategy.checkpoint_io
     if not isinstance(checkpoint_io, AtomicCheckpointIO):
         checkpoint_io = None

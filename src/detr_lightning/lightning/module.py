@@ -24,6 +24,7 @@ from ..inference.graphs import enable_cpu_graphs
 from ..inference.predictor import Predictor
 from ..models.matcher import NonFiniteCostError
 from . import compat
+from .capture import CapturedSteps, install_capture
 from .epoch_sums import EpochSums
 from .nonfinite import NonFiniteSkip, loss_scaler
 from .optim import build_optimizer, build_schedule, parameter_groups
@@ -235,6 +236,14 @@ class DETRModule(NonFiniteSkip):
         return list(self.label_map["category_ids"])
 
     # ------------------------------------------------------------------------------ training
+    # The ``capture`` setting of the training config (set by the entry point) and what it
+    # installs at the fit's start: CUDA graphs of the training forward/backward per batch shape.
+    capture_setting: Any = None
+    captured_steps: CapturedSteps | None = None
+
+    def on_fit_start(self) -> None:
+        install_capture(self, self.capture_setting)
+
     def _losses(self, batch) -> tuple[Tensor, dict[str, Tensor], dict]:
         images, padding_mask, targets = batch
         outputs = self.model(images, padding_mask)
@@ -258,7 +267,7 @@ class DETRModule(NonFiniteSkip):
         """
         images, padding_mask, targets = batch
         self._start_step(targets)
-        outputs = self.model(images, padding_mask)
+        outputs = (self.captured_steps or self.model)(images, padding_mask)
         # before the rest of the criterion, which all-reduces num_boxes
         try:
             indices, nonfinite = self.criterion.match(outputs, targets), False
