@@ -125,9 +125,10 @@ class DETR(nn.Module):
         # a box coordinate in [0, 1] by up to ~4e-3 after the sigmoid, and the logits decide
         # both the matching and the scores. They are a tiny share of the compute.
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            hidden = hidden.float()
-            logits = self.class_embed(hidden)  # [L, B, Q, C+1]
-            boxes = self.bbox_embed(hidden).sigmoid()  # [L, B, Q, 4]
+            shape = hidden.shape[:-1]
+            flat = hidden.float().flatten(0, -2)  # [L * B * Q, E]: plain matrix products
+            logits = self.class_embed(flat).view(*shape, self.class_embed.out_features)
+            boxes = self.bbox_embed(flat).sigmoid().view(*shape, 4)  # [L, B, Q, 4]
         out: dict = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [

@@ -93,30 +93,41 @@ class MultiheadAttention(nn.Module):
         key_padding_mask: Tensor | KeyPadding | None = None,
         *,
         batch: int | None = None,
+        projected: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """query [B, Lq, E], key/value [B, Lk, E] (or each flattened to [B * L, E], with
-        ``batch``), key_padding_mask [B, Lk] (True = ignore) or a :class:`KeyPadding`."""
+        ``batch``), key_padding_mask [B, Lk] (True = ignore) or a :class:`KeyPadding`.
+
+        ``projected``: (query weight, query bias, projected keys, projected values), each
+        projection [B * Lk, E], when the caller computed them from this module's ``in_proj``
+        (the decoder projects the memory for all its layers at once); ``key`` and ``value``
+        are then the inputs they came from, for hooks that read them."""
         if query.dim() == 3:
             batch, len_q, embed = query.shape
             flat_query = query.flatten(0, 1)
             flat_key = flat_query if key is query else key.flatten(0, 1)
             flat_value = flat_key if value is key else value.flatten(0, 1)
-            out = self(flat_query, flat_key, flat_value, key_padding_mask, batch=batch)
+            out = self(flat_query, flat_key, flat_value, key_padding_mask, batch=batch,
+                       projected=projected)  # fmt: skip
             return out.view(batch, len_q, embed)
         if batch is None:
             raise ValueError("flattened [B * L, E] inputs need batch=B")
         embed, heads = self.embed_dim, self.num_heads
         len_q, len_k = query.shape[0] // batch, key.shape[0] // batch
         head_dim = embed // heads
-        if query is key:  # self-attention: one matmul for q and k
+        if projected is not None:
+            weight_q, bias_q, k, v = projected
+            q = F.linear(query, weight_q, bias_q)
+        elif query is key:  # self-attention: one matmul for q and k
             weight_qk, weight_v = self.in_proj_weight.split([2 * embed, embed])
             bias_qk, bias_v = self.in_proj_bias.split([2 * embed, embed])
             q, k = F.linear(query, weight_qk, bias_qk).split(embed, dim=1)
+            v = F.linear(value, weight_v, bias_v)
         else:
             weight_q, weight_k, weight_v = self.in_proj_weight.split(embed)
             bias_q, bias_k, bias_v = self.in_proj_bias.split(embed)
             q, k = F.linear(query, weight_q, bias_q), F.linear(key, weight_k, bias_k)
-        v = F.linear(value, weight_v, bias_v)
+            v = F.linear(value, weight_v, bias_v)
         padding = _key_padding(key_padding_mask)
         if self.training and self.dropout > 0 and q.device.type == "cpu":
             out = self._cpu_attention_with_dropout(q, k, v, padding, batch, len_q, len_k)
@@ -212,8 +223,11 @@ class TransformerDecoderLayer(_AttentionFFNLayer):
         query_pos: Tensor,
         memory_key_padding_mask: Tensor | KeyPadding | None,
         batch: int,
+        projected: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """tgt, query_pos [B * Q, E]; memory, memory_with_pos [B * HW, E]; mask [B, HW]."""
+        """tgt, query_pos [B * Q, E]; memory, memory_with_pos [B * HW, E]; mask [B, HW];
+        ``projected``: the cross-attention's (query weight, query bias, keys, values), see
+        :meth:`MultiheadAttention.forward`."""
         padding = memory_key_padding_mask
         if self.pre_norm:
             x = self.norm1(tgt)
@@ -221,13 +235,15 @@ class TransformerDecoderLayer(_AttentionFFNLayer):
             tgt = tgt + self.dropout1(self.self_attn(qk, qk, x, batch=batch))
             x = self.norm2(tgt)
             cross = self.multihead_attn(
-                x + query_pos, memory_with_pos, memory, padding, batch=batch
+                x + query_pos, memory_with_pos, memory, padding, batch=batch, projected=projected
             )
             tgt = tgt + self.dropout2(cross)
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         qk = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt, batch=batch)))
-        cross = self.multihead_attn(tgt + query_pos, memory_with_pos, memory, padding, batch=batch)
+        cross = self.multihead_attn(
+            tgt + query_pos, memory_with_pos, memory, padding, batch=batch, projected=projected
+        )
         tgt = self.norm2(tgt + self.dropout2(cross))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
 
@@ -268,10 +284,29 @@ class TransformerDecoder(nn.Module):
         memory_with_pos = memory + pos  # the same keys for every layer: add once
         padding = _key_padding(memory_key_padding_mask)
         outputs = []
-        for layer in self.layers:
-            tgt = layer(tgt, memory, memory_with_pos, query_pos, padding, batch)
+        for layer, projected in zip(self.layers, self._cross_projections(memory, memory_with_pos)):
+            tgt = layer(tgt, memory, memory_with_pos, query_pos, padding, batch, projected)
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
+
+    def _cross_projections(
+        self, memory: Tensor, memory_with_pos: Tensor
+    ) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per layer, its cross-attention's query weight and bias and the memory's keys and
+        values. The memory is the same for every layer: its keys (and values) for all layers
+        are one matrix product with the layers' key (value) weights side by side, instead of
+        one small product per layer."""
+        embed = memory.shape[-1]
+        weights = [layer.multihead_attn.in_proj_weight.split(embed) for layer in self.layers]
+        biases = [layer.multihead_attn.in_proj_bias.split(embed) for layer in self.layers]
+
+        def side_by_side(part: int, inputs: Tensor) -> tuple[Tensor, ...]:
+            weight = torch.cat([w[part] for w in weights])
+            bias = torch.cat([b[part] for b in biases])
+            return F.linear(inputs, weight, bias).split(embed, dim=1)
+
+        keys, values = side_by_side(1, memory_with_pos), side_by_side(2, memory)
+        return [(w[0], b[0], k, v) for w, b, k, v in zip(weights, biases, keys, values)]
 
 
 class Transformer(nn.Module):
