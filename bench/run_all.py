@@ -26,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import INFERENCE_BOUND_ROW as BOUND
 from common import ROOT, environment, print_table, write_json
 
+# bench/step_work.py's count before the host-work changes (commit 2001fb9)
+STEP_WORK_BASELINE = ROOT / "bench/results/cpu-2core-epyc-avx512/step_work-before.json"
+
 
 def _run(script: str, args: list[str], out: Path, summarize_only: bool = False, name: str = ""):
     """Run ``bench/<script>`` writing ``<out>/<name>.json`` and return that JSON; with
@@ -92,6 +95,10 @@ def main() -> None:
             "2",
         ]
     inference = _run("inference_hf.py", inference_args, args.out, summarize_only)
+    # the host's work per training step at the paper config, against the recorded baseline
+    step_args = ["--baseline", str(STEP_WORK_BASELINE), *(["--steps", "2"] if quick else [])]
+    step_work = _run("step_work.py", step_args, args.out, summarize_only)
+    buckets = _run("buckets.py", ["--epochs", "1"] if quick else [], args.out, summarize_only)
     # both code bases again with malloc as predict.py / eval.py set it on a CPU
     from detr_lightning.utils.host_memory import why_not_reused
 
@@ -178,6 +185,18 @@ def main() -> None:
                           f"top labels {row['top_label_agreement']:.0%}")  # fmt: skip
             label = f"inference {row['precision']} vs transformers{labels[row['code']]}{setting}"
             rows.append([label, f"{row['speedup']:.2f}x", target, detail])
+    now, before = step_work["result"], step_work["baseline"]
+    rows.append(["host syncs per training step (R50, CPU count)", f"{now['syncs']:g}", "<= 3",
+                 f"baseline {before['syncs']:g}; "
+                 + ", ".join(f"{k} {v:g}" for k, v in now["sync_kinds"].items() if v)])  # fmt: skip
+    rows.append(["operators per training step (R50, CPU count)",
+                 f"{now['operators'] / before['operators']:.2f}x", "<= 0.50x",
+                 f"{now['operators']:.0f} vs {before['operators']:.0f}"])  # fmt: skip
+    for result in buckets["results"]:
+        if result["pad_to"] in (None, 128) and result["grouped"]:
+            epoch = result["epochs"][0]
+            label = f"batch shapes per epoch, pad_to {result['pad_to']}"
+            rows.append([label, f"{epoch['shapes']}", "few", f"padding {epoch['padding']:.1%}"])
     if not native_bf16():
         rows.append(["inference bf16 vs transformers", "not measured", ">= 3x",
                      "this CPU has no bf16 arithmetic (no AMX / AVX512-BF16): autocast emulates "

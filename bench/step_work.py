@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = ([row(base, None)] if base else []) + [row(result, base)]
     print_table(
         f"Host work per training step, {args.model}, batch {args.batch}, {args.device} "
-        f"(median of {result['steps']} steps after {args.warmup})",
+        f"(median of {result['steps_in_medians']} steps inside the epoch, after {args.warmup})",
         ["run", "operators", "host syncs", "syncs by kind"],
         rows,
     )

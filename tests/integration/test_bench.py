@@ -186,3 +186,30 @@ def test_training_step_benchmark_measures_each_variant(tmp_path: Path) -> None:
     assert curves["fp32"]["losses"][0] == curves["default"]["losses"][0]
     assert curves["fp32"]["losses"] == pytest.approx(curves["default"]["losses"], rel=1e-4)
     assert report["trajectory"]["final_ratio"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_host_work_and_bucket_benchmarks(tmp_path: Path) -> None:
+    """bench/step_work.py counts a small model's steps against a baseline file;
+    bench/buckets.py counts an epoch's padded shapes on a generated dataset."""
+    out = tmp_path / "work.json"
+    small = ["--override=backbone=resnet18", "--override=backbone.num_stages=3",
+             "--override=model=detr_small"]  # fmt: skip
+    _bench("step_work.py", "--steps", "2", "--warmup", "1", *small, "--json", str(out))
+    first = json.loads(out.read_text())["result"]
+    assert first["steps"] == 2 and first["operators"] > 100
+    assert first["syncs"] == 2 and first["sync_kinds"] == {
+        ".cpu()": 1,
+        "item()/bool()/int()/float()": 1,
+    }
+    again = tmp_path / "again.json"
+    result = _bench("step_work.py", "--steps", "2", "--warmup", "1", *small, "--baseline",
+                    str(out), "--json", str(again))  # fmt: skip
+    assert "(1.00x)" in result.stdout  # counts are exact: the same run counts the same
+    data = tmp_path / "data"
+    _bench("make_dataset.py", str(data), "--train", "24", "--val", "4")
+    buckets = tmp_path / "buckets.json"
+    _bench("buckets.py", "--data", str(data), "--epochs", "1", "--json", str(buckets))
+    results = {r["variant"]: r["epochs"][0] for r in json.loads(buckets.read_text())["results"]}
+    assert results["step 256"]["shapes"] <= results["step 32"]["shapes"]
+    assert results["step 256"]["padding"] >= results["own size (today)"]["padding"]
+    assert results["11 canvases"]["shapes"] <= 11

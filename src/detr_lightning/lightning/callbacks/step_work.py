@@ -29,9 +29,11 @@ class StepWork(pl.Callback):
     count, and the loading of the next batch in the main process with ``data.num_workers=0``),
     skipping the first ``warmup`` steps.
 
-    ``steps`` holds, per counted step, ``operators`` and ``syncs`` (totals) and
-    ``sync_kinds`` (syncs by kind); :meth:`summary` gives their medians and the operators
-    that a step runs most.
+    ``steps`` holds, per counted step, ``operators`` and ``syncs`` (totals),
+    ``sync_kinds`` (syncs by kind) and ``boundary``: whether the window ended at an epoch's
+    end, a validation or the fit's end, whose once-per-epoch work (epoch means, history,
+    checkpoints) it then holds too. :meth:`summary` gives the medians over the other steps
+    (over all when there are no others) and the operators that a step runs most.
     """
 
     def __init__(self, warmup: int = 1) -> None:
@@ -42,7 +44,7 @@ class StepWork(pl.Callback):
         self._seen = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._close()
+        self._close(boundary=False)
         self._seen += 1
         if self._seen > self.warmup:
             self._counter = HostWorkCounter(device_type=pl_module.device.type)
@@ -67,7 +69,7 @@ class StepWork(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._close()
 
-    def _close(self) -> None:
+    def _close(self, boundary: bool = True) -> None:
         counter, self._counter = self._counter, None
         if counter is None:
             return
@@ -77,20 +79,24 @@ class StepWork(pl.Callback):
                 "operators": counter.num_operators,
                 "syncs": counter.num_syncs,
                 "sync_kinds": dict(counter.syncs),
+                "boundary": boundary,
             }
         )
         self.operators.update(counter.operators)
 
     def summary(self, top: int = 15) -> dict[str, Any]:
-        """Medians over the counted steps, and the ``top`` operators by count per step."""
+        """Medians over the counted steps (those inside an epoch, where there are any), and
+        the ``top`` operators by count per step (over all counted steps)."""
         count = len(self.steps)
-        kinds = sorted({kind for step in self.steps for kind in step["sync_kinds"]})
+        steps = [step for step in self.steps if not step["boundary"]] or self.steps
+        kinds = sorted({kind for step in steps for kind in step["sync_kinds"]})
         return {
             "steps": count,
-            "operators": statistics.median(step["operators"] for step in self.steps),
-            "syncs": statistics.median(step["syncs"] for step in self.steps),
+            "steps_in_medians": len(steps),
+            "operators": statistics.median(step["operators"] for step in steps),
+            "syncs": statistics.median(step["syncs"] for step in steps),
             "sync_kinds": {
-                kind: statistics.median(step["sync_kinds"].get(kind, 0) for step in self.steps)
+                kind: statistics.median(step["sync_kinds"].get(kind, 0) for step in steps)
                 for kind in kinds
             },
             "top_operators": {
