@@ -110,7 +110,7 @@ def test_evaluation_runs_eagerly_whatever_the_shape():
 def test_trainable_batchnorm_statistics_are_refused():
     model = DETR(Backbone("resnet18", norm="batch", num_stages=3), Transformer(32, 2, 1, 1, 64),
                  num_classes=3, num_queries=5)  # fmt: skip
-    with pytest.raises(SetupError, match="backbone.norm=frozen"):
+    with pytest.raises(SetupError, match=r"backbone\.norm=frozen"):
         CapturedSteps(model)
 
 
