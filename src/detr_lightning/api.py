@@ -22,6 +22,7 @@ from .checkpoints.reading import (
 )
 from .lightning.module import DETRModule
 from .lightning.specs import plain
+from .models.training_queries import TRAINING_ONLY_PREFIX, without_training_queries
 from .utils.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,15 @@ def save_pretrained(module: DETRModule, path: str | os.PathLike) -> Path:
 
     directory = Path(path).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}
-    config = {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
-        "hparams": plain(dict(module.hparams)),
+    # the model that evaluation runs: training-only queries are left out, weights and settings
+    state = {
+        k: v.detach().contiguous().cpu()
+        for k, v in module.model.state_dict().items()
+        if not k.startswith(TRAINING_ONLY_PREFIX)
     }
+    hparams = plain(dict(module.hparams))
+    hparams["model"] = without_training_queries(hparams["model"])
+    config = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "hparams": hparams}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
     atomic_write(
         directory / CONFIG_FILE,

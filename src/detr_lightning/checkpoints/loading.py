@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
+from ..models.training_queries import TRAINING_ONLY_PREFIX
 from ..utils.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 CLASS_HEAD_KEYS = ("class_embed.weight", "class_embed.bias")
 
@@ -27,6 +31,7 @@ def load_state_into(
     error (and it raises on the first shape mismatch, without the list).
     """
     own = model.state_dict()
+    state = _with_training_queries(model, own, state, path)
     skip = set(CLASS_HEAD_KEYS) if reinit_class_head else set()
     # BatchNorm's step counters are dropped on reading (the official and Hugging Face files
     # have none; they change no output): the model keeps its own
@@ -62,6 +67,30 @@ def load_state_into(
         for key, value in own.items():
             if key not in skip:
                 value.copy_(state[key])
+
+
+def _with_training_queries(
+    model: torch.nn.Module, own: Mapping[str, Tensor], state: Mapping[str, Tensor], path
+) -> Mapping[str, Tensor]:
+    """``state`` fitted to the model's training-only queries: a checkpoint without them (the
+    official and Hugging Face ones, exports) gets their initial values (every extra query
+    group a copy of the checkpoint's queries); a checkpoint with them, loaded into a model
+    without, has them left out. A checkpoint with other training-only queries than the
+    model's is a mismatch, reported as such."""
+    ours = [k for k in own if k.startswith(TRAINING_ONLY_PREFIX)]
+    theirs = [k for k in state if k.startswith(TRAINING_ONLY_PREFIX)]
+    if theirs and not ours:
+        log.info("%s: leaving out its %d training-only tensors (%s...)", path, len(theirs),
+                 theirs[0])  # fmt: skip
+        return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIX)}
+    if ours and not theirs:
+        queries = getattr(model, "training_queries", None)
+        if queries is None:
+            return state
+        log.info("%s has no training-only queries: the extra query groups start as copies of "
+                 "its queries", path)  # fmt: skip
+        return {**state, **queries.initial_state(state, TRAINING_ONLY_PREFIX)}
+    return state
 
 
 def _norm_hint(missing: list[str], unexpected: list[str]) -> str | None:

@@ -91,7 +91,8 @@ class ExactMaskBackbone(nn.Module):
 class DeployableDETR(nn.Module):
     """DETR with the exported signature: (images, padding_mask) -> (pred_logits, pred_boxes).
 
-    Holds a float32 CPU copy of the model in eval mode without auxiliary outputs and with the
+    Holds a float32 CPU copy of the model in eval mode without auxiliary outputs (nor
+    training-only queries) and with the
     backbone on the padded batch (``batch_invariant`` off: its per-image loop would be traced
     for the example's sizes; one image per call gives the same results); the caller's model is
     left as it was. images [B, 3, H, W] float32, padding_mask [B, H, W] bool (True on
@@ -102,6 +103,7 @@ class DeployableDETR(nn.Module):
         super().__init__()
         model = copy.deepcopy(model).float().cpu().eval()
         model.aux_loss = False  # nothing to drop after tracing, no tracer warnings about it
+        model.training_queries = None  # training-only parameters: not part of the export
         if model.batch_invariant:
             log.info("exporting the padded-batch backbone: batch_invariant is not exported")
             model.batch_invariant = False

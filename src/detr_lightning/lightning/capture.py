@@ -191,6 +191,11 @@ def install_capture(module: Any, setting: Any) -> CapturedSteps | None:
     if options is None:
         module.captured_steps = None
         return None
+    if getattr(module.model, "training_queries", None) is not None:
+        raise SetupError(
+            f"capture={setting!r} with training-only queries (model.query_groups > 1 or "
+            "model.denoising.groups > 0): their outputs are not captured yet; use capture=false"
+        )
     if module.device.type != "cuda":
         log.warning(
             "capture=%s: CUDA graphs need a CUDA device; this run trains on %s, eagerly",

@@ -118,6 +118,7 @@ class DETRModule(NonFiniteSkip):
             num_classes=self.model.num_classes,
             num_decoder_layers=len(self.model.transformer.decoder.layers),
             aux_loss=self.model.aux_loss,
+            denoising=self.model.has_denoising,
         )
         self.postprocess = build(settings["postprocess"])
         self.evaluator: CocoEvaluator | None = None
@@ -267,7 +268,10 @@ class DETRModule(NonFiniteSkip):
         """
         images, padding_mask, targets = batch
         self._start_step(targets)
-        outputs = (self.captured_steps or self.model)(images, padding_mask)
+        if self.captured_steps is not None:
+            outputs = self.captured_steps(images, padding_mask)
+        else:  # the targets make the denoising queries of a model that has them
+            outputs = self.model(images, padding_mask, targets)
         # before the rest of the criterion, which all-reduces num_boxes
         try:
             indices, nonfinite = self.criterion.match(outputs, targets), False

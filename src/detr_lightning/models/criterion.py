@@ -26,12 +26,20 @@ class SetCriterion(nn.Module):
     the number of target boxes averaged over all ranks. ``class_error`` (top-1 error in % on
     matched queries) and ``cardinality_error`` (|#predicted objects - #targets|) are logged only.
 
+    Training-only queries (:mod:`~detr_lightning.models.training_queries`): with several query
+    groups (``group_outputs``) each group is matched on its own and every term is the mean over
+    the groups; denoising queries (``dn_outputs``) add ``loss_ce_dn``, ``loss_bbox_dn`` and
+    ``loss_giou_dn`` (suffixed per layer as above) with the same weights: cross-entropy against
+    the true labels, mean over the real denoising queries, and L1 / 1 - GIoU against the true
+    boxes, divided by the number of target boxes times the denoising groups.
+
     Args:
         num_classes: object classes (without no-object).
         matcher: assigns predictions to targets.
         eos_coef: relative weight of the no-object class in ``loss_ce``.
         ce_loss_coef, bbox_loss_coef, giou_loss_coef: weights in :attr:`weight_dict`.
         num_decoder_layers: with ``aux_loss``, weights get one suffixed copy per earlier layer.
+        denoising: the model has denoising queries: their terms get the same weights.
     """
 
     def __init__(
@@ -44,6 +52,7 @@ class SetCriterion(nn.Module):
         giou_loss_coef: float = 2.0,
         num_decoder_layers: int = 6,
         aux_loss: bool = True,
+        denoising: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -58,6 +67,8 @@ class SetCriterion(nn.Module):
         if aux_loss:
             for i in range(num_decoder_layers - 1):
                 self.weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+        if denoising:  # the denoising queries' terms, with the same weights
+            self.weight_dict.update({_dn_name(k): v for k, v in list(self.weight_dict.items())})
 
     def weighted_total(self, losses: dict[str, Tensor]) -> Tensor:
         """Sum of ``weight * term`` over the terms that have a weight."""
@@ -171,14 +182,26 @@ class SetCriterion(nn.Module):
         else:
             parts = per_pair.split(pairs_per_layer, dim=1)
             per_layer = torch.stack([part.sum(1) for part in parts], dim=1)
-        # [3, L]: ce, bbox, giou of each layer (the final layer first)
+        # [3, L]: ce, bbox, giou of each layer (the final layer first), each the mean over the
+        # query groups (group-major: the "layers" are every group's layers one after another)
         terms = torch.cat([loss_ce[None], per_layer / num_boxes])
+        groups = 1 + len(outputs.get("group_outputs", ()))
+        if groups > 1:
+            terms = terms.view(3, groups, num_layers // groups).mean(1)
+        weights = self._term_weights(terms.shape[1], terms)
 
-        losses = {}
-        for name, layer_terms in zip(("loss_ce", "loss_bbox", "loss_giou"), terms.unbind()):
-            for layer_index, term in enumerate(layer_terms.unbind()):
-                losses[name + ("" if layer_index == 0 else f"_{layer_index - 1}")] = term
-        total = (terms * self._term_weights(num_layers, terms)).sum()
+        losses = _named_terms(terms)
+        total = (terms * weights).sum()
+        denoising = outputs.get("dn_outputs")
+        if denoising is not None:
+            if "loss_ce_dn" not in self.weight_dict:
+                raise ValueError(
+                    "the outputs have denoising queries: build the criterion with "
+                    "denoising=True (DETRModule does so for such a model)"
+                )
+            dn_terms = self._denoising_terms(denoising, num_boxes)
+            losses.update({_dn_name(name): term for name, term in _named_terms(dn_terms).items()})
+            total = total + (dn_terms * weights[:, : dn_terms.shape[1]]).sum()
 
         with torch.no_grad():  # logged only, for the final layer: its pairs come first
             first = pairs_per_layer[0] if pairs_per_layer else 0
@@ -191,6 +214,31 @@ class SetCriterion(nn.Module):
             num_predicted = (logits[0].argmax(-1) != self.num_classes).sum(1).float()
             losses["cardinality_error"] = F.l1_loss(num_predicted, num_targets)
         return losses, total
+
+    def _denoising_terms(self, dn: dict[str, Tensor], num_boxes: Tensor) -> Tensor:
+        """[3, L'] ce, bbox, giou of the denoising queries of each layer (the final first):
+        every real denoising query against the ground truth it was noised from."""
+        logits = dn["pred_logits"].float()  # [L', B, D, T, C+1]
+        boxes = dn["pred_boxes"].float()  # [L', B, D, T, 4]
+        num_layers, _, groups = logits.shape[:3]
+        valid = dn["valid"][None, :, None, :].expand(logits.shape[:4]).reshape(num_layers, -1)
+        valid = valid.to(logits.dtype)  # [L', B * D * T]
+        labels = dn["labels"][None, :, None, :].expand(logits.shape[:4])
+        ce = F.cross_entropy(logits.flatten(0, 3), labels.flatten(), reduction="none")
+        loss_ce = (ce.view(num_layers, -1) * valid).sum(1) / valid.sum(1).clamp(min=1)
+        target_boxes = dn["boxes"].float()[None, :, None].expand(boxes.shape)
+        per_query = torch.stack(
+            [
+                (boxes - target_boxes).abs().sum(-1).view(num_layers, -1),
+                generalized_box_iou_loss(
+                    box_cxcywh_to_xyxy(boxes.reshape(-1, 4)),
+                    box_cxcywh_to_xyxy(target_boxes.reshape(-1, 4)),
+                    reduction="none",
+                ).view(num_layers, -1),
+            ]
+        )  # [2, L', B * D * T]
+        per_layer = (per_query * valid).sum(-1) / (num_boxes * groups)
+        return torch.cat([loss_ce[None], per_layer])
 
     def _term_weights(self, num_layers: int, terms: Tensor) -> Tensor:
         """[3, L] weights of the terms (0 for a term without a weight), as :meth:`weighted_total`
@@ -209,23 +257,47 @@ class SetCriterion(nn.Module):
 
 
 def _layers(outputs: dict) -> list[dict[str, Tensor]]:
-    """The final layer's predictions, then the auxiliary layers'."""
-    return [outputs, *outputs.get("aux_outputs", [])]
+    """The final layer's predictions, then the auxiliary layers'; with training-only query
+    groups, the same for each further group after group 0's."""
+    groups = [outputs, *outputs.get("group_outputs", ())]
+    return [layer for group in groups for layer in (group, *group.get("aux_outputs", ()))]
+
+
+def _named_terms(terms: Tensor) -> dict[str, Tensor]:
+    """[3, L] terms by name: ``loss_ce`` (the final layer), ``loss_ce_0`` (the first), ..."""
+    losses = {}
+    for name, layer_terms in zip(("loss_ce", "loss_bbox", "loss_giou"), terms.unbind()):
+        for layer_index, term in enumerate(layer_terms.unbind()):
+            losses[name + ("" if layer_index == 0 else f"_{layer_index - 1}")] = term
+    return losses
+
+
+def _dn_name(name: str) -> str:
+    """The denoising queries' name of a term: loss_ce -> loss_ce_dn, loss_ce_0 -> loss_ce_dn_0."""
+    parts = name.split("_")
+    if parts[-1].isdigit():
+        return "_".join(parts[:-1]) + "_dn_" + parts[-1]
+    return name + "_dn"
 
 
 # SetCriterion's arguments that the model decides, not the ``loss`` config group
-CRITERION_FROM_MODEL = ("num_classes", "matcher", "num_decoder_layers", "aux_loss")
+CRITERION_FROM_MODEL = ("num_classes", "matcher", "num_decoder_layers", "aux_loss", "denoising")
 
 
 def build_criterion(
-    num_classes: int, *, num_decoder_layers: int = 6, aux_loss: bool = True, **settings: Any
+    num_classes: int,
+    *,
+    num_decoder_layers: int = 6,
+    aux_loss: bool = True,
+    denoising: bool = False,
+    **settings: Any,
 ) -> SetCriterion:
     """The set criterion and its matcher from one flat set of settings: the ``loss`` config
     group's keys, which are the arguments of :class:`HungarianMatcher` (``set_cost_class``,
     ``set_cost_bbox``, ``set_cost_giou``) and the loss weights of :class:`SetCriterion`
     (``eos_coef``, ``ce_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``); what is left out
-    takes their defaults, the paper's. ``num_classes``, ``num_decoder_layers`` and
-    ``aux_loss`` are the model's."""
+    takes their defaults, the paper's. ``num_classes``, ``num_decoder_layers``, ``aux_loss``
+    and ``denoising`` (whether it has denoising queries) are the model's."""
     matcher, weights = split_keywords(
         settings, HungarianMatcher, SetCriterion, exclude=CRITERION_FROM_MODEL
     )
@@ -234,5 +306,6 @@ def build_criterion(
         HungarianMatcher(**matcher),
         num_decoder_layers=num_decoder_layers,
         aux_loss=aux_loss,
+        denoising=denoising,
         **weights,
     )

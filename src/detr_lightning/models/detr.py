@@ -13,6 +13,7 @@ from ..ops.padding import pad_images
 from ..utils.signatures import split_keywords
 from .backbone import Backbone
 from .position_encoding import build_position_encoding
+from .training_queries import DecoderQueries, Denoising, TrainingQueries
 from .transformer import Transformer
 
 
@@ -34,6 +35,9 @@ class MLP(nn.Module):
         return x
 
 
+NO_DENOISING = Denoising()  # the default: groups 0
+
+
 class DETR(nn.Module):
     """DEtection TRansformer. Always returns predictions, never losses.
 
@@ -51,6 +55,11 @@ class DETR(nn.Module):
             :meth:`forward`). Off by default: the official checkpoints were trained and
             evaluated on padded batches. An attribute too, to switch at evaluation time; it
             holds no weights.
+        query_groups: groups of object queries in training (Group DETR), the model's own
+            included; 1: off. Training only: evaluation, prediction and export use the
+            model's own queries (see :mod:`~detr_lightning.models.training_queries`).
+        denoising: denoising queries in training (DN-DETR): :class:`Denoising` settings or
+            their mapping, ``{groups: 0, label_noise: 0.2, box_noise: 0.4}``; groups 0: off.
 
     The defaults are the paper's DETR on COCO; ``num_classes``, ``num_queries``,
     ``aux_loss``, ``position_embedding`` and ``batch_invariant`` are keys of the ``model``
@@ -66,6 +75,8 @@ class DETR(nn.Module):
         aux_loss: bool = True,
         position_embedding: str | nn.Module = "sine",
         batch_invariant: bool = False,
+        query_groups: int = 1,
+        denoising: Denoising | Mapping[str, Any] = NO_DENOISING,
     ) -> None:
         super().__init__()
         hidden_dim = transformer.hidden_dim
@@ -82,10 +93,21 @@ class DETR(nn.Module):
         self.num_queries = num_queries
         self.aux_loss = aux_loss
         self.batch_invariant = batch_invariant
+        if int(query_groups) != query_groups or query_groups < 1:
+            raise ValueError(f"query_groups={query_groups}: a whole number >= 1 (1: off)")
+        denoising = Denoising.of(denoising)
+        self.training_queries = (
+            TrainingQueries(num_queries, hidden_dim, num_classes, query_groups, denoising)
+            if TrainingQueries.wanted(query_groups, denoising)
+            else None
+        )
 
     def forward(
-        self, images: Tensor | Sequence[Tensor], padding_mask: Tensor | None = None
-    ) -> dict[str, Tensor | list[dict[str, Tensor]]]:
+        self,
+        images: Tensor | Sequence[Tensor],
+        padding_mask: Tensor | None = None,
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+    ) -> dict[str, Any]:
         """Detect objects.
 
         Args:
@@ -96,7 +118,11 @@ class DETR(nn.Module):
             ``pred_logits`` [B, Q, num_classes + 1] (unnormalized; last = no object),
             ``pred_boxes`` [B, Q, 4] cxcywh in [0, 1] relative to each unpadded image, and
             ``aux_outputs``: a list with the same two keys for decoder layers 1..L-1 when
-            ``aux_loss`` is on.
+            ``aux_loss`` is on. In training with ``query_groups`` > 1 these are group 0's,
+            and ``group_outputs`` holds the other groups' (a list of dicts with the same
+            keys); with denoising queries (which need ``targets``, per image ``labels`` and
+            ``boxes``), ``dn_outputs`` holds their predictions and the ground truth they
+            reconstruct (see :meth:`_split_training_outputs`).
 
         By default the backbone runs on the padded batch: convolutions near the bottom/right
         border of a smaller image see the padding, so its outputs depend on its batch (as in
@@ -120,7 +146,10 @@ class DETR(nn.Module):
         else:
             features, mask = self.backbone(images, padding_mask)
         pos = self.position_encoding(mask).to(features.dtype)
-        hidden, _ = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
+        queries: Tensor | DecoderQueries = self.query_embed.weight
+        if self.training and self.training_queries is not None:
+            queries = self.training_queries(queries, features.shape[0], targets)
+        hidden, _ = self.transformer(self.input_proj(features), mask, queries, pos)
         # The heads run in fp32 even under autocast: bf16 keeps 8 bits of mantissa, which moves
         # a box coordinate in [0, 1] by up to ~4e-3 after the sigmoid, and the logits decide
         # both the matching and the scores. They are a tiny share of the compute.
@@ -129,6 +158,12 @@ class DETR(nn.Module):
             flat = hidden.float().flatten(0, -2)  # [L * B * Q, E]: plain matrix products
             logits = self.class_embed(flat).view(*shape, self.class_embed.out_features)
             boxes = self.bbox_embed(flat).sigmoid().view(*shape, 4)  # [L, B, Q, 4]
+        if isinstance(queries, DecoderQueries):
+            return self._split_training_outputs(logits, boxes, queries)
+        return self._outputs(logits, boxes)
+
+    def _outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
+        """The output dict of every layer's [L, B, Q, ...] predictions."""
         out: dict = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [
@@ -136,6 +171,44 @@ class DETR(nn.Module):
                 for layer_logits, layer_boxes in zip(logits[:-1], boxes[:-1])
             ]
         return out
+
+    def _split_training_outputs(
+        self, logits: Tensor, boxes: Tensor, queries: DecoderQueries
+    ) -> dict[str, Any]:
+        """Group 0's outputs as in evaluation, the other groups' in ``group_outputs``, and in
+        ``dn_outputs`` the denoising queries' ``pred_logits`` [L', B, D, T, C+1] and
+        ``pred_boxes`` [L', B, D, T, 4] (L' = every layer with ``aux_loss``, else the last
+        one; the final layer first, as the loss orders layers) with the ground truth they
+        reconstruct (``labels`` [B, T], ``boxes`` [B, T, 4], ``valid`` [B, T])."""
+        count = queries.num_queries
+        groups = []
+        for g in range(queries.groups):
+            part = slice(g * count, (g + 1) * count)
+            groups.append(self._outputs(logits[:, :, part], boxes[:, :, part]))
+        out = groups[0]
+        if queries.groups > 1:
+            out["group_outputs"] = groups[1:]
+        if queries.denoising_groups:
+            start = queries.groups * count
+            last = logits.shape[0] - 1  # the final layer first, then the others in order
+            order = [last, *range(last)] if self.aux_loss else [last]
+            shape = (queries.denoising_groups, queries.max_targets)
+            dn_logits = logits[order, :, start:]
+            dn_boxes = boxes[order, :, start:]
+            out["dn_outputs"] = {
+                "pred_logits": dn_logits.view(*dn_logits.shape[:2], *shape, -1),
+                "pred_boxes": dn_boxes.view(*dn_boxes.shape[:2], *shape, 4),
+                "labels": queries.labels,
+                "boxes": queries.boxes,
+                "valid": queries.valid,
+            }
+        return out
+
+    @property
+    def has_denoising(self) -> bool:
+        """Whether training adds denoising queries (and their loss terms)."""
+        queries = self.training_queries
+        return queries is not None and queries.denoising.groups > 0
 
     @property
     def channels_last(self) -> bool:
@@ -202,7 +275,8 @@ def build_detr(backbone: nn.Module | str | Mapping[str, Any] = "resnet50", **set
     ``settings`` are the arguments of :class:`Transformer` (``hidden_dim``, ``nheads``,
     ``enc_layers``, ``dec_layers``, ``dim_feedforward``, ``dropout``, ``pre_norm``) and those of
     :class:`DETR` beside its two modules (``num_classes``, ``num_queries``, ``aux_loss``,
-    ``position_embedding``, ``batch_invariant``), under the names those take; what is left
+    ``position_embedding``, ``batch_invariant``, and the training-only ``query_groups`` and
+    ``denoising``), under the names those take; what is left
     out takes their defaults, the paper's DETR-R50 on COCO. ``backbone`` is a module, a
     :class:`Backbone`'s ``name``, or its arguments (the ``backbone`` config group).
     """

@@ -11,31 +11,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .training_queries import DecoderQueries
+
 
 class KeyPadding:
-    """A key padding mask [B, Lk] (True = padding) in the forms attention needs, each made
-    once per forward pass for every layer that attends over the same keys: the boolean
-    ``attend`` [B, 1, 1, Lk] (True = attend) of ``scaled_dot_product_attention``, and the
-    additive ``bias`` [B * heads, 1, Lk] (0 or -inf) of the explicit CPU path. Every query
-    has a key to attend to: each image keeps unpadded pixels."""
+    """A key padding mask [B, Lk] (True = padding), optionally with ``blocked`` [Lq, Lk] (True:
+    query i may not attend to key j, the same for every image), in the forms attention needs,
+    each made once per forward pass for every layer that attends over the same keys: the
+    boolean ``attend`` [B or 1, 1, 1 or Lq, Lk] (True = attend) of
+    ``scaled_dot_product_attention``, and the additive ``bias`` [B * heads or 1, 1 or Lq, Lk]
+    (0 or -inf) of the explicit CPU path. Every query must keep a key to attend to (each
+    image keeps unpadded pixels; the decoder's training-only queries always see a group)."""
 
-    def __init__(self, mask: Tensor) -> None:
+    def __init__(self, mask: Tensor | None, blocked: Tensor | None = None) -> None:
+        if mask is None and blocked is None:
+            raise ValueError("KeyPadding needs a padding mask, a blocked matrix, or both")
         self.mask = mask
+        self.blocked = blocked
         self._attend: Tensor | None = None
         self._bias: dict[tuple[int, torch.dtype], Tensor] = {}
 
     def attend(self) -> Tensor:
         if self._attend is None:
-            self._attend = ~self.mask[:, None, None, :]
+            attend = None if self.mask is None else ~self.mask[:, None, None, :]
+            if self.blocked is not None:
+                allowed = ~self.blocked[None, None]
+                attend = allowed if attend is None else attend & allowed
+            self._attend = attend
         return self._attend
 
     def bias(self, heads: int, dtype: torch.dtype) -> Tensor:
         key = (heads, dtype)
         if key not in self._bias:
-            batch, length = self.mask.shape
-            bias = torch.zeros((batch, 1, 1, length), dtype=dtype, device=self.mask.device)
-            bias = bias.masked_fill_(self.mask[:, None, None, :], float("-inf"))
-            self._bias[key] = bias.expand(batch, heads, 1, length).reshape(-1, 1, length)
+            attend = self.attend()
+            batch, _, len_q, length = attend.shape
+            bias = torch.zeros(attend.shape, dtype=dtype, device=attend.device)
+            bias = bias.masked_fill_(~attend, float("-inf"))
+            if batch > 1:
+                bias = bias.expand(batch, heads, len_q, length).reshape(-1, len_q, length)
+            else:
+                bias = bias.view(1, len_q, length)  # broadcast over images and heads
+            self._bias[key] = bias
         return self._bias[key]
 
 
@@ -224,15 +240,17 @@ class TransformerDecoderLayer(_AttentionFFNLayer):
         memory_key_padding_mask: Tensor | KeyPadding | None,
         batch: int,
         projected: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+        query_mask: KeyPadding | None = None,
     ) -> Tensor:
         """tgt, query_pos [B * Q, E]; memory, memory_with_pos [B * HW, E]; mask [B, HW];
         ``projected``: the cross-attention's (query weight, query bias, keys, values), see
-        :meth:`MultiheadAttention.forward`."""
+        :meth:`MultiheadAttention.forward`; ``query_mask``: which queries each query's
+        self-attention may see (training-only query groups), None: all."""
         padding = memory_key_padding_mask
         if self.pre_norm:
             x = self.norm1(tgt)
             qk = x + query_pos
-            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x, batch=batch))
+            tgt = tgt + self.dropout1(self.self_attn(qk, qk, x, query_mask, batch=batch))
             x = self.norm2(tgt)
             cross = self.multihead_attn(
                 x + query_pos, memory_with_pos, memory, padding, batch=batch, projected=projected
@@ -240,7 +258,8 @@ class TransformerDecoderLayer(_AttentionFFNLayer):
             tgt = tgt + self.dropout2(cross)
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
         qk = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(qk, qk, tgt, batch=batch)))
+        attended = self.self_attn(qk, qk, tgt, query_mask, batch=batch)
+        tgt = self.norm1(tgt + self.dropout1(attended))
         cross = self.multihead_attn(
             tgt + query_pos, memory_with_pos, memory, padding, batch=batch, projected=projected
         )
@@ -278,14 +297,18 @@ class TransformerDecoder(nn.Module):
         query_pos: Tensor,
         memory_key_padding_mask: Tensor | KeyPadding | None,
         batch: int,
+        query_mask: KeyPadding | None = None,
     ) -> Tensor:
-        """tgt, query_pos [B * Q, E]; memory, pos [B * HW, E]. Returns [num_layers, B * Q, E]:
-        every layer's output after the shared final norm."""
+        """tgt, query_pos [B * Q, E]; memory, pos [B * HW, E]; ``query_mask``: see
+        :meth:`TransformerDecoderLayer.forward`. Returns [num_layers, B * Q, E]: every layer's
+        output after the shared final norm."""
         memory_with_pos = memory + pos  # the same keys for every layer: add once
         padding = _key_padding(memory_key_padding_mask)
         outputs = []
         for layer, projected in zip(self.layers, self._cross_projections(memory, memory_with_pos)):
-            tgt = layer(tgt, memory, memory_with_pos, query_pos, padding, batch, projected)
+            tgt = layer(
+                tgt, memory, memory_with_pos, query_pos, padding, batch, projected, query_mask
+            )
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
 
@@ -352,14 +375,20 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(param)
 
     def forward(
-        self, src: Tensor, padding_mask: Tensor, query_embed: Tensor, pos: Tensor
+        self,
+        src: Tensor,
+        padding_mask: Tensor,
+        query_embed: Tensor | DecoderQueries,
+        pos: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """Run encoder and decoder.
 
         Args:
             src: [B, E, h, w] projected backbone features.
             padding_mask: [B, h, w] bool, True on padding.
-            query_embed: [Q, E] learned object queries (used as query positions).
+            query_embed: [Q, E] learned object queries (used as query positions, with zero
+                content), or a training step's :class:`DecoderQueries` (per image content and
+                positions, and which queries see which).
             pos: [B, E, h, w] positional encoding of ``src``.
         Returns:
             decoder outputs [num_decoder_layers, B, Q, E] and memory [B, E, h, w].
@@ -369,11 +398,17 @@ class Transformer(nn.Module):
         src = src.flatten(2).transpose(1, 2).reshape(-1, channels)  # [B * hw, E]
         pos = pos.flatten(2).transpose(1, 2).reshape(-1, channels)
         padding = KeyPadding(padding_mask.flatten(1))  # shared by every layer
-        num_queries = query_embed.shape[0]
-        query_pos = query_embed.repeat(batch, 1)  # [B * Q, E]
         memory = self.encoder(src, pos, padding, batch)
-        tgt = torch.zeros_like(query_pos)
-        hidden = self.decoder(tgt, memory, pos, query_pos, padding, batch)
+        if isinstance(query_embed, Tensor):
+            num_queries = query_embed.shape[0]
+            query_pos = query_embed.repeat(batch, 1)  # [B * Q, E]
+            tgt, query_mask = torch.zeros_like(query_pos), None
+        else:
+            num_queries = query_embed.position.shape[1]
+            query_pos = query_embed.position.reshape(-1, channels)
+            tgt = query_embed.content.reshape(-1, channels)
+            query_mask = KeyPadding(query_embed.padding, query_embed.blocked)
+        hidden = self.decoder(tgt, memory, pos, query_pos, padding, batch, query_mask)
         hidden = hidden.view(hidden.shape[0], batch, num_queries, channels)
         memory = memory.view(batch, height * width, channels).transpose(1, 2)
         return hidden, memory.reshape(batch, channels, height, width)

@@ -5,6 +5,7 @@ that group's keys and defaults come from (the signatures are their one source)."
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -25,12 +26,16 @@ def _keywords(target: Callable[..., Any], exclude: Collection[str]) -> dict[str,
 
 def keyword_defaults(*targets: Callable[..., Any], exclude: Collection[str] = ()) -> dict[str, Any]:
     """The parameters of ``targets`` that have a default, with it (the first target that takes a
-    name gives its default)."""
+    name gives its default); a dataclass default (a group of settings) as a dict of its
+    fields, as a config writes it."""
     defaults: dict[str, Any] = {}
     for target in targets:
         for name, default in _keywords(target, exclude).items():
-            if default is not inspect.Parameter.empty:
-                defaults.setdefault(name, default)
+            if default is inspect.Parameter.empty:
+                continue
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                default = dataclasses.asdict(default)
+            defaults.setdefault(name, default)
     return defaults
 
 
