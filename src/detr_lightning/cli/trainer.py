@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     if not node:
         return []
-    return [
+    built = [
         instantiate(value) for value in node.values() if value is not None and "_target_" in value
     ]
+    return [item for item in built if item is not None]  # a node's factory may say "off"
 
 
 def check_launched_processes(trainer: pl.Trainer) -> None:

@@ -1,5 +1,6 @@
 """Callbacks of a training run, one concern each."""
 
+from .averaging import EMA, early_stopping, ema
 from .history import MetricsHistory
 from .memory import ReuseFreedMemory
 from .preemption import SignalStop
@@ -8,10 +9,13 @@ from .step_checkpoint import StepCheckpoint
 from .step_work import StepWork
 
 __all__ = [
+    "EMA",
     "LossProgressBar",
     "MetricsHistory",
     "ReuseFreedMemory",
     "SignalStop",
     "StepCheckpoint",
     "StepWork",
+    "early_stopping",
+    "ema",
 ]
