@@ -194,17 +194,20 @@ def test_host_work_and_bucket_benchmarks(tmp_path: Path) -> None:
     out = tmp_path / "work.json"
     small = ["--override=backbone=resnet18", "--override=backbone.num_stages=3",
              "--override=model=detr_small"]  # fmt: skip
-    _bench("step_work.py", "--steps", "2", "--warmup", "1", *small, "--json", str(out))
+    # a baseline row with twice the syncs and 4000 operators: the ratios are ours over it
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"result": {"label": "earlier", "operators": 4000.0,
+                                               "syncs": 4.0, "sync_kinds": {}}}))  # fmt: skip
+    result = _bench("step_work.py", "--steps", "2", "--warmup", "1", *small, "--baseline",
+                    str(baseline), "--json", str(out))  # fmt: skip
     first = json.loads(out.read_text())["result"]
     assert first["steps"] == 2 and first["operators"] > 100
     assert first["syncs"] == 2 and first["sync_kinds"] == {
         ".cpu()": 1,
         "item()/bool()/int()/float()": 1,
     }
-    again = tmp_path / "again.json"
-    result = _bench("step_work.py", "--steps", "2", "--warmup", "1", *small, "--baseline",
-                    str(out), "--json", str(again))  # fmt: skip
-    assert "(1.00x)" in result.stdout  # counts are exact: the same run counts the same
+    assert f"{first['operators']:.0f} ({first['operators'] / 4000:.2f}x)" in result.stdout
+    assert "2 (0.50x)" in result.stdout
     data = tmp_path / "data"
     _bench("make_dataset.py", str(data), "--train", "24", "--val", "4")
     buckets = tmp_path / "buckets.json"

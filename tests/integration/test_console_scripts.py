@@ -23,14 +23,18 @@ BIN = Path(sys.executable).parent
 COMMANDS = ("detr-train", "detr-eval", "detr-predict", "detr-export", "detr-validate")
 
 
-def _run(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _start(command: str, *args: str, cwd: Path) -> subprocess.Popen:
     """``command`` as a user runs it: from ``cwd``, with no path into the checkout."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [str(BIN / command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return subprocess.Popen([str(BIN / command), *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _finish(process: subprocess.Popen) -> str:
+    """Its standard output, once it exited with 0."""
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 @pytest.mark.slow
@@ -38,35 +42,37 @@ def test_every_command_runs_outside_the_checkout(tmp_path):
     assert not tmp_path.is_relative_to(ROOT)
     for command in COMMANDS:
         assert (BIN / command).is_file(), f"{command} is not installed (pip install -e .)"
-    _run("detr-train", *TINY_MODEL, *TINY_DATA, "trainer=cpu", "trainer.max_epochs=1",
-         "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
-         "run_dir=run", cwd=tmp_path)  # fmt: skip
+    # the commands that need no checkpoint run beside the training, those that need one after
+    train = _start("detr-train", *TINY_MODEL, *TINY_DATA, "trainer=cpu", "trainer.max_epochs=1",
+                   "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
+                   "run_dir=run", cwd=tmp_path)  # fmt: skip
+    validate = _start("detr-validate", *TINY_DATA, "--no-decode", cwd=tmp_path)
+    _finish(train)
+    assert "OK:" in _finish(validate)
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()  # Hydra's files follow run_dir
-
-    _run("detr-eval", f"ckpt_path={checkpoint}", "run_dir=eval",
-         "trainer.enable_progress_bar=false", cwd=tmp_path)  # fmt: skip
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["num_images"] == 4
-
     images = tmp_path / "images"
     images.mkdir()
     write_image(images / "a.png", 90, 70)
-    _run("detr-predict", f"pretrained={checkpoint}", f"input={images}", "run_dir=predict",
-         "threshold=0.0", "draw=false", cwd=tmp_path)  # fmt: skip
+    running = [
+        _start("detr-eval", f"ckpt_path={checkpoint}", "run_dir=eval",
+               "trainer.enable_progress_bar=false", cwd=tmp_path),
+        _start("detr-predict", f"pretrained={checkpoint}", f"input={images}", "run_dir=predict",
+               "threshold=0.0", "draw=false", cwd=tmp_path),
+        _start("detr-export", f"ckpt_path={checkpoint}", "format=torchscript",
+               "example_size=[64,64]", "output=model.pt", "run_dir=export", cwd=tmp_path),
+    ]  # fmt: skip
+    for process in running:
+        _finish(process)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == 4
     (record,) = json.loads((tmp_path / "predict" / "detections.json").read_text())
     assert record["file_name"].endswith("a.png") and len(record["detections"]) > 0
-
-    _run("detr-export", f"ckpt_path={checkpoint}", "format=torchscript", "example_size=[64,64]",
-         "output=model.pt", "run_dir=export", cwd=tmp_path)  # fmt: skip
     logits, _ = torch.jit.load(str(tmp_path / "model.pt"))(
         torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
     )
     assert logits.shape[-1] == 4  # 3 synthetic categories + no object
-
-    report = _run("detr-validate", *TINY_DATA, "--no-decode", cwd=tmp_path).stdout
-    assert "OK:" in report
 
 
 def test_the_wheel_holds_every_config(tmp_path):
