@@ -5,7 +5,8 @@
 
 Runs bench/train_speed.py (with and without size grouping, and the official code), bench/data.py,
 bench/eval_backends.py and bench/inference_hf.py (fp32 also with ``--reuse-freed-memory``, the
-malloc setting of predict.py and eval.py), each writing its JSON under ``--out``, then
+malloc setting of predict.py and eval.py), step_work.py, buckets.py and convergence.py, each
+writing its JSON under ``--out``, then
 prints the summary (ratios with their targets) and writes ``summary.json`` there. Run it with
 nothing else busy on the machine: on a small CPU a parallel job makes every figure meaningless.
 ``--quick`` shrinks every run (1 epoch, fewer images and passes) to check the suite works.
@@ -99,6 +100,14 @@ def main() -> None:
     step_args = ["--baseline", str(STEP_WORK_BASELINE), *(["--steps", "2"] if quick else [])]
     step_work = _run("step_work.py", step_args, args.out, summarize_only)
     buckets = _run("buckets.py", ["--epochs", "1"] if quick else [], args.out, summarize_only)
+    # map per epoch with the training-only queries against plain DETR, same seeds (~1 h; quick:
+    # the demo only, 2 epochs)
+    convergence_args = (
+        ["--sets", "demo", "--epochs", "2", "--settings", "baseline", "groups+dn"]
+        if quick
+        else ["--settings", "baseline", "groups", "dn", "groups+dn", "baseline+ema"]
+    )
+    convergence = _run("convergence.py", convergence_args, args.out, summarize_only)
     # both code bases again with malloc as predict.py / eval.py set it on a CPU
     from detr_lightning.utils.host_memory import why_not_reused
 
@@ -197,6 +206,17 @@ def main() -> None:
             epoch = result["epochs"][0]
             label = f"batch shapes per epoch, pad_to {result['pad_to']}"
             rows.append([label, f"{epoch['shapes']}", "few", f"padding {epoch['padding']:.1%}"])
+    for row in convergence["summary"]:
+        if row["setting"] == "baseline":
+            continue
+        reached = row["epochs_to_baseline_final"]
+        epochs = len(next(r for r in convergence["runs"] if r["set"] == row["set"])["map"])
+        rows.append([f"convergence, {row['set']}: {row['setting']}",
+                     f"{reached:g} epochs" if reached is not None else "not reached",
+                     f"<= {epochs / 2:g} epochs",
+                     f"to the baseline's final map after {epochs}; final map "
+                     f"{row['final_map']['median']:.4f}, {row['time_ratio']:.2f}x time per "
+                     "epoch"])  # fmt: skip
     if not native_bf16():
         rows.append(["inference bf16 vs transformers", "not measured", ">= 3x",
                      "this CPU has no bf16 arithmetic (no AMX / AVX512-BF16): autocast emulates "

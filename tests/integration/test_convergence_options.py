@@ -3,6 +3,8 @@ training entry point: they train, resume exactly, and leave DETR's layout in exp
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from detr_lightning import load_pretrained, save_pretrained
@@ -10,6 +12,7 @@ from detr_lightning.checkpoints.reading import read_checkpoint
 from detr_lightning.cli.train import train
 from detr_lightning.lightning.callbacks import EMA
 from detr_lightning.models.training_queries import TRAINING_ONLY_PREFIX
+from helpers import FIXTURES
 from helpers.pipeline import RecordBatches, compose_config, tiny_overrides
 
 OPTIONS = [
@@ -129,3 +132,14 @@ def test_early_stopping_stops_a_run_whose_map_does_not_improve(tmp_path):
     train(cfg, [record])
     # min_delta 1.0: no validation improves; the second one stops the run
     assert len(record.losses) == 2 * 2
+
+
+def test_with_everything_off_training_is_exactly_the_earlier_codes(tmp_path):
+    """The fixture's losses were written by the code before these options existed, from the
+    same config and seed: with them off (the defaults) every step's loss is the same float."""
+    fixture = json.loads((FIXTURES / "tiny_training_losses.json").read_text())
+    record = RecordBatches()
+    overrides = tiny_overrides(tmp_path / "run", "trainer.max_epochs=2", "callbacks=default",
+                               "callbacks.progress_bar=null")  # fmt: skip
+    train(compose_config("train", overrides), [record])
+    assert record.losses == fixture["losses"]

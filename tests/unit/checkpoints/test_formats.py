@@ -202,3 +202,32 @@ def test_malicious_pickle_never_runs(tmp_path):
     # torch's own file names the refused class (a bare pickle is no PyTorch file to torch)
     assert "refused to load" in str(info.value) and "Unsupported global" in str(info.value)
     assert not marker.exists()
+
+
+def test_official_round_trip_after_training_with_groups_and_denoising(tmp_path):
+    """Weights trained with training-only queries, saved in the official layout (without
+    them), load into a plain model with the same outputs, and back into a grouped one with
+    every group copied from the queries."""
+    grouped = _tiny_module(query_groups=2, denoising={"groups": 3})
+    with torch.no_grad():  # trained-looking training-only tensors
+        for parameter in grouped.model.training_queries.parameters():
+            parameter.uniform_(-1, 1)
+    state = {
+        k: v for k, v in _official_state(grouped).items() if not k.startswith("training_queries.")
+    }
+    args = argparse.Namespace(nheads=grouped.hparams.model["nheads"])  # not in the weights
+    torch.save({"model": state, "args": args}, tmp_path / "detr-r18.pth")
+    plain = dl.load_pretrained(tmp_path / "detr-r18.pth")
+    assert plain.model.training_queries is None
+    _same_outputs(grouped, plain)
+    regrouped = _tiny_module(query_groups=2, denoising={"groups": 3})
+    from detr_lightning.checkpoints.loading import load_state_into
+
+    load_state_into(regrouped.model, read_checkpoint(tmp_path / "detr-r18.pth")["state_dict"],
+                    tmp_path / "detr-r18.pth")  # fmt: skip
+    queries = regrouped.model.training_queries
+    assert torch.equal(queries.group_queries, grouped.model.query_embed.weight)
+    _same_outputs(grouped, regrouped)
+    # and a grouped Lightning-style state (with the tensors) loads into a plain model
+    load_state_into(plain.model, dict(grouped.model.state_dict()), "grouped.ckpt")
+    _same_outputs(grouped, plain)

@@ -220,3 +220,46 @@ def test_training_only_queries_stay_out_of_evaluation_and_need_targets_for_denoi
 def test_bad_settings_are_named(settings, message) -> None:
     with pytest.raises(ValueError, match=message):
         tiny_detr(**settings)
+
+
+def test_a_group_gets_no_gradient_from_another_groups_loss() -> None:
+    model = _model(query_groups=3, denoising={"groups": 2})
+    out = model(_images(6), None, BATCH_TARGETS)
+    # group 0's predictions only (all layers): the other groups' queries must get exactly 0
+    loss = out["pred_boxes"].sum() + out["pred_logits"].logsumexp(-1).sum()
+    loss = loss + sum(layer["pred_boxes"].sum() for layer in out["aux_outputs"])
+    loss.backward()
+    grad = model.training_queries.group_queries.grad
+    assert grad is not None and torch.count_nonzero(grad) == 0
+    assert model.training_queries.label_embed.weight.grad is None or torch.count_nonzero(
+        model.training_queries.label_embed.weight.grad
+    ) == 0  # fmt: skip
+    assert torch.count_nonzero(model.query_embed.weight.grad) > 0  # its own queries do
+    model.zero_grad()
+    out = model(_images(6), None, BATCH_TARGETS)
+    out["group_outputs"][1]["pred_boxes"].sum().backward()  # group 2 alone
+    grad = model.training_queries.group_queries.grad.view(2, NUM_QUERIES, -1)
+    assert torch.count_nonzero(grad[0]) == 0 and torch.count_nonzero(grad[1]) > 0
+    assert torch.count_nonzero(model.query_embed.weight.grad) == 0
+
+
+def test_the_exported_graph_and_the_inference_weights_are_plain_detrs() -> None:
+    """A model trained with groups and denoising, with its training-only tensors left out,
+    loads strictly into a plain DETR and exports the same graph outputs."""
+    from detr_lightning.deploy.graph import DeployableDETR
+
+    grouped = _model(query_groups=3, denoising={"groups": 2}).eval()
+    plain = _model().eval()
+    state = {
+        k: v for k, v in grouped.state_dict().items() if not k.startswith(TRAINING_ONLY_PREFIX)
+    }
+    plain.load_state_dict(state, strict=True)
+    images = _images(7)
+    mask = torch.zeros(3, 64, 96, dtype=torch.bool)
+    mask[1, 48:] = True
+    with torch.no_grad():
+        graph_grouped, graph_plain = DeployableDETR(grouped), DeployableDETR(plain)
+        assert not any(k.startswith("model." + TRAINING_ONLY_PREFIX)
+                       for k in graph_grouped.state_dict())  # fmt: skip
+        for a, b in zip(graph_grouped(images, mask), graph_plain(images, mask)):
+            assert torch.equal(a, b)
