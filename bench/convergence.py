@@ -17,7 +17,11 @@ run's ``metrics.json``. Sets:
 Settings (``--settings``; ``--ema`` adds each one again with EMA weights, decay
 ``--ema-decay`` with a warm-up of 100 steps): ``baseline`` (plain DETR), ``groups``
 (``model.query_groups=--groups``), ``dn`` (``model.denoising.groups=--dn-groups``),
-``groups+dn``. The table gives, per set and setting, the final map (median over seeds, with
+``groups+dn``; a number after ``groups`` or ``dn`` sets their count for that setting
+(``groups11+dn10``); a suffix ``@N`` trains that setting N epochs instead of ``--epochs`` (its
+learning-rate schedule ends there), e.g. ``dn@15`` against the baseline's 30.
+
+The table gives, per set and setting, the final map (median over seeds, with
 min-max), seconds per epoch against the baseline's, and the epochs it needed to reach the
 baseline's final map (median over seeds; "-": not reached).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -60,22 +65,33 @@ SETS: dict[str, list[str]] = {
 
 
 def setting_overrides(name: str, args: argparse.Namespace) -> list[str]:
-    """The overrides of a setting name such as ``groups+dn`` or ``dn+ema``."""
-    parts = name.split("+")
-    overrides: list[str] = []
-    for part in parts:
-        if part == "baseline":
-            continue
-        if part == "groups":
-            overrides.append(f"model.query_groups={args.groups}")
-        elif part == "dn":
-            overrides.append(f"model.denoising.groups={args.dn_groups}")
-        elif part == "ema":
-            overrides += [f"callbacks.ema.decay={args.ema_decay}",
-                          "callbacks.ema.warmup_steps=100"]  # fmt: skip
+    """The overrides of a setting name such as ``groups+dn`` or ``dn+ema`` (an ``@N`` suffix,
+    the run's epochs, is read by :func:`epochs_of`). Every option is stated, on or off, so
+    that a set's own defaults (the demo's) never leak into a setting."""
+    values = {"model.query_groups": 1, "model.denoising.groups": 0, "callbacks.ema.decay": "null"}
+    for part in name.split("@")[0].split("+"):
+        count = re.fullmatch(r"(groups|dn)(\d+)", part)  # groups11: 11 query groups
+        if count:
+            part, number = count.group(1), int(count.group(2))
         else:
+            number = {"groups": args.groups, "dn": args.dn_groups}.get(part)
+        if part == "groups":
+            values["model.query_groups"] = number
+        elif part == "dn":
+            values["model.denoising.groups"] = number
+        elif part == "ema":
+            values["callbacks.ema.decay"] = args.ema_decay
+            values["callbacks.ema.warmup_steps"] = 100
+        elif part != "baseline":
             raise SystemExit(f"unknown setting part {part!r} in {name!r}")
-    return overrides
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def epochs_of(setting: str, args: argparse.Namespace) -> int:
+    """A setting's epochs: ``--epochs``, or N for ``<setting>@N`` (its own schedule, which
+    ends after N epochs: "the same map in half the epochs" is ``<setting>@<epochs / 2>``)."""
+    _, _, epochs = setting.partition("@")
+    return int(epochs) if epochs else args.epochs
 
 
 def run(set_name: str, setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -84,7 +100,7 @@ def run(set_name: str, setting: str, seed: int, args: argparse.Namespace) -> dic
         command = [
             sys.executable, str(ROOT / "train.py"), *SETS[set_name],
             *setting_overrides(setting, args), f"seed={seed}",
-            f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
+            f"trainer.max_epochs={epochs_of(setting, args)}", "trainer.enable_progress_bar=false",
             "callbacks.progress_bar=null", "callbacks.metrics_history.plot=false",
             f"run_dir={tmp}/run", *args.override,
         ]  # fmt: skip
@@ -101,6 +117,7 @@ def run(set_name: str, setting: str, seed: int, args: argparse.Namespace) -> dic
         "seed": seed,
         "map": [entry["map"] for entry in history],
         "map_50": [entry["map_50"] for entry in history],
+        "map_75": [entry.get("map_75") for entry in history],
         "train_loss": [entry["train_loss"] for entry in history],
         "seconds_per_epoch": statistics.median(entry["train_seconds"] for entry in history),
         "wall_seconds": wall,
