@@ -139,7 +139,8 @@ def test_with_everything_off_training_is_exactly_the_earlier_codes(tmp_path):
     same config and seed: with them off (the defaults) every step's loss is the same float."""
     fixture = json.loads((FIXTURES / "tiny_training_losses.json").read_text())
     record = RecordBatches()
+    # one thread: the same float sums in any process (xdist workers or not)
     overrides = tiny_overrides(tmp_path / "run", "trainer.max_epochs=2", "callbacks=default",
-                               "callbacks.progress_bar=null")  # fmt: skip
+                               "callbacks.progress_bar=null", "cpu_threads=1")  # fmt: skip
     train(compose_config("train", overrides), [record])
     assert record.losses == fixture["losses"]
