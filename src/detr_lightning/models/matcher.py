@@ -17,6 +17,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..ops.boxes import batched_generalized_box_iou, box_cxcywh_to_xyxy
+from ..ops.padding import target_slots
 from ..ops.transfer import host_to_device
 
 Indices = list[tuple[Tensor, Tensor]]  # per image: (query indices, target indices), int64
@@ -85,9 +86,7 @@ class HungarianMatcher(nn.Module):
         device = logits.device
         # Targets padded to [B, T_max] by one gather from their concatenation (the padded
         # columns repeat target 0 and are cut off before solving).
-        starts = np.cumsum([0, *sizes[:-1]])
-        slots = np.arange(max_targets)
-        gather = np.where(slots < np.array(sizes)[:, None], starts[:, None] + slots, 0)
+        gather, _ = target_slots(sizes, max_targets)
         gather = host_to_device(torch.from_numpy(gather), device)
         labels = torch.cat([target["labels"] for target in targets])[gather]  # [B, T_max]
         boxes = torch.cat([target["boxes"] for target in targets])[gather].float()

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from ..ops.padding import target_slots
 from ..ops.transfer import host_to_device
 
 __all__ = [
@@ -217,12 +218,9 @@ class TrainingQueries(nn.Module):
         ``noised_labels`` [B, D * T], ``noised_boxes`` [B, D * T, 4] (cxcywh)."""
         sizes = [len(target["labels"]) for target in targets]
         batch, max_targets = len(sizes), max(max(sizes, default=0), 1)
-        starts = np.cumsum([0, *sizes[:-1]])
-        slots = np.arange(max_targets)
-        inside = slots < np.array(sizes)[:, None]
         # padded slots repeat a real box (or, in a batch without any, a dummy one): finite in
         # every loss, and left out of it by ``valid``
-        gather = np.where(inside, starts[:, None] + slots, 0)
+        gather, inside = target_slots(sizes, max_targets)
         packed = host_to_device(torch.from_numpy(np.stack([gather, inside])), device)
         gather, valid = packed[0], packed[1].bool()
         if sum(sizes):

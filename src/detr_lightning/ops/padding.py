@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,3 +96,13 @@ def pad_images(
         batch[i, :, :h, :w].copy_(image)
         padding_mask[i, :h, :w] = False
     return batch, padding_mask
+
+
+def target_slots(sizes: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image items (of ``sizes``, concatenated) padded to ``length`` slots each, on the
+    host: ``gather`` [B, length] int64, the index into the concatenation of each slot (a
+    padded slot repeats item 0), and ``inside`` [B, length] bool, True on real items."""
+    starts = np.cumsum([0, *sizes[:-1]])
+    slots = np.arange(length)
+    inside = slots < np.asarray(sizes, dtype=np.int64)[:, None]
+    return np.where(inside, starts[:, None] + slots, 0).astype(np.int64), inside
