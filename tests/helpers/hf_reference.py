@@ -7,12 +7,20 @@ import torch
 from helpers import FIXTURES
 
 
-def build_hf_detr(backbone: str = "resnet50", dilation: bool = False, num_labels: int = 91, **kw):
-    """``DetrForObjectDetection`` with a timm ResNet, random weights and random frozen-BN stats.
+def build_hf_detr(
+    backbone: str = "resnet50",
+    dilation: bool = False,
+    num_labels: int = 91,
+    segmentation: bool = False,
+    **kw,
+):
+    """``DetrForObjectDetection`` (``DetrForSegmentation`` with ``segmentation``) with a timm
+    ResNet, random weights and random frozen-BN stats.
 
-    Random BN statistics make a wrong mapping of any norm buffer visible in the outputs.
+    Random BN statistics make a wrong mapping of any norm buffer visible in the outputs; the
+    mask head's GroupNorm affine parameters are spread too.
     """
-    from transformers import DetrConfig, DetrForObjectDetection
+    from transformers import DetrConfig, DetrForObjectDetection, DetrForSegmentation
 
     config = DetrConfig(
         use_timm_backbone=True,
@@ -25,9 +33,15 @@ def build_hf_detr(backbone: str = "resnet50", dilation: bool = False, num_labels
         **kw,
     )
     torch.manual_seed(1234)  # the same weights whichever tests ran before in this process
-    model = DetrForObjectDetection(config)
+    full = (DetrForSegmentation if segmentation else DetrForObjectDetection)(config)
+    model = full.detr if segmentation else full
     generator = torch.Generator().manual_seed(1234)
     with torch.no_grad():
+        if segmentation:
+            for name, param in full.mask_head.named_parameters():
+                if ".norm." in name or name.startswith("gn"):
+                    base = 1.0 if name.endswith("weight") else 0.0
+                    param.copy_(base + torch.randn(param.shape, generator=generator) * 0.2)
         for name, buffer in model.named_buffers():
             if name.endswith("running_mean"):
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
@@ -46,7 +60,7 @@ def build_hf_detr(backbone: str = "resnet50", dilation: bool = False, num_labels
         for layer in model.bbox_predictor.layers:
             layer.weight.normal_(0, 0.15, generator=generator)
         model.model.query_position_embeddings.weight.normal_(0, 1.0, generator=generator)
-    return model.eval()
+    return full.eval()
 
 
 def official_state_from_hf_file(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ from .architecture import infer_model_config
 from .huggingface import from_huggingface, hf_model_config
 from .legacy import upgrade_module_hparams
 from .official import from_official
+from .panoptic import split_panoptic
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,8 @@ def _looks_official(state: Mapping[str, Tensor]) -> bool:
 
 
 def _looks_huggingface(state: Mapping[str, Tensor]) -> bool:
-    return any(k.startswith(("model.backbone.", "model.encoder.")) for k in state)
+    prefixes = ("model.backbone.", "model.encoder.", "detr.model.backbone.", "detr.model.encoder.")
+    return any(k.startswith(prefixes) for k in state)
 
 
 def _looks_ours(state: Mapping[str, Tensor]) -> bool:
@@ -140,8 +142,9 @@ def _unknown_layout(path: Path, state: Mapping[str, Tensor]) -> CheckpointError:
     sample = ", ".join(list(state)[:5]) or "no keys"
     return CheckpointError(
         f"{path}: unknown checkpoint layout (first keys: {sample}). Expected an official DETR "
-        "checkpoint (backbone.0.body.*), a Hugging Face DetrForObjectDetection checkpoint "
-        "(model.backbone.conv_encoder.*), or a detr-lightning checkpoint/export."
+        "checkpoint (backbone.0.body.*), a Hugging Face DetrForObjectDetection or "
+        "DetrForSegmentation checkpoint (model.backbone.conv_encoder.*), or a detr-lightning "
+        "checkpoint/export."
     )
 
 
@@ -151,8 +154,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     Returns a dict with ``state_dict`` (our key names), ``model`` (the ``model`` spec: the
     settings of :func:`~detr_lightning.models.build_detr`, the backbone's nested under
     ``backbone``), ``label_map`` (``category_ids``/``names``) or None, ``format`` and
-    ``hparams`` (the full module settings for our own checkpoints). Settings written by the
-    package's first layout come in today's (:mod:`.legacy`).
+    ``hparams`` (the full module settings for our own checkpoints), and ``mask_head``: a
+    panoptic checkpoint's (official or Hugging Face ``DetrForSegmentation``) mask-head
+    tensors under the names of :class:`~detr_lightning.models.segmentation.DETRSegmentation`
+    (``bbox_attention.*``, ``mask_head.*``), else None; ``state_dict`` is then the detector
+    inside it. Settings written by the package's first layout come in today's
+    (:mod:`.legacy`).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -204,7 +211,8 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
         }
     if config.get("model_type") != "detr" and not _looks_huggingface(state):
         raise _unknown_layout(weights, state)
-    converted = from_huggingface(state, weights)
+    detector, head = split_panoptic(state)
+    converted = from_huggingface(detector, weights)
     model = infer_model_config(converted, weights)
     hf_settings = hf_model_config(config, config_path)
     model["backbone"]["dilation"] = hf_settings.pop("backbone_dilation")
@@ -223,6 +231,7 @@ def _read_with_config(weights: Path, config_path: Path) -> dict[str, Any]:
         "format": "huggingface",
         "hparams": None,
         "path": weights,
+        "mask_head": _mask_head(head, weights),
     }
 
 
@@ -261,10 +270,9 @@ def _read_torch_file(path: Path, obj: Any = None) -> dict[str, Any]:
         args = obj.get("args")
         obj = obj["model"]
     state = _strip_norm_counters(_tensor_dict(obj, path, "the checkpoint"))
+    head: dict[str, Tensor] = {}
     if _looks_official(state):
-        converted, skipped = from_official(state)
-        if skipped:
-            log.info("%s: left out %d panoptic mask-head tensors", path, len(skipped))
+        converted, head = from_official(state)
         model = infer_model_config(converted, path)
         dilation = bool(getattr(args, "dilation", False)) or "dc5" in path.name.lower()
         model["backbone"]["dilation"] = dilation
@@ -272,7 +280,8 @@ def _read_torch_file(path: Path, obj: Any = None) -> dict[str, Any]:
             model["nheads"] = int(args.nheads)
         fmt = "official"
     elif _looks_huggingface(state):
-        converted = from_huggingface(state, path)
+        detector, head = split_panoptic(state)
+        converted = from_huggingface(detector, path)
         model = infer_model_config(converted, path)
         fmt = "huggingface"
     elif _looks_ours(state):
@@ -291,4 +300,13 @@ def _read_torch_file(path: Path, obj: Any = None) -> dict[str, Any]:
         "format": fmt,
         "hparams": None,
         "path": path,
+        "mask_head": _mask_head(head, path),
     }
+
+
+def _mask_head(head: dict[str, Tensor], path: Path) -> dict[str, Tensor] | None:
+    """A panoptic checkpoint's mask head (official names), or None for a detector."""
+    if not head:
+        return None
+    log.info("%s: a panoptic checkpoint; its mask head has %d tensors", path, len(head))
+    return head

@@ -6,9 +6,10 @@ is also what the official DETR checkpoints hold under ``backbone.0.body``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -253,12 +254,29 @@ class Backbone(nn.Module):
 
     def trunk(self, images: Tensor) -> Tensor:
         """The ResNet stages: [B, 3, H, W] -> [B, num_channels, H/stride, W/stride]."""
+        # the last item only: each earlier stage's output is freed as the next one runs
+        return collections.deque(self._stage_outputs(images), maxlen=1)[0]
+
+    def stages(self, images: Tensor) -> list[Tensor]:
+        """Every stage's output, eager: [B, C_s, H/4, W/4] (layer1), then strides 8, 16 and
+        (with 4 stages) 32, or 16 again with DC5; channels :attr:`stage_channels`. The mask
+        head of the panoptic model reads the first three."""
+        return list(self._stage_outputs(images))
+
+    def _stage_outputs(self, images: Tensor) -> Iterator[Tensor]:
         body = self.body
         x = body.maxpool(F.relu(conv_norm(images, body.conv1, body.bn1), inplace=True))
         for stage in STAGES[: self.num_stages]:
             for block in getattr(body, stage):
                 x = residual_block(block, x)
-        return x
+            yield x
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Channels of :meth:`stages`' outputs: [256, 512, 1024, 2048] for ResNet-50/101,
+        [64, 128, 256, 512] for ResNet-18/34 (the first ``num_stages``)."""
+        last = RESNET_CHANNELS[self.name]
+        return [last // 2 ** (3 - i) for i in range(self.num_stages)]
 
 
 def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tensor:

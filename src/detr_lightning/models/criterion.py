@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
 
 from ..ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou_loss
 from ..ops.distributed import all_reduce_mean
@@ -40,6 +41,12 @@ class SetCriterion(nn.Module):
         ce_loss_coef, bbox_loss_coef, giou_loss_coef: weights in :attr:`weight_dict`.
         num_decoder_layers: with ``aux_loss``, weights get one suffixed copy per earlier layer.
         denoising: the model has denoising queries: their terms get the same weights.
+        masks: the model predicts masks (``pred_masks``, the panoptic model): ``loss_mask``
+            (sigmoid focal loss, alpha 0.25, gamma 2, mean over pixels) and ``loss_dice``
+            (1 - soft Dice) on the final layer's matched queries, each summed over them and
+            divided by the number of target boxes, against the targets' ``masks``; the
+            predictions are upsampled (bilinear) to the targets' padded size first.
+        mask_loss_coef, dice_loss_coef: their weights (the official 1 and 1).
     """
 
     def __init__(
@@ -53,6 +60,9 @@ class SetCriterion(nn.Module):
         num_decoder_layers: int = 6,
         aux_loss: bool = True,
         denoising: bool = False,
+        masks: bool = False,
+        mask_loss_coef: float = 1.0,
+        dice_loss_coef: float = 1.0,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -69,6 +79,9 @@ class SetCriterion(nn.Module):
                 self.weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
         if denoising:  # the denoising queries' terms, with the same weights
             self.weight_dict.update({_dn_name(k): v for k, v in list(self.weight_dict.items())})
+        self.masks = masks
+        if masks:  # the final layer only, as the official code
+            self.weight_dict.update({"loss_mask": mask_loss_coef, "loss_dice": dice_loss_coef})
 
     def weighted_total(self, losses: dict[str, Tensor]) -> Tensor:
         """Sum of ``weight * term`` over the terms that have a weight."""
@@ -202,6 +215,18 @@ class SetCriterion(nn.Module):
             dn_terms = self._denoising_terms(denoising, num_boxes)
             losses.update({_dn_name(name): term for name, term in _named_terms(dn_terms).items()})
             total = total + (dn_terms * weights[:, : dn_terms.shape[1]]).sum()
+        if self.masks:
+            if "pred_masks" not in outputs:
+                raise ValueError("the criterion was built with masks=True; the outputs have no "
+                                 "pred_masks (a model without the mask head?)")  # fmt: skip
+            first = pairs_per_layer[0] if pairs_per_layer else 0
+            mask_terms = _mask_terms(
+                outputs["pred_masks"], [t["masks"] for t in targets], batch_idx[:first],
+                query_idx[:first], target_idx[:first], num_boxes,
+            )  # fmt: skip
+            losses["loss_mask"], losses["loss_dice"] = mask_terms.unbind()
+            mask_weights = [self.weight_dict["loss_mask"], self.weight_dict["loss_dice"]]
+            total = total + (mask_terms * mask_terms.new_tensor(mask_weights)).sum()
 
         with torch.no_grad():  # logged only, for the final layer: its pairs come first
             first = pairs_per_layer[0] if pairs_per_layer else 0
@@ -256,6 +281,38 @@ class SetCriterion(nn.Module):
         return cached[1]
 
 
+def _mask_terms(
+    pred_masks: Tensor,
+    target_masks: Sequence[Tensor],
+    batch_idx: Tensor,
+    query_idx: Tensor,
+    target_idx: Tensor,
+    num_boxes: Tensor,
+) -> Tensor:
+    """[2]: sigmoid focal loss and dice loss of the matched queries' masks.
+
+    pred_masks [B, Q, h, w] logits; target_masks per image [T_i, H_i, W_i] (bool or 0/1),
+    padded here bottom/right to the largest (the batch's canvas when the data pads them so);
+    the matched pairs as (image, query, index into the concatenated targets)."""
+    height = max(int(m.shape[-2]) for m in target_masks)
+    width = max(int(m.shape[-1]) for m in target_masks)
+    padded = [
+        F.pad(m.to(torch.uint8), (0, width - m.shape[-1], 0, height - m.shape[-2]))
+        for m in target_masks
+    ]
+    targets = torch.cat(padded).to(pred_masks.device)[target_idx].flatten(1).float()  # [N, HW]
+    if targets.shape[0] == 0:
+        return pred_masks.float().sum().mul(0.0).expand(2)
+    logits = F.interpolate(
+        pred_masks[batch_idx, query_idx][:, None].float(), size=(height, width),
+        mode="bilinear", align_corners=False,
+    ).flatten(1)  # fmt: skip
+    focal = sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none")
+    probs = logits.sigmoid()
+    dice = 1 - (2 * (probs * targets).sum(1) + 1) / (probs.sum(1) + targets.sum(1) + 1)
+    return torch.stack([focal.mean(1).sum(), dice.sum()]) / num_boxes
+
+
 def _layers(outputs: dict) -> list[dict[str, Tensor]]:
     """The final layer's predictions, then the auxiliary layers'; with training-only query
     groups, the same for each further group after group 0's."""
@@ -281,7 +338,9 @@ def _dn_name(name: str) -> str:
 
 
 # SetCriterion's arguments that the model decides, not the ``loss`` config group
-CRITERION_FROM_MODEL = ("num_classes", "matcher", "num_decoder_layers", "aux_loss", "denoising")
+CRITERION_FROM_MODEL = (
+    "num_classes", "matcher", "num_decoder_layers", "aux_loss", "denoising", "masks"
+)  # fmt: skip
 
 
 def build_criterion(
@@ -290,14 +349,16 @@ def build_criterion(
     num_decoder_layers: int = 6,
     aux_loss: bool = True,
     denoising: bool = False,
+    masks: bool = False,
     **settings: Any,
 ) -> SetCriterion:
     """The set criterion and its matcher from one flat set of settings: the ``loss`` config
     group's keys, which are the arguments of :class:`HungarianMatcher` (``set_cost_class``,
     ``set_cost_bbox``, ``set_cost_giou``) and the loss weights of :class:`SetCriterion`
-    (``eos_coef``, ``ce_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``); what is left out
-    takes their defaults, the paper's. ``num_classes``, ``num_decoder_layers``, ``aux_loss``
-    and ``denoising`` (whether it has denoising queries) are the model's."""
+    (``eos_coef``, ``ce_loss_coef``, ``bbox_loss_coef``, ``giou_loss_coef``, and with masks
+    ``mask_loss_coef``, ``dice_loss_coef``); what is left out takes their defaults, the
+    paper's. ``num_classes``, ``num_decoder_layers``, ``aux_loss``, ``denoising`` (whether it
+    has denoising queries) and ``masks`` (whether it predicts masks) are the model's."""
     matcher, weights = split_keywords(
         settings, HungarianMatcher, SetCriterion, exclude=CRITERION_FROM_MODEL
     )
@@ -307,5 +368,6 @@ def build_criterion(
         num_decoder_layers=num_decoder_layers,
         aux_loss=aux_loss,
         denoising=denoising,
+        masks=masks,
         **weights,
     )

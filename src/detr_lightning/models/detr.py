@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 
 from ..ops.padding import pad_images
 from ..utils.signatures import split_keywords
-from .backbone import Backbone
+from .backbone import Backbone, resize_mask
 from .position_encoding import build_position_encoding
 from .training_queries import DecoderQueries, Denoising, TrainingQueries
 from .transformer import Transformer
@@ -36,6 +37,24 @@ class MLP(nn.Module):
 
 
 NO_DENOISING = Denoising()  # the default: groups 0
+
+
+@dataclass
+class Encoded:
+    """What DETR computes on the way to its predictions, for heads on top of it.
+
+    ``stages``: the backbone's stage outputs (layer1 first: strides 4, 8, 16, ...) when asked
+    for, else empty; ``projected`` [B, E, h, w]: the last stage after the 1x1 projection;
+    ``memory`` [B, E, h, w]: the encoder's output; ``mask`` [B, h, w] bool, True on padding;
+    ``hidden`` [L, B, Q', E]: every decoder layer's output (Q' = Q, or in training more: the
+    model's own queries first, then training-only ones).
+    """
+
+    stages: list[Tensor]
+    projected: Tensor
+    memory: Tensor
+    mask: Tensor
+    hidden: Tensor
 
 
 class DETR(nn.Module):
@@ -130,6 +149,19 @@ class DETR(nn.Module):
         alone (images of one size together), and only its feature map is padded: every
         image gets the predictions it would get in a batch of one, up to float rounding.
         """
+        return self.run(images, padding_mask, targets)[0]
+
+    def run(
+        self,
+        images: Tensor | Sequence[Tensor],
+        padding_mask: Tensor | None = None,
+        targets: Sequence[Mapping[str, Tensor]] | None = None,
+        *,
+        keep_stages: bool = False,
+    ) -> tuple[dict[str, Any], Encoded]:
+        """:meth:`forward`'s outputs and the intermediate tensors that a head on top of the
+        detector reads (:class:`Encoded`); ``keep_stages``: also every backbone stage's output
+        (the eager trunk; not with ``batch_invariant``)."""
         if not isinstance(images, Tensor):
             if padding_mask is not None:
                 raise ValueError("padding_mask is computed for a list of images; pass None")
@@ -141,7 +173,17 @@ class DETR(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
 
-        if self.batch_invariant:
+        stages: list[Tensor] = []
+        if keep_stages:
+            if self.batch_invariant:
+                raise ValueError(
+                    "batch_invariant runs the backbone per image and keeps no stage outputs; "
+                    "set model.batch_invariant=false for a model with a mask head"
+                )
+            stages = self.backbone.stages(images.contiguous(memory_format=torch.channels_last))
+            features = stages[-1]
+            mask = resize_mask(padding_mask, features.shape[-2:])
+        elif self.batch_invariant:
             features, mask = self._backbone_per_image(images, padding_mask)
         else:
             features, mask = self.backbone(images, padding_mask)
@@ -149,7 +191,8 @@ class DETR(nn.Module):
         queries: Tensor | DecoderQueries = self.query_embed.weight
         if self.training and self.training_queries is not None:
             queries = self.training_queries(queries, features.shape[0], targets)
-        hidden, _ = self.transformer(self.input_proj(features), mask, queries, pos)
+        projected = self.input_proj(features)
+        hidden, memory = self.transformer(projected, mask, queries, pos)
         # The heads run in fp32 even under autocast: bf16 keeps 8 bits of mantissa, which moves
         # a box coordinate in [0, 1] by up to ~4e-3 after the sigmoid, and the logits decide
         # both the matching and the scores. They are a tiny share of the compute.
@@ -158,9 +201,10 @@ class DETR(nn.Module):
             flat = hidden.float().flatten(0, -2)  # [L * B * Q, E]: plain matrix products
             logits = self.class_embed(flat).view(*shape, self.class_embed.out_features)
             boxes = self.bbox_embed(flat).sigmoid().view(*shape, 4)  # [L, B, Q, 4]
+        encoded = Encoded(stages, projected, memory, mask, hidden)
         if isinstance(queries, DecoderQueries):
-            return self._split_training_outputs(logits, boxes, queries)
-        return self._outputs(logits, boxes)
+            return self._split_training_outputs(logits, boxes, queries), encoded
+        return self._outputs(logits, boxes), encoded
 
     def _outputs(self, logits: Tensor, boxes: Tensor) -> dict[str, Any]:
         """The output dict of every layer's [L, B, Q, ...] predictions."""
