@@ -20,7 +20,14 @@ from helpers.pipeline import TINY_DATA, TINY_MODEL
 
 CONF = ROOT / "src" / "detr_lightning" / "conf"
 BIN = Path(sys.executable).parent
-COMMANDS = ("detr-train", "detr-eval", "detr-predict", "detr-export", "detr-validate")
+COMMANDS = (
+    "detr-train",
+    "detr-eval",
+    "detr-predict",
+    "detr-export",
+    "detr-validate",
+    "detr-convert",
+)
 
 
 def _start(command: str, *args: str, cwd: Path) -> subprocess.Popen:
@@ -73,6 +80,22 @@ def test_every_command_runs_outside_the_checkout(tmp_path):
         torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool)
     )
     assert logits.shape[-1] == 4  # 3 synthetic categories + no object
+
+
+def test_detr_convert_runs_outside_the_checkout(tmp_path):
+    assert not tmp_path.is_relative_to(ROOT)
+    assert (BIN / "detr-convert").is_file(), "detr-convert is not installed (pip install -e .)"
+    for split in ("train", "val"):
+        (tmp_path / "yolo" / "images" / split).mkdir(parents=True)
+        (tmp_path / "yolo" / "labels" / split).mkdir(parents=True)
+        write_image(tmp_path / "yolo" / "images" / split / "a.png", 90, 70)
+        (tmp_path / "yolo" / "labels" / split / "a.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    (tmp_path / "yolo" / "classes.txt").write_text("cat\n")
+    convert = _start("detr-convert", "format=yolo", "input=yolo", "output=coco", cwd=tmp_path)
+    assert "OK:" in _finish(convert)  # the dataset check of the output ran and passed
+    dataset = json.loads((tmp_path / "coco/annotations/instances_val2017.json").read_text())
+    assert dataset["categories"] == [{"id": 1, "name": "cat"}]
+    assert [a["bbox"] for a in dataset["annotations"]] == [[27.0, 21.0, 36.0, 28.0]]
 
 
 def test_the_wheel_holds_every_config(tmp_path):
