@@ -1,5 +1,5 @@
 """detr-eval (eval.py) and the evaluation of a training run: artifacts, the repeated
-validation, two processes giving the results of one, one-line errors."""
+validation, the confusion matrix, two processes giving the results of one, one-line errors."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from detr_lightning.cli.eval import evaluate
+from detr_lightning.cli.eval import confusion_settings, evaluate
 from detr_lightning.cli.train import train
 from detr_lightning.data.synthetic import ensure_synthetic_coco
 from detr_lightning.evaluation.evaluator import COCO_METRIC_KEYS, coco_eval_file
+from detr_lightning.utils.errors import SetupError
+from detr_lightning.viz.confusion_figure import confusion_figure_size
 from helpers import ROOT
 from helpers.pipeline import compose_config, tiny_overrides
 
@@ -166,6 +170,79 @@ def test_eval_on_the_training_images_matches_pycocotools(trained_run, tmp_path, 
     assert evaluated["map"] == written["map"]
 
 
+def confusion_totals(annotation_file: Path, predictions: list[dict], image_ids, threshold: float):
+    """Per category id: the non-crowd objects of ``image_ids`` and the predictions with a score
+    of at least ``threshold``, counted from the files."""
+    data = json.loads(Path(annotation_file).read_text())
+    categories = sorted(c["id"] for c in data["categories"])
+    objects = [a["category_id"] for a in data["annotations"]
+               if a["image_id"] in image_ids and not a.get("iscrowd", 0)]  # fmt: skip
+    kept = [p["category_id"] for p in predictions if p["score"] >= threshold]
+    return [objects.count(c) for c in categories], [kept.count(c) for c in categories]
+
+
+@pytest.mark.slow
+def test_eval_writes_the_confusion_matrix(trained_run, tmp_path):
+    """On the training images, at a lowered score threshold: every object is in its class's
+    row, every kept prediction in its class's column, and some are found."""
+    overrides = ("data.val_images=train2017",
+                 "data.val_annotations=annotations/instances_train2017.json",
+                 "reuse_freed_memory=false")  # fmt: skip
+    evaluate(eval_config(trained_run, tmp_path, *overrides, "confusion.score_threshold=0.3"))
+    written = json.loads((tmp_path / "confusion_matrix.json").read_text())
+    annotation_file = json.loads((tmp_path / "metrics.json").read_text())["annotations"]
+    annotations = json.loads(Path(annotation_file).read_text())
+    names = [c["name"] for c in sorted(annotations["categories"], key=lambda c: c["id"])]
+    assert written["class_names"] == [*names, "background"]
+    assert (written["score_threshold"], written["iou_threshold"]) == (0.3, 0.5)
+    all_images = {image["id"] for image in annotations["images"]}
+    assert written["num_images"] == len(all_images) == 8
+    predictions = json.loads((tmp_path / "predictions.json").read_text())
+    objects, kept = confusion_totals(annotation_file, predictions, all_images, 0.3)
+    counts = np.array(written["counts"])
+    assert counts[:-1].sum(1).tolist() == objects and sum(objects) > 0
+    assert counts[:, :-1].sum(0).tolist() == kept and sum(kept) > 0
+    assert written["num_ground_truth"] == sum(objects) and written["num_predictions"] == sum(kept)
+    all_objects = sum(objects)
+    assert np.trace(counts) > 0  # the model finds some objects as their class
+    normalized = np.array(written["normalized"])
+    rows = counts.sum(1) > 0
+    np.testing.assert_allclose(normalized[rows].sum(1), 1.0)
+    with Image.open(tmp_path / "confusion_matrix.png") as png:
+        width, height = confusion_figure_size(written["class_names"])
+        assert png.size == (round(width * 100), round(height * 100))
+
+    # one batch of two images: the matrix counts the objects of those two only, as COCOeval
+    part = tmp_path / "part"
+    evaluate(eval_config(trained_run, part, *overrides, "trainer.limit_test_batches=1",
+                         "data.val_batch_size=2"))  # fmt: skip
+    written = json.loads((part / "confusion_matrix.json").read_text())
+    assert json.loads((part / "metrics.json").read_text())["num_images"] == 2
+    assert written["num_images"] == 2 and written["score_threshold"] == 0.5
+    first_two = {image["id"] for image in annotations["images"][:2]}
+    predictions = json.loads((part / "predictions.json").read_text())
+    assert {p["image_id"] for p in predictions} <= first_two
+    objects, kept = confusion_totals(annotation_file, predictions, first_two, 0.5)
+    counts = np.array(written["counts"])
+    assert counts[:-1].sum(1).tolist() == objects and 0 < sum(objects) < all_objects
+    assert counts[:, :-1].sum(0).tolist() == kept
+
+
+def test_confusion_settings_are_checked_before_the_evaluation():
+    assert confusion_settings(compose_config("eval", ["run_dir=x"])) == {
+        "score_threshold": 0.5, "iou_threshold": 0.5}  # fmt: skip
+    given = ["run_dir=x", "confusion.score_threshold=0.25", "confusion.iou_threshold=0.75"]
+    assert confusion_settings(compose_config("eval", given)) == {
+        "score_threshold": 0.25, "iou_threshold": 0.75}  # fmt: skip
+    assert confusion_settings(compose_config("eval", ["run_dir=x", "confusion=null"])) is None
+    bad_values = {"iou_threshold=0": r"iou_threshold must lie in \(0, 1\], got 0.0",
+                  "score_threshold=high": "could not convert string to float"}  # fmt: skip
+    for bad, message in bad_values.items():
+        cfg = compose_config("eval", ["run_dir=x", f"confusion.{bad}"])
+        with pytest.raises(SetupError, match=rf"^confusion=.*: {message}"):
+            confusion_settings(cfg)
+
+
 def odd_split_with_an_unreadable_image(run_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     """7 of the run's 8 training images (an odd count) in a new folder, one of them corrupt."""
     cfg = compose_config("train", tiny_overrides(run_dir))
@@ -233,6 +310,15 @@ def test_two_processes_give_the_statistics_and_results_of_one(trained_run, tmp_p
     # and pycocotools agrees on the written file (the unreadable image's objects missed)
     reference = coco_eval_file(annotation_file, double / "predictions.json")
     assert max(abs(two[k] - r) for k, r in zip(COCO_METRIC_KEYS, reference)) <= 1e-6
+    # the confusion matrix too: the repeated image counted once, the unreadable one's
+    # objects missed
+    matrix_one = json.loads((single / "confusion_matrix.json").read_text())
+    matrix_two = json.loads((double / "confusion_matrix.json").read_text())
+    assert matrix_one == matrix_two and matrix_two["num_images"] == 7
+    all_images = {image["id"] for image in json.loads(annotation_file.read_text())["images"]}
+    objects, kept = confusion_totals(annotation_file, predictions_two, all_images, 0.5)
+    counts = np.array(matrix_two["counts"])
+    assert counts[:-1].sum(1).tolist() == objects and counts[:, :-1].sum(0).tolist() == kept
 
 
 def test_eval_of_a_missing_or_unreadable_checkpoint_is_a_one_line_error(tmp_path):

@@ -7,10 +7,15 @@ repeats the run's validation with no other argument; each non-null ``data.*`` ke
 config overrides the stored value; ``batch_invariant`` (null: as trained) sets
 :attr:`DETR.batch_invariant`. Official and Hugging Face checkpoints store no data
 settings: they need ``data.root`` and take the paper's preprocessing (800 / 1333).
+
+Beside the COCO metrics, the detection confusion matrix of the same predictions
+(:mod:`detr_lightning.evaluation.confusion`, thresholds under ``confusion.*``) is written as
+JSON and as a heat map.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,14 +26,18 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 from ..api import load_pretrained
+from ..data.coco import load_coco_json
+from ..evaluation.confusion import ConfusionMatrix, confusion_from_coco
 from ..evaluation.evaluator import coco_eval_file
 from ..evaluation.report import metrics_payload, report, result_from_metrics
 from ..lightning.callbacks.memory import ReuseFreedMemory
 from ..lightning.datamodule import CocoDataModule
 from ..lightning.specs import build, plain
+from ..ops.distributed import gather_to_main
 from ..utils import host_memory
 from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
 from ..utils.io import write_json_atomic
+from ..viz.confusion_figure import plot_confusion_matrix
 from .config import CONFIG_PATH, upgrade_config
 from .console import exit_on_setup_error, quiet_third_party
 from .trainer import build_trainer
@@ -56,12 +65,74 @@ def evaluation_data(stored: Mapping[str, Any] | None, overrides: Mapping[str, An
     return settings
 
 
+def confusion_settings(cfg: DictConfig) -> dict[str, float] | None:
+    """The given ``confusion.score_threshold`` / ``confusion.iou_threshold``, checked before
+    the evaluation runs; None when ``confusion=null`` (no matrix is written)."""
+    node = cfg.get("confusion")
+    if node is None:
+        return None
+    keys = ("score_threshold", "iou_threshold")
+    with reported_as_setup_error(f"confusion={plain(node)}", ValueError, TypeError):
+        settings = {key: float(node[key]) for key in keys if node.get(key) is not None}
+        ConfusionMatrix([], **settings)  # raises on a threshold out of range
+    return settings
+
+
+class EvaluatedImages(pl.Callback):
+    """The image ids that a test pass evaluated, over all ranks: those the COCO evaluation
+    scores (a sample that stands in for an unreadable image counts as that image, whose
+    objects are then missed). ``image_ids`` is set on rank 0 at the end of the pass."""
+
+    def __init__(self) -> None:
+        self._seen: set[int] = set()
+        self.image_ids: list[int] | None = None
+
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        for target in batch[-1]:
+            stand_in_for = int(target.get("stand_in_for", -1))
+            self._seen.add(stand_in_for if stand_in_for >= 0 else int(target["image_id"]))
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        # a set per rank: the images that the distributed sampler repeats count once
+        parts = gather_to_main(self._seen)
+        self.image_ids = None if parts is None else sorted(set().union(*parts))
+
+
+def write_confusion_matrix(
+    run_dir: Path,
+    annotation_file: str | Path,
+    predictions_file: str | Path,
+    image_ids: list[int] | None,
+    settings: Mapping[str, float],
+) -> ConfusionMatrix:
+    """``confusion_matrix.json`` and ``confusion_matrix.png`` in ``run_dir``, from the written
+    (gathered, de-duplicated) COCO results and the annotation file of the evaluation."""
+    matrix = confusion_from_coco(
+        load_coco_json(annotation_file),
+        json.loads(Path(predictions_file).read_text()),
+        image_ids=image_ids,
+        **settings,
+    )
+    matrix.write_json(run_dir / "confusion_matrix.json")
+    title = (
+        f"confusion matrix: score >= {matrix.score_threshold:g}, IoU >= "
+        f"{matrix.iou_threshold:g}, {matrix.num_images} images"
+    )
+    plot_confusion_matrix(matrix.counts, matrix.labels, run_dir / "confusion_matrix.png",
+                          title=title)  # fmt: skip
+    return matrix
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` (or ``cfg.pretrained``) on a COCO-format validation split.
 
     Writes into the run dir ``metrics.json`` (the 12 COCO statistics under torchmetrics'
-    names, per-class AP, image counts, the data settings used) and ``predictions.json`` (COCO
-    results: dataset category ids, absolute xywh), and prints the tables.
+    names, per-class AP, image counts, the data settings used), ``predictions.json`` (COCO
+    results: dataset category ids, absolute xywh) and, unless ``confusion=null``,
+    ``confusion_matrix.json`` / ``.png`` (see :func:`write_confusion_matrix`), and prints the
+    tables.
     """
     source = cfg.get("ckpt_path") or cfg.get("pretrained")
     if not source:
@@ -71,11 +142,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     # a config from before the key leaves malloc alone
     reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
+    confusion = confusion_settings(cfg)
     quiet_third_party()
     cfg = upgrade_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
+    evaluated_images = EvaluatedImages()
+    callbacks = [ReuseFreedMemory()] if reuse else []
     # first: it checks the devices against the processes that a launcher started
-    trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
+    trainer = build_trainer(cfg, [*callbacks, evaluated_images], stage="test")
     key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
     with reported_as_setup_error(f"{key}={source}", CheckpointError, FileNotFoundError):
         module = load_pretrained(source)
@@ -112,10 +186,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         write_json_atomic(run_dir / "metrics.json", payload)
         print(report(metrics, module.label_map), flush=True)
         log.info("wrote %s and %s", run_dir / "metrics.json", predictions_path)
+        if confusion is not None:
+            write_confusion_matrix(run_dir, datamodule.val_annotation_file, predictions_path,
+                                   evaluated_images.image_ids, confusion)  # fmt: skip
+            log.info("wrote %s and %s", run_dir / "confusion_matrix.json",
+                     run_dir / "confusion_matrix.png")  # fmt: skip
     return metrics | {"run_dir": str(run_dir)}
 
 
-__all__ = ["coco_eval_file", "evaluate", "evaluation_data"]
+__all__ = [
+    "EvaluatedImages",
+    "coco_eval_file",
+    "confusion_settings",
+    "evaluate",
+    "evaluation_data",
+    "write_confusion_matrix",
+]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
