@@ -10,6 +10,9 @@ PY_SOURCES := src tests bench train.py eval.py predict.py export.py
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	# the PQ reference of the panoptic tests (COCO's panopticapi as packaged on PyPI); its
+	# metadata pins numpy below 2, which its evaluation code does not need
+	$(PY) -m pip install -q --no-deps 'panopticapi-lite==0.2.0'
 	touch $(STAMP)
 
 install: $(STAMP)
