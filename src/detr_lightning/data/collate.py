@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.padding import PadTo, canvas_size, pad_images
@@ -30,7 +31,8 @@ def collate_detection(
     Returns:
         images: [B, 3, H, W] float, zero-padded at the bottom/right.
         padding_mask: [B, H, W] bool, True on padding pixels.
-        targets: list of B dicts, unchanged (boxes stay normalized by each unpadded size).
+        targets: list of B dicts, unchanged (boxes stay normalized by each unpadded size),
+            except that ``masks`` [N, h, w] (segmentation) are padded to [N, H, W].
     """
     pictures = [image for image, _ in samples]
     height = max(int(image.shape[-2]) for image in pictures)
@@ -45,4 +47,16 @@ def collate_detection(
             height, width, [list(canvas) for canvas in pad_to],
         )  # fmt: skip
     images, padding_mask = pad_images(pictures, size=size)
-    return images, padding_mask, [target for _, target in samples]
+    targets = [target for _, target in samples]
+    if targets and "masks" in targets[0]:
+        canvas = images.shape[-2:]
+        targets = [_pad_masks(target, canvas) for target in targets]
+    return images, padding_mask, targets
+
+
+def _pad_masks(target: dict[str, Any], canvas: Sequence[int]) -> dict[str, Any]:
+    """The target with its ``masks`` [N, h, w] padded (False) bottom/right to the canvas, as
+    its image: the mask loss compares them with predictions of the whole padded batch."""
+    masks = target["masks"]
+    pad = (0, int(canvas[1]) - masks.shape[-1], 0, int(canvas[0]) - masks.shape[-2])
+    return {**target, "masks": F.pad(masks, pad) if any(pad) else masks}

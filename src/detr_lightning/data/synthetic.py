@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -330,16 +330,28 @@ def ensure_synthetic_coco(cache_dir: str | os.PathLike | None = None, **params: 
     others discard their copy.
     """
     resolved = _resolve_params(**params)
-    key = json.dumps({"format": FORMAT_VERSION, **resolved}, sort_keys=True)
+    return cached_dataset("synthetic", FORMAT_VERSION, resolved, generate_synthetic_coco, cache_dir)
+
+
+def cached_dataset(
+    prefix: str,
+    version: int,
+    params: dict[str, Any],
+    generate: Callable[..., Path],
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """``cache_dir / <prefix>-<hash of version and params>``, written by
+    ``generate(directory, **params)`` on first use (see :func:`ensure_synthetic_coco`)."""
+    key = json.dumps({"format": version, **params}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache / f"synthetic-{digest}"
+    final = cache / f"{prefix}-{digest}"
     if final.is_dir():
         return final
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache))
     try:
-        generate_synthetic_coco(staging, **resolved)
+        generate(staging, **params)
         with open(staging / "params.json", "w") as f:
             f.write(key + "\n")
         try:

@@ -18,6 +18,8 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..ops.boxes import mask_boxes
+
 __all__ = [
     "ClampAndDropTinyBoxes",
     "NormalizeImage",
@@ -157,7 +159,10 @@ class RandomSelect(torch.nn.Module):
 class ClampAndDropTinyBoxes(torch.nn.Module):
     """Clamp ``target["boxes"]`` (XYXY) to the image and drop boxes under 1 pixel wide or
     high, with their labels: ``v2.ClampBoundingBoxes`` + ``v2.SanitizeBoundingBoxes`` in one
-    step, without their generic input handling (a sizeable share of a small sample's time)."""
+    step, without their generic input handling (a sizeable share of a small sample's time).
+    With ``target["masks"]`` [N, H, W] (segmentation), each box is made that of its mask's
+    pixels (a crop may leave less of an object than the clamped box holds), an object whose
+    mask the crop left empty goes, and the masks follow the boxes."""
 
     def forward(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         boxes = target["boxes"]
@@ -167,6 +172,11 @@ class ClampAndDropTinyBoxes(torch.nn.Module):
         clamped = torch.minimum(plain.clamp(min=0), limits)
         keep = ((clamped[:, 2] - clamped[:, 0]) >= 1) & ((clamped[:, 3] - clamped[:, 1]) >= 1)
         target = dict(target)
+        masks = target.get("masks")
+        if masks is not None:  # the boxes of what the crop left of each mask: tight
+            clamped = mask_boxes(masks.as_subclass(Tensor)).to(clamped.dtype)
+            keep = ((clamped[:, 2] - clamped[:, 0]) >= 1) & ((clamped[:, 3] - clamped[:, 1]) >= 1)
+            target["masks"] = tv_tensors.wrap(masks[keep], like=masks)
         target["boxes"] = tv_tensors.wrap(clamped[keep], like=boxes)
         target["labels"] = target["labels"][keep]
         return image, target

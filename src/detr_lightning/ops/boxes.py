@@ -6,6 +6,7 @@ predicts cxcywh normalized to [0, 1] by each image's unpadded size.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss
 
@@ -15,6 +16,7 @@ __all__ = [
     "box_xyxy_to_cxcywh",
     "generalized_box_iou",
     "generalized_box_iou_loss",
+    "mask_boxes",
 ]
 
 
@@ -50,3 +52,17 @@ def batched_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     hull_wh = (b1[..., 2:].maximum(b2[..., 2:]) - b1[..., :2].minimum(b2[..., :2])).clamp(min=0)
     hull = hull_wh[..., 0] * hull_wh[..., 1]
     return inter / union - (hull - union) / hull
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """[n, H, W] bool -> [n, 4] float32 XYXY boxes of the pixels, at pixel edges (the last
+    row / column + 1); an empty mask gives [0, 0, 0, 0]."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    rows, cols = masks.any(2).float(), masks.any(1).float()  # [n, H], [n, W]
+    height, width = masks.shape[-2:]
+    left, top = cols.argmax(1), rows.argmax(1)  # the first True
+    right, bottom = width - cols.flip(1).argmax(1), height - rows.flip(1).argmax(1)
+    empty = ~masks.flatten(1).any(1)
+    boxes = torch.stack([left, top, right, bottom], 1).float()
+    return boxes.masked_fill(empty[:, None], 0.0)

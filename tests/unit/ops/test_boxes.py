@@ -71,3 +71,14 @@ def test_batched_giou_hand_computed(box1, box2, expected) -> None:
     giou = batched_generalized_box_iou(torch.tensor([[box1]]), torch.tensor([[box2]]))
     assert giou.shape == (1, 1, 1)
     assert giou.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_mask_boxes_hand_computed():
+    from detr_lightning.ops.boxes import mask_boxes
+
+    masks = torch.zeros(3, 5, 6, dtype=torch.bool)
+    masks[0, 1:3, 2:5] = True  # rows 1-2, columns 2-4
+    masks[1, 4, 0] = True  # one pixel in the corner
+    boxes = mask_boxes(masks)  # the third is empty
+    assert boxes.tolist() == [[2.0, 1.0, 5.0, 3.0], [0.0, 4.0, 1.0, 5.0], [0.0, 0.0, 0.0, 0.0]]
+    assert mask_boxes(torch.zeros(0, 4, 4, dtype=torch.bool)).shape == (0, 4)
