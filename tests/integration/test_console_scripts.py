@@ -27,6 +27,7 @@ COMMANDS = (
     "detr-export",
     "detr-validate",
     "detr-convert",
+    "detr-preview",
 )
 
 
@@ -54,8 +55,11 @@ def test_every_command_runs_outside_the_checkout(tmp_path):
                    "trainer.enable_progress_bar=false", "callbacks.progress_bar=null",
                    "run_dir=run", cwd=tmp_path)  # fmt: skip
     validate = _start("detr-validate", *TINY_DATA, "--no-decode", cwd=tmp_path)
+    preview = _start("detr-preview", *TINY_DATA, "num_samples=2", "tile_size=64", cwd=tmp_path)
     _finish(train)
     assert "OK:" in _finish(validate)
+    assert "wrote preview.png: 2 training samples" in _finish(preview)
+    assert (tmp_path / "preview.png").is_file()  # in the current directory
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()  # Hydra's files follow run_dir

@@ -311,6 +311,10 @@ class CocoDetection(Dataset):
         """COCO image ids in dataset order."""
         return [record.image_id for record in self._records]
 
+    def image_path(self, index: int) -> Path:
+        """The image file of sample ``index`` (dataset order)."""
+        return self._records[index].path
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, dict[str, Any]]:
         """Sample ``key``; a ``(index, seed)`` key runs the random transforms under ``seed``.
 

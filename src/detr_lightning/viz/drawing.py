@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_DRAWN_SIDE", "PALETTE", "draw_detections", "drawing_scale"]
+__all__ = [
+    "MIN_DRAWN_SIDE",
+    "PALETTE",
+    "caption_font",
+    "draw_boxes",
+    "draw_detections",
+    "drawing_scale",
+]
 
 # Box colours indexed by label (modulo its length): a class keeps its colour across images.
 PALETTE = [
@@ -20,7 +27,7 @@ PALETTE = [
 
 
 # -------------------------------------------------------------------------------- drawing
-def _caption_font() -> str | None:
+def caption_font() -> str | None:
     """A TrueType font that scales with the image (matplotlib's DejaVu Sans), if present."""
     try:
         import matplotlib
@@ -46,30 +53,44 @@ def draw_detections(pixels: Tensor, detection: dict[str, Any]) -> Tensor:
     Images whose long side is under :data:`MIN_DRAWN_SIDE` pixels are enlarged by the integer
     factor :func:`drawing_scale` (nearest neighbour) first, so that captions stay legible.
     """
-    from torchvision.utils import draw_bounding_boxes
-
     scale = drawing_scale(*pixels.shape[-2:])
     if scale > 1:
         pixels = pixels.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     if len(detection["scores"]) == 0:
         return pixels
+    scores = detection["scores"].tolist()
+    captions = [f"{name} {score:.2f}" for name, score in zip(detection["names"], scores)]
+    # reversed: boxes are drawn in turn, so the best detection ends up on top
+    return draw_boxes(
+        pixels, (detection["boxes"] * scale).flip(0), detection["labels"].flip(0), captions[::-1]
+    )
+
+
+def draw_boxes(pixels: Tensor, boxes: Tensor, labels: Tensor, captions: list[str]) -> Tensor:
+    """uint8 [3, H, W] image with XYXY pixel ``boxes`` [N, 4] outlined in their ``labels``' colours
+    of :data:`PALETTE`, each with its caption on a tab of that colour.
+
+    Boxes are clamped to the image and drawn in turn (the last on top); line width and captions
+    grow with the image.
+    """
+    from torchvision.utils import draw_bounding_boxes
+
+    if len(boxes) == 0:
+        return pixels
     height, width = pixels.shape[-2:]
     limits = torch.tensor([width, height, width, height], dtype=torch.float32) - 1
-    # reversed: boxes are drawn in turn, so the best detection ends up on top
-    boxes = (detection["boxes"] * scale).clamp(min=torch.zeros(4), max=limits).flip(0)
-    colors = [PALETTE[label % len(PALETTE)] for label in detection["labels"].flip(0).tolist()]
-    scores = detection["scores"].tolist()
-    captions = [f"{name} {score:.2f}" for name, score in zip(detection["names"], scores)][::-1]
+    boxes = boxes.to(torch.float32).clamp(min=torch.zeros(4), max=limits)
+    colors = [PALETTE[label % len(PALETTE)] for label in labels.tolist()]
     # black captions on light colours, white on dark (ITU-R BT.601 luma)
     text_colors = [
         (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
         for r, g, b in colors
     ]
-    font = _caption_font()
+    font = caption_font()
     return draw_bounding_boxes(
         pixels,
         boxes,
-        labels=captions,
+        labels=list(captions),
         colors=colors,
         width=max(2, round(max(height, width) / 300)),
         font=font,
