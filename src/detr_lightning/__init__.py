@@ -8,7 +8,8 @@ The public API, imported on first use (``import detr_lightning`` itself loads no
 - training and evaluation: :class:`DETRModule`;
 - weights: :func:`load_pretrained`, :func:`save_pretrained` (``export`` is its deprecated
   name), :class:`CheckpointError`;
-- inference: :class:`Predictor`.
+- inference: :class:`Predictor`; :func:`predict_sliced` with :class:`SliceSettings` (small
+  objects in large images).
 
 The package's layers and where each part lives: docs/architecture.md.
 """
@@ -33,6 +34,8 @@ _EXPORTS = {
     "CocoDataModule": "detr_lightning.lightning.datamodule",
     "DETRModule": "detr_lightning.lightning.module",
     "Predictor": "detr_lightning.inference.predictor",
+    "SliceSettings": "detr_lightning.inference.slicing",
+    "predict_sliced": "detr_lightning.inference.slicing",
     "load_pretrained": "detr_lightning.api",
     "save_pretrained": "detr_lightning.api",
     "export": "detr_lightning.api",

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..api import load_pretrained
 from ..inference.predictor import Predictor
+from ..inference.slicing import SliceSettings
 from ..tools.predict_files import image_files, predict_files
 from ..utils import host_memory
 from ..utils.errors import CheckpointError, SetupError
@@ -46,6 +47,7 @@ def predict_cli(cfg) -> Path:
         raise SetupError("nothing to predict on: pass input=IMAGE, input=FOLDER or input='*.jpg'")
     files = image_files(cfg.input)  # before loading the model: a typo fails fast
     static_shapes = _static_shapes_setting(cfg.get("static_shapes"))
+    slicing = _slice_settings(cfg.get("slice"))
     # a config from before the key leaves malloc alone
     reuse = host_memory.reuse_setting(cfg.get("reuse_freed_memory", False))
     quiet_third_party()
@@ -76,6 +78,7 @@ def predict_cli(cfg) -> Path:
         bf16=bool(cfg.bf16),
         draw=bool(cfg.draw),
         static_shapes=static_shapes,
+        slicing=slicing,
     )
     processed = len(json.loads(json_path.read_text()))
     skipped = len(files) - processed
@@ -106,6 +109,31 @@ def _static_shapes_setting(value: Any) -> int | None:
             "for it to get a compiled graph (e.g. static_shapes=32), or null for none"
         )
     return value
+
+
+def _slice_settings(node: Any) -> SliceSettings | None:
+    """``slice`` of conf/predict.yaml as :class:`SliceSettings`; None when ``slice.size`` (or
+    ``slice`` itself) is null: no slicing. A bad value raises SetupError naming its key."""
+    if node is None:
+        return None
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if not isinstance(values, dict):
+        raise SetupError(f"slice={node}: set its keys instead, e.g. slice.size=640")
+    if values.get("size") is None:
+        defaults = SliceSettings()
+        for key, value in values.items():
+            if key != "size" and value != getattr(defaults, key, value):
+                raise SetupError(
+                    f"slice.{key}={value} has no effect while slice.size is null (no slicing); "
+                    "set the tile size too, e.g. slice.size=640"
+                )
+        return None
+    try:
+        return SliceSettings(**values)
+    except ValueError as err:
+        raise SetupError(f"slice.{err}") from None
+    except TypeError as err:  # a key SliceSettings does not know
+        raise SetupError(f"slice: {err}; the keys are those of conf/predict.yaml") from None
 
 
 def _attention_panels(

@@ -7,16 +7,18 @@ import glob
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
+from torch import Tensor
 
-from ..data.images import IMAGE_SUFFIXES, inference_size
+from ..data.images import IMAGE_SUFFIXES, inference_size, read_image
 from ..inference import graphs
 from ..inference.predictor import Predictor
+from ..inference.slicing import SliceSettings, predict_sliced
 from ..utils.errors import SetupError
 from ..utils.io import write_json_atomic
 from ..viz.drawing import draw_detections
@@ -85,6 +87,7 @@ def predict_files(
     bf16: bool = False,
     draw: bool = True,
     static_shapes: int | None = None,
+    slicing: SliceSettings | None = None,
 ) -> Path:
     """Detect objects in image files; write ``detections.json`` (and drawings) into ``out_dir``.
 
@@ -105,6 +108,10 @@ def predict_files(
     from some tens of images of one size, e.g. a camera's frames. Chosen from the whole input
     before the first image, the shapes do not depend on the order of the files. None: the
     general graph for every size.
+
+    ``slicing``: each image is detected in overlapping tiles (and as a whole), merged
+    (:func:`~detr_lightning.inference.slicing.predict_sliced`), one image after the other
+    with ``batch_size`` tiles per forward pass; None: every image as a whole.
     """
     from rich.progress import Progress
     from torchvision.io import write_png
@@ -128,24 +135,31 @@ def predict_files(
     try:
         with Progress(transient=True) as progress:
             task = progress.add_task("predicting", total=len(files))
+            options: dict[str, Any] = {
+                "threshold": threshold,
+                "top_k": top_k,
+                "batch_size": batch_size,
+                "device": device,
+                "bf16": bf16,
+            }
             # Files are read lazily: only the images of unfinished batches are in memory.
-            for image, detection in predictor.iter_predictions(
-                files,
-                threshold=threshold,
-                top_k=top_k,
-                batch_size=batch_size,
-                device=device,
-                bf16=bf16,
-                keep_pixels=draw,
-                skip_unreadable=True,
-            ):
-                record = _record(files[image.index], image.size, detection)
+            if slicing is None:
+                predictions = (
+                    (image.index, image.size, image.pixels, detection)
+                    for image, detection in predictor.iter_predictions(
+                        files, keep_pixels=draw, skip_unreadable=True, **options
+                    )
+                )
+            else:
+                predictions = _sliced(predictor, files, slicing, **options)
+            for index, size, pixels, detection in predictions:
+                record = _record(files[index], size, detection)
                 if draw:
-                    assert image.pixels is not None  # keep_pixels=draw
-                    name = drawing_names[image.index]
-                    write_png(draw_detections(image.pixels, detection), str(drawn_dir / name))
+                    assert pixels is not None  # keep_pixels=draw
+                    name = drawing_names[index]
+                    write_png(draw_detections(pixels, detection), str(drawn_dir / name))
                     record["drawing"] = str(Path("drawn") / name)
-                records[image.index] = record
+                records[index] = record
                 progress.advance(task)
             # unreadable files never come back: complete the bar for them
             progress.update(task, completed=len(files))
@@ -153,6 +167,21 @@ def predict_files(
         if declared is not None:
             graphs.set_static_shapes(backbone, declared)
     return write_json_atomic(out_dir / "detections.json", [records[i] for i in sorted(records)])
+
+
+def _sliced(
+    predictor: Predictor, files: Sequence[Path], slicing: SliceSettings, **options: Any
+) -> Iterator[tuple[int, tuple[int, int], Tensor, dict[str, Any]]]:
+    """``(index, (height, width), pixels, detection)`` of each readable file, in order,
+    detected in tiles; a file that does not decode is named in a warning and left out."""
+    for index, file in enumerate(files):
+        try:
+            pixels = read_image(file)
+        except (OSError, ValueError) as err:
+            log.warning("skipped %s: %s", file, err)
+            continue
+        (detection,) = predict_sliced(predictor, pixels, slicing, **options)
+        yield index, (int(pixels.shape[-2]), int(pixels.shape[-1])), pixels, detection
 
 
 def shared_input_shapes(
