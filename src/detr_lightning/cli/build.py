@@ -24,6 +24,7 @@ from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
 __all__ = [
     "build_module",
     "check_architecture",
+    "data_setting",
     "ensure_backbone_weights",
     "instantiate_data",
 ]
@@ -40,6 +41,13 @@ def instantiate_data(node: DictConfig) -> Any:
         if err.__cause__ is not None and not isinstance(err.__cause__, TypeError):
             raise err.__cause__ from None
         raise
+
+
+def data_setting(data: Any) -> str:
+    """How a data error names the user's dataset: ``data.root=<root>``, or ``data`` (the
+    synthetic set, or paths given one by one)."""
+    root = data.get("root") if hasattr(data, "get") else None
+    return f"data.root={root}" if root else "data"
 
 
 def ensure_backbone_weights(cfg: DictConfig) -> None:

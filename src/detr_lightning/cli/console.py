@@ -15,7 +15,10 @@ from ..utils.errors import SetupError, TrainingStopped
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
+        # the tips, and the note that the run's own model summary replaces Lightning's
+        return not str(record.msg).startswith(
+            ("💡 Tip:", "Trainer already configured with model summary callbacks")
+        )
 
 
 def quiet_third_party() -> None:

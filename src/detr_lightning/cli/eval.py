@@ -38,6 +38,7 @@ from ..utils import host_memory
 from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
 from ..utils.io import write_json_atomic
 from ..viz.confusion_figure import plot_confusion_matrix
+from .build import data_setting
 from .config import CONFIG_PATH, upgrade_config
 from .console import exit_on_setup_error, quiet_third_party
 from .trainer import build_trainer
@@ -162,7 +163,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
     data = evaluation_data(module.hparams.get("data"), overrides)
-    datamodule = CocoDataModule(**data, seed=cfg.seed)
+    with reported_as_setup_error(data_setting(data), FileNotFoundError, ValueError):
+        datamodule = CocoDataModule(**data, seed=cfg.seed)
+        datamodule.build_datasets("test")
     if module.label_map is None and datamodule.num_classes > module.model.num_classes:
         raise SetupError(
             f"{source} predicts {module.model.num_classes} classes but "

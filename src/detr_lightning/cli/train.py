@@ -24,7 +24,8 @@ from ..lightning.callbacks.preemption import SignalStop
 from ..lightning.capture import capture_settings
 from ..lightning.checkpoint_io import AtomicCheckpointIO
 from ..lightning.runtime import compile_model, limit_cpu_kernel_cache
-from .build import build_module, ensure_backbone_weights, instantiate_data
+from ..utils.errors import reported_as_setup_error
+from .build import build_module, data_setting, ensure_backbone_weights, instantiate_data
 from .config import CONFIG_PATH, upgrade_config
 from .console import exit_on_setup_error, quiet_third_party
 from .resume import _load_if_torch_file, _loads_in_this_process, _resume, check_resume
@@ -62,7 +63,9 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     ckpt_path, resumed = _resume(cfg)
     if ckpt_path and resumed is None:
         resumed = _load_if_torch_file(ckpt_path)
-    datamodule = instantiate_data(cfg.data)
+    with reported_as_setup_error(data_setting(cfg.data), FileNotFoundError, ValueError):
+        datamodule = instantiate_data(cfg.data)
+        datamodule.build_datasets("fit")
     module = build_module(cfg, datamodule)
     if ckpt_path:
         check_resume(module, ckpt_path, None if resumed is None else resumed.state)

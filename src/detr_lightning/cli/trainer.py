@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from ..checkpoints.run_files import last_checkpoint_path
 from ..lightning import compat
 from ..lightning.callbacks.preemption import SignalStop
+from ..lightning.callbacks.progress import ParameterSummary
 from ..lightning.checkpoint_io import AtomicCheckpointIO
 from ..lightning.loggers import ResumableLogs
 from ..lightning.nonfinite import NonFiniteStop
@@ -144,6 +145,8 @@ def run_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     non-finite loss limit."""
     last = last_checkpoint_path(cfg.run_dir)
     callbacks: list[pl.Callback] = [ResumableLogs(), SignalStop(last, requeue_signal(cfg))]
+    if cfg.trainer.get("enable_model_summary") is not False:
+        callbacks.append(ParameterSummary())  # instead of Lightning's, which shows 0 FLOPs
     limit = cfg.get("nonfinite", {}).get("max_consecutive")
     if limit is not None:
         callbacks.append(NonFiniteStop(limit, last))

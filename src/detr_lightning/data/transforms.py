@@ -27,6 +27,7 @@ __all__ = [
     "RandomShortSideResize",
     "RandomSizeCrop",
     "boxes_to_normalized_cxcywh",
+    "resized_size",
     "spatial_size",
 ]
 
@@ -137,6 +138,28 @@ class RandomShortSideResize(v2.Transform):
 
     _get_params = make_params
     _transform = transform
+
+
+def resized_size(
+    height: int, width: int, size: int, max_size: int | None = None
+) -> tuple[int, int]:
+    """(height, width) that :class:`RandomShortSideResize` gives an image of ``height`` x
+    ``width`` for the short-side ``size``: the new sides are truncated to whole pixels (floor),
+    never rounded. Spelled out (it is torchvision's rule), with ``short <= long`` the sides:
+
+    - ``max_size <= size``: long = ``max_size``, short = ``floor(max_size * short / long)``;
+    - else short = ``size``, long = ``floor(size * long / short)``, and if that long exceeds
+      ``max_size``: short = ``floor(max_size * size / long)`` (this floored long), long =
+      ``max_size``.
+    """
+    short, long = sorted((int(height), int(width)))
+    if max_size is not None and max_size <= size:
+        new_short, new_long = int(max_size * short / long), max_size
+    else:
+        new_short, new_long = size, int(size * long / short)
+        if max_size is not None and new_long > max_size:
+            new_short, new_long = int(max_size * new_short / new_long), max_size
+    return (new_short, new_long) if height <= width else (new_long, new_short)
 
 
 class RandomSelect(torch.nn.Module):

@@ -163,6 +163,12 @@ def deployment_info(module: nn.Module, fmt: str, opset: int | None = None) -> di
             "val_size": int(data.get("val_size") or DEFAULT_VAL_SIZE),
             "max_size": int(data.get("max_size") or DEFAULT_MAX_SIZE),
             "resize": "short side to val_size, long side at most max_size, aspect ratio kept",
+            # rounding the new sides instead of truncating them moves boxes by up to ~1.5 px
+            "resize_rounding": "floor: each new side is truncated to whole pixels, not rounded",
+            "resized_size": "short <= long the original sides; if max_size <= val_size: "
+            "long' = max_size, short' = floor(max_size * short / long); else short' = val_size, "
+            "long' = floor(val_size * long / short), and if long' > max_size: "
+            "short' = floor(max_size * val_size / long'), long' = max_size",
             "color": "RGB, values scaled to [0, 1]",
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),

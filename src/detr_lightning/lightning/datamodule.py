@@ -250,7 +250,8 @@ class CocoDataModule(pl.LightningDataModule):
         """Label the data with ``label_map`` (e.g. a checkpoint's) instead of the file's own.
 
         Accepts a ``LabelMap`` or its ``to_dict()`` form. Every category of the validation file
-        must be in the map; datasets already built are rebuilt on next use.
+        must be in the map; datasets already built are rebuilt on next use when the map
+        differs from the one they were labelled with.
         """
         if not isinstance(label_map, LabelMap):
             label_map = LabelMap.from_dict(label_map)
@@ -262,6 +263,8 @@ class CocoDataModule(pl.LightningDataModule):
                 f"{[c for c in label_map.category_ids if c >= 0]}); evaluate on annotations with "
                 "the categories the model was trained on"
             )
+        if label_map.to_dict() == self.label_map.to_dict():
+            return  # the data's own labels (evaluation of a model trained on this data)
         self.label_map = label_map
         self.train_dataset = None
         self.val_dataset = None
@@ -287,6 +290,14 @@ class CocoDataModule(pl.LightningDataModule):
         if self.pin_memory is None:
             accelerator = getattr(self.trainer, "accelerator", None)
             self.pin_memory = type(accelerator).__name__ == "CUDAAccelerator"
+        if stage in (None, "fit"):
+            self._get_train_dataset()
+        self._get_val_dataset()
+
+    def build_datasets(self, stage: str | None = None) -> None:
+        """Build (and check) the datasets ``stage`` needs now, as ``setup`` would: the entry
+        points call it before the trainer starts, so that a data error (a missing image, a bad
+        annotation) is reported before any training work."""
         if stage in (None, "fit"):
             self._get_train_dataset()
         self._get_val_dataset()

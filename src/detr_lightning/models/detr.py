@@ -263,10 +263,14 @@ class DETR(nn.Module):
         contiguous in both layouts, so it would say yes for every model.
         """
         for weight in self.backbone.parameters():
-            if weight.dim() == 4 and weight.shape[1] > 1 and weight.shape[2] * weight.shape[3] > 1:
-                return not weight.is_contiguous() and weight.is_contiguous(
-                    memory_format=torch.channels_last
-                )
+            if weight.dim() != 4:
+                continue
+            # asked of the strides, not the shape: under torch.jit.trace (export) a parameter's
+            # sizes are traced values, and comparing them warns that the trace may not generalize
+            standard = weight.is_contiguous()
+            last = weight.is_contiguous(memory_format=torch.channels_last)
+            if standard != last:  # the layouts differ: the weight tells which one it has
+                return last
         return False
 
     def _backbone_per_image(self, images: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:

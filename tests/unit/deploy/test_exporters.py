@@ -4,12 +4,16 @@ settings are refused."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision import tv_tensors
 
 from detr_lightning import DETRModule
+from detr_lightning.data.presets import make_val_transforms
+from detr_lightning.data.transforms import resized_size
 from detr_lightning.deploy.exporters import export_onnx, export_torchscript, sidecar_path
 from detr_lightning.models.backbone import Backbone
 from helpers.models import DEPLOY_LABEL_MAP as LABEL_MAP
@@ -67,6 +71,34 @@ def test_sidecars_describe_inputs_outputs_preprocessing_and_labels(
             ("pred_logits", ["batch", NUM_QUERIES, NUM_CLASSES + 1]),
             ("pred_boxes", ["batch", NUM_QUERIES, 4]),
         ]
+
+
+@pytest.mark.parametrize(("val_size", "max_size"), [(96, 160), (800, 1333), (160, 160)])
+def test_the_sidecar_resize_rule_is_the_evaluation_transform(val_size, max_size) -> None:
+    """The sizes that ``resized_size`` (the sidecar's ``resized_size`` rule) gives are the
+    sizes evaluation resizes to: truncated, which rounding would miss on most of these."""
+    transform = make_val_transforms(val_size=val_size, max_size=max_size)
+    for height, width in [(100, 133), (133, 100), (99, 301), (480, 640), (427, 640), (97, 97)]:
+        image, _ = transform(tv_tensors.Image(torch.zeros(3, height, width)), {})
+        assert tuple(image.shape[-2:]) == resized_size(height, width, val_size, max_size)
+    assert resized_size(427, 640, 800, 1333) == (800, 1199)  # 1199.06: floor
+    assert resized_size(100, 133, 96, 160) == (96, 127)  # 127.68: floor, not 128
+
+
+def test_the_trace_warns_about_none_of_the_package_s_code(module: DETRModule, tmp_path) -> None:
+    """No TracerWarning points into detr_lightning (an export printed one for the layout check
+    of ``DETR.channels_last``); torch's own, inside its tensor methods, are not ours to fix."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_torchscript(module, tmp_path / "model.pt", example_size=EXAMPLE_SIZE)
+    ours = [
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if issubclass(w.category, torch.jit.TracerWarning) and "detr_lightning" in w.filename
+    ]
+    assert ours == []
+    info = json.loads(sidecar_path(tmp_path / "model.pt").read_text())
+    assert info["preprocessing"]["resize_rounding"].startswith("floor")
 
 
 def test_export_functions_reject_bad_settings(module: DETRModule, tmp_path: Path) -> None:

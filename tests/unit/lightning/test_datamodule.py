@@ -246,6 +246,21 @@ def test_use_label_map_from_a_checkpoint(root: Path) -> None:
         dm.use_label_map({"category_ids": [1, 2, 5], "names": ["a", "b", "c"]})
 
 
+def test_the_data_s_own_label_map_keeps_the_built_datasets(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Evaluation hands the checkpoint's map to the data module after its setup: when it is
+    the data's own, the split is neither built nor summarized a second time."""
+    dm = CocoDataModule(root=root, **SMALL_AUGMENT)
+    with caplog.at_level(logging.INFO, logger="detr_lightning.lightning.datamodule"):
+        dm.setup("validate")
+        built = dm.val_dataset
+        dm.use_label_map(dm.label_map.to_dict())
+        dm.setup("validate")
+    assert dm.val_dataset is built
+    assert sum(r.getMessage().startswith("val: ") for r in caplog.records) == 1
+
+
 @pytest.mark.parametrize(
     "cores, devices, expected",
     [(1, 1, 0), (2, 1, 0), (4, 2, 0), (3, 1, 2), (16, 1, 15), (16, 4, 3), (16, 8, 0)],
