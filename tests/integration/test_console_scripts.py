@@ -28,6 +28,7 @@ COMMANDS = (
     "detr-validate",
     "detr-convert",
     "detr-preview",
+    "detr-tune",
 )
 
 

@@ -1,5 +1,5 @@
 """Scaling out through Hydra: the submitit launchers (local processes, SLURM jobs wired for
-Lightning) and Optuna sweeps over the value train.py returns."""
+Lightning), and the value that a search optimizes (detr-tune: test_tune.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from detr_lightning.cli.sweeps import check_optimized_metric, objective, save_best_trial
+from detr_lightning.cli.sweeps import check_optimized_metric, objective
 from detr_lightning.cli.train import train
 from detr_lightning.utils.errors import SetupError
 from helpers import ROOT
@@ -31,8 +31,7 @@ def _with_hydra(overrides: list[str]):
 
 def _multirun_overrides(*extra: str, searched: tuple[str, ...] = ()) -> list[str]:
     """Tiny CPU training overrides for train.py -m: each job keeps Hydra's own run dir. The
-    ``searched`` keys are left out: the Optuna sweeper holds a key given on the command line
-    fixed, out of the search."""
+    ``searched`` keys are left out, for the test to set them."""
     dropped = ("run_dir=", "trainer.max_epochs=", *(f"{key}=" for key in searched))
     overrides = [o for o in tiny_overrides(Path("unused")) if not o.startswith(dropped)]
     return [*overrides, "trainer.max_epochs=1", "cpu_threads=1", *extra]
@@ -191,64 +190,3 @@ def test_submitit_requeue_stops_at_a_step_and_resumes_there(tmp_path):
     assert [(h["epoch"], h["train_loss"], h["map"]) for h in history[0]] == [
         (h["epoch"], h["train_loss"], h["map"]) for h in history[1]
     ]
-
-
-# ---- Optuna ---------------------------------------------------------------------------------
-
-
-def _fake_trial(sweep_dir: Path, number: int, overrides: list[str]) -> None:
-    hydra_dir = sweep_dir / str(number) / ".hydra"
-    hydra_dir.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(overrides), hydra_dir / "overrides.yaml")
-    OmegaConf.save(OmegaConf.create({"trial": number}), hydra_dir / "config.yaml")
-
-
-def test_best_trial_file_names_the_trial_with_the_best_parameters(tmp_path):
-    lr = 1.2345678901234567e-05  # written by the sweeper as str(float)
-    _fake_trial(tmp_path, 0, ["optimizer.lr=0.0001", "model.num_queries=50", "hparams_search=x"])
-    _fake_trial(tmp_path, 1, [f"optimizer.lr={lr}", "model.num_queries=100", "hparams_search=x"])
-    _fake_trial(tmp_path, 2, [f"optimizer.lr={lr}", "model.num_queries=50", "hparams_search=x"])
-    assert save_best_trial(tmp_path) is None  # no results: not an Optuna sweep
-    results = {"name": "optuna", "best_params": {"optimizer.lr": lr, "model.num_queries": 50},
-               "best_value": 0.5}  # fmt: skip
-    OmegaConf.save(OmegaConf.create(results), tmp_path / "optimization_results.yaml")
-    best = OmegaConf.load(save_best_trial(tmp_path))
-    assert best.trial_dir == str(tmp_path / "2") and best.config == {"trial": 2}
-    assert best.best_value == 0.5
-    assert list(best.overrides) == [f"optimizer.lr={lr}", "model.num_queries=50"]
-
-
-@pytest.mark.slow
-def test_two_trial_optuna_sweep_maximizes_the_validation_map(tmp_path):
-    sweep_dir = tmp_path / "sweep"
-    result = _run_train_py(
-        [
-            "hparams_search=detr_optuna",
-            *_multirun_overrides(searched=("backbone.lr", "model.num_queries")),
-            "hydra.sweeper.n_trials=2",
-            "model.num_queries=choice(4,8)",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        cwd=tmp_path,
-    )
-    values = {}
-    for trial in ("0", "1"):
-        run_dir = sweep_dir / trial
-        values[trial] = json.loads((run_dir / "metrics.json").read_text())["map"]
-        config = OmegaConf.load(run_dir / "config.yaml")
-        assert config.model.num_queries in (4, 8) and 3e-5 <= config.optimizer.lr <= 3e-4
-        assert 3e-6 <= config.backbone.lr <= 3e-5  # searched, not the tiny model's 1e-4
-        assert config.optimized_metric == "val/map"
-    assert not (sweep_dir / "2").exists()
-    results = OmegaConf.load(sweep_dir / "optimization_results.yaml")
-    assert set(results.best_params) == {
-        "optimizer.lr", "backbone.lr", "loss.eos_coef", "loss.set_cost_class",
-        "loss.set_cost_bbox", "loss.set_cost_giou", "model.num_queries",
-    }  # fmt: skip
-    assert results.best_value == max(values.values())  # the returned value is val/map
-    best = OmegaConf.load(sweep_dir / "best_trial.yaml")
-    best_config = OmegaConf.load(Path(best.trial_dir) / "config.yaml")
-    assert values[Path(best.trial_dir).name] == results.best_value
-    for key, value in results.best_params.items():
-        assert OmegaConf.select(best_config, key) == value
-    assert "Best value" in result.stdout + result.stderr

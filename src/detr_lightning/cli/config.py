@@ -40,6 +40,7 @@ from ..models.detr import DETR_MODULES
 from ..utils.errors import SetupError
 from ..utils.signatures import keyword_defaults
 from . import hydra_dirs
+from .sweeps import register_search_schema
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def register_schemas() -> None:
 # on import: every entry point and test imports this module before it composes a config
 hydra_dirs.register()  # the configs' ${detr.run_dir:...}
 register_schemas()
+register_search_schema()  # hydra/sweeper: optuna of the hparams_search configs
 
 
 def compose_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:

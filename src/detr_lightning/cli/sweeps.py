@@ -1,30 +1,45 @@
-"""Hyper-parameter sweeps: the value a sweeper optimizes, and the best trial's files.
+"""Hyper-parameter sweeps: the value a search optimizes, and the ``hparams_search`` configs.
 
 ``optimized_metric`` (conf/train.yaml) names one logged statistic of the final evaluation,
-``val/<name>`` (``test/<name>`` with ``test_after_fit=true``), e.g. ``val/map``; the root
-``train.py`` returns its value so that Hydra's sweepers (Optuna) can optimize it.
-``SaveBestTrial`` is a Hydra callback that, after an Optuna sweep, writes the best trial's
-overrides and config next to the sweeper's ``optimization_results.yaml``.
+``val/<name>`` (``test/<name>`` with ``test_after_fit=true``), e.g. ``val/map``; ``detr-tune``
+optimizes it, and ``train.py`` returns it for Hydra's sweepers.
+
+An ``hparams_search=<name>`` config states a search space in the syntax of Hydra's Optuna
+sweeper (``hydra/sweeper: optuna`` with ``direction``, ``params`` ...); ``detr-tune`` reads it
+(:mod:`detr_lightning.cli.tune`). :func:`register_search_schema` stores that ``hydra/sweeper``
+node, so the configs compose without the sweeper plugin, and :class:`RunWithDetrTune` (a Hydra
+callback of the configs) stops ``detr-train`` from running them with a pointer to
+``detr-tune``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..evaluation.evaluator import max_detections, metric_keys
 from ..utils.errors import SetupError
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "optimization_results.yaml"  # written by hydra-optuna-sweeper
-BEST_TRIAL_FILE = "best_trial.yaml"
+# hydra.sweeper of an hparams_search config: what detr-tune reads (the keys and defaults of
+# Hydra's Optuna sweeper that it honours)
+SEARCH_SCHEMA: dict[str, Any] = {
+    "_target_": "detr_lightning.cli.tune",  # not a Hydra sweeper: run the search with detr-tune
+    "direction": "maximize",  # or minimize
+    "study_name": None,  # null: tune.study_name (detr)
+    "storage": None,  # null: tune.storage (sqlite:///<sweep dir>/study.db)
+    "n_trials": 20,  # trials of one detr-tune process (tune.n_trials overrides it)
+    "sampler": {"_target_": "optuna.samplers.TPESampler", "seed": None},
+    "params": {},  # key: interval(...) | tag(log, interval(...)) | range(...) | choice(...)
+}
 
 
 def _final_split(cfg: DictConfig) -> str:
@@ -79,74 +94,36 @@ def objective(cfg: DictConfig, metrics: Mapping[str, Any] | None) -> float | Non
     return value
 
 
-def _trial_overrides(trial_dir: Path) -> dict[str, Any]:
-    """``key -> value`` of a trial's command-line overrides (``.hydra/overrides.yaml``), with
-    values parsed the way Hydra parses them (``0.001`` a float, ``8`` an int)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    lines = OmegaConf.to_container(OmegaConf.load(trial_dir / ".hydra" / "overrides.yaml"))
-    parsed = OverridesParser.create().parse_overrides([str(line) for line in lines])
-    return {override.get_key_element(): override.value() for override in parsed}
+def register_search_schema() -> None:
+    """Store :data:`SEARCH_SCHEMA` as ``hydra/sweeper/optuna`` in Hydra's config store
+    (idempotent), the node that ``hparams_search`` configs select."""
+    ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=SEARCH_SCHEMA)
 
 
-def find_best_trial(sweep_dir: Path, best_params: Mapping[str, Any]) -> Path | None:
-    """The trial directory (``<sweep_dir>/<n>``) whose overrides set every ``best_params``
-    value, or None (e.g. the best trial ran in an earlier sweep of a stored study)."""
-    candidates = sorted(
-        (p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
-        key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
-    )
-    for trial_dir in candidates:
-        overrides = _trial_overrides(trial_dir)
-        if all(k in overrides and overrides[k] == v for k, v in best_params.items()):
-            return trial_dir
-    return None
+class RunWithDetrTune(Callback):
+    """Hydra callback of the ``hparams_search`` configs: ``detr-train`` (with or without
+    ``-m``) exits with an error that points to ``detr-tune``, before any training."""
 
+    def _refuse(self, config: DictConfig) -> None:
+        choice = config.hydra.runtime.choices.get("hparams_search")
+        sys.exit(
+            f"error: hparams_search={choice} is a search space for detr-tune, which runs the "
+            f"Optuna study (pip install 'detr-lightning[tune]'): detr-tune "
+            f"hparams_search={choice} [training overrides] [tune.n_trials=N]; detr-train trains "
+            "one configuration"
+        )
 
-def save_best_trial(sweep_dir: Path) -> Path | None:
-    """Write ``<sweep_dir>/best_trial.yaml`` from the sweeper's ``optimization_results.yaml``:
-    ``trial_dir``, ``best_value``, ``best_params``, ``overrides`` (the trial's command line
-    without ``hparams_search``) and ``config`` (its composed config, ``.hydra/config.yaml``).
-    Returns the file, or None when there is nothing to write (no results file, a
-    multi-objective study, or a best trial from another sweep)."""
-    results_file = sweep_dir / RESULTS_FILE
-    if not results_file.is_file():
-        return None
-    results = OmegaConf.to_container(OmegaConf.load(results_file))
-    if "best_params" not in results:
-        return None
-    trial_dir = find_best_trial(sweep_dir, results["best_params"])
-    if trial_dir is None:
-        log.warning("no trial under %s has the best parameters of %s", sweep_dir, results_file)
-        return None
-    overrides = OmegaConf.to_container(OmegaConf.load(trial_dir / ".hydra" / "overrides.yaml"))
-    best = {
-        "trial_dir": str(trial_dir),
-        "best_value": results["best_value"],
-        "best_params": results["best_params"],
-        # without the search itself: `python train.py <overrides>` trains this trial again
-        "overrides": [o for o in overrides if not str(o).startswith("hparams_search=")],
-        "config": OmegaConf.to_container(OmegaConf.load(trial_dir / ".hydra" / "config.yaml")),
-    }
-    path = sweep_dir / BEST_TRIAL_FILE
-    OmegaConf.save(OmegaConf.create(best), path)
-    log.info("best trial: %s (%s), written to %s", trial_dir, results["best_value"], path)
-    return path
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse(config)
 
-
-class SaveBestTrial(Callback):
-    """Hydra callback: ``save_best_trial`` of the sweep directory when a multirun ends."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        save_best_trial(Path(str(config.hydra.sweep.dir)))
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._refuse(config)
 
 
 __all__ = [
-    "BEST_TRIAL_FILE",
-    "RESULTS_FILE",
-    "SaveBestTrial",
+    "SEARCH_SCHEMA",
+    "RunWithDetrTune",
     "check_optimized_metric",
-    "find_best_trial",
     "objective",
-    "save_best_trial",
+    "register_search_schema",
 ]

@@ -5,6 +5,7 @@ from .history import MetricsHistory
 from .memory import ReuseFreedMemory
 from .preemption import SignalStop
 from .progress import LossProgressBar
+from .pruning import TrialPruning
 from .step_checkpoint import StepCheckpoint
 from .step_work import StepWork
 
@@ -16,6 +17,7 @@ __all__ = [
     "SignalStop",
     "StepCheckpoint",
     "StepWork",
+    "TrialPruning",
     "early_stopping",
     "ema",
 ]
