@@ -145,6 +145,30 @@ def missing_image_files(image_dir: Path, file_names: list[str]) -> list[str]:
     return [name for name in file_names if not (name in present or (image_dir / name).is_file())]
 
 
+def transform_sample(
+    image: Tensor, target: dict[str, Any], transforms: Callable[..., Any] | None
+) -> tuple[Tensor, dict[str, Any]]:
+    """A decoded sample through ``transforms``: image uint8 [3, H, W], target ``boxes``
+    (XYXY ``BoundingBoxes``), ``labels`` and optionally ``masks`` (``tv_tensors.Mask``) ->
+    the float image [3, H', W'] and ``boxes`` (normalized cxcywh), ``labels`` int64,
+    ``masks`` bool (if given) and ``size`` [2] = (H', W'). Without transforms the image is
+    only scaled to [0, 1]."""
+    image = tv_tensors.Image(image)
+    if transforms is not None:
+        image, target = transforms(image, target)
+    else:
+        image = F.to_dtype(image, torch.float32, scale=True)
+    size = (int(image.shape[-2]), int(image.shape[-1]))
+    result = {
+        "boxes": boxes_to_normalized_cxcywh(target["boxes"], size),
+        "labels": target["labels"].as_subclass(Tensor).to(torch.int64),
+    }
+    if "masks" in target:
+        result["masks"] = target["masks"].as_subclass(Tensor).to(torch.bool)
+    result["size"] = torch.tensor(size, dtype=torch.int64)
+    return image.as_subclass(Tensor), result
+
+
 def _seeded(seed: int, function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)`` with torch's CPU generator seeded by ``seed``; the caller's random
     state is restored afterwards."""
@@ -361,21 +385,13 @@ class CocoDetection(Dataset):
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
             "labels": torch.from_numpy(record.labels.copy()),
         }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        else:
-            image = F.to_dtype(image, torch.float32, scale=True)
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        result = {
-            "boxes": boxes_to_normalized_cxcywh(target["boxes"], size),
-            "labels": target["labels"].as_subclass(Tensor).to(torch.int64),
+        image, result = transform_sample(image, target, self.transforms)
+        result.update({
             "image_id": record.image_id,
             "orig_size": torch.tensor([orig_h, orig_w], dtype=torch.int64),
-            "size": torch.tensor(size, dtype=torch.int64),
             "stand_in_for": self._records[index].image_id if used != index else -1,
-        }
-        return image.as_subclass(Tensor), result
+        })  # fmt: skip
+        return image, result
 
     def _read_readable(self, index: int) -> tuple[Tensor, int, tuple[int, int]]:
         """Decode image ``index``, or else the next readable one: (uint8 [3, H, W], its index,

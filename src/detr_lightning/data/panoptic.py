@@ -31,12 +31,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.transforms.v2 import functional as F
 
 from ..ops.boxes import mask_boxes
-from .coco import _seeded, load_coco_json, missing_image_files, read_rgb
+from .coco import _seeded, load_coco_json, missing_image_files, read_rgb, transform_sample
 from .labels import LabelMap
-from .transforms import boxes_to_normalized_cxcywh
 
 log = logging.getLogger(__name__)
 
@@ -212,22 +210,13 @@ class CocoPanoptic(Dataset):
             "labels": labels,
             "masks": tv_tensors.Mask(masks),
         }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        else:
-            image = F.to_dtype(image, torch.float32, scale=True)
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        result = {
-            "boxes": boxes_to_normalized_cxcywh(target["boxes"], size),
-            "labels": target["labels"].as_subclass(Tensor).to(torch.int64),
-            "masks": target["masks"].as_subclass(Tensor).to(torch.bool),
+        image, result = transform_sample(image, target, self.transforms)
+        result.update({
             "image_id": record.image_id,
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
-            "size": torch.tensor(size, dtype=torch.int64),
             "stand_in_for": -1,
-        }
-        return image.as_subclass(Tensor), result
+        })  # fmt: skip
+        return image, result
 
     def _warn_once(self, record: _PanopticRecord, ids: np.ndarray, present: Tensor) -> None:
         """Name the segments without pixels and the PNG ids without a JSON entry (once per
