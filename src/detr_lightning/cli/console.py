@@ -4,13 +4,17 @@ Lightning itself)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..utils.errors import SetupError, TrainingStopped
+from . import hydra_dirs
 
 
 class _DropTips(logging.Filter):
@@ -46,5 +50,30 @@ def exit_on_setup_error(function: Callable[[Any], Any], cfg: Any) -> Any:
     try:
         return function(cfg)
     except (SetupError, TrainingStopped) as err:
+        if isinstance(err, SetupError):
+            remove_unused_run_dir(cfg)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def remove_unused_run_dir(cfg: Any) -> None:
+    """A run stopped by a setup error before it wrote anything leaves no folder behind: the
+    run dir that Hydra made for it (``outputs/<task>/<time>/``; never a ``run_dir`` the user
+    named) is removed when it holds nothing but Hydra's ``.hydra/`` and the log, which says
+    no more than the error printed; so are ``outputs/<task>/`` and ``outputs/`` if that
+    leaves them empty."""
+    try:
+        if hydra_dirs.run_dir_given(cfg) or "run_dir" not in cfg:
+            return
+        run_dir = Path(str(cfg.run_dir)).resolve()
+    except Exception:  # no Hydra context (a call from Python): nothing of Hydra's to remove
+        return
+    if not run_dir.is_dir() or run_dir == Path.cwd().resolve():
+        return
+    if any(entry.name != ".hydra" and entry.suffix != ".log" for entry in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in (run_dir.parent, run_dir.parent.parent):
+        if parent.name and parent != Path.cwd().resolve():
+            with contextlib.suppress(OSError):  # not empty: kept
+                parent.rmdir()
