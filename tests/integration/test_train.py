@@ -15,6 +15,7 @@ from detr_lightning.cli.resume import resume_checkpoint
 from detr_lightning.cli.train import train
 from detr_lightning.lightning import CocoDataModule
 from detr_lightning.ops.boxes import box_cxcywh_to_xyxy
+from detr_lightning.utils.errors import SetupError
 from helpers.models import tiny_spec
 from helpers.pipeline import RecordBatches, compose_config, tiny_overrides
 
@@ -231,7 +232,10 @@ def test_dataset_classes_unknown_to_the_model(tmp_path):
 def test_missing_annotation_file_names_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     cfg = compose_config("train", tiny_overrides(tmp_path, f"data.root={tmp_path / 'empty'}"))
-    with pytest.raises(FileNotFoundError, match=r"instances_val2017\.json"):
+    # a setup error (one "error:" line from the entry point) naming the setting and the file
+    with pytest.raises(
+        SetupError, match=r"^data\.root=.*empty: annotation file .*instances_val2017\.json"
+    ):
         train(cfg)
 
 
