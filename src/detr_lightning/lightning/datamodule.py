@@ -290,9 +290,7 @@ class CocoDataModule(pl.LightningDataModule):
         if self.pin_memory is None:
             accelerator = getattr(self.trainer, "accelerator", None)
             self.pin_memory = type(accelerator).__name__ == "CUDAAccelerator"
-        if stage in (None, "fit"):
-            self._get_train_dataset()
-        self._get_val_dataset()
+        self.build_datasets(stage)
 
     def build_datasets(self, stage: str | None = None) -> None:
         """Build (and check) the datasets ``stage`` needs now, as ``setup`` would: the entry
