@@ -38,14 +38,38 @@ from .labels import LabelMap
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CocoPanoptic", "read_segment_ids"]
+__all__ = ["CocoPanoptic", "id_to_rgb", "read_segment_ids", "rgb_to_id", "segment_extent"]
 
 
-def read_segment_ids(path: Path) -> np.ndarray:
-    """A COCO panoptic PNG as segment ids [H, W] int64 (``R + 256 G + 256^2 B``)."""
-    with Image.open(path) as image:
-        rgb = np.asarray(image.convert("RGB")).astype(np.int64)
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG colours [H, W, 3] uint8 -> segment ids ``R + 256 G + 256^2 B``."""
+    rgb = np.asarray(rgb).astype(np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """Segment ids [H, W] -> COCO panoptic PNG colours [H, W, 3] uint8."""
+    ids = np.asarray(ids).astype(np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
+
+
+def read_segment_ids(path: str | os.PathLike) -> np.ndarray:
+    """A COCO panoptic PNG as segment ids [H, W] int64."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"panoptic segmentation PNG not found: {path}")
+    with Image.open(path) as image:
+        return rgb_to_id(np.asarray(image.convert("RGB")))
+
+
+def segment_extent(pixels: np.ndarray) -> tuple[int, list[int]]:
+    """(area, COCO ``bbox`` [x, y, width, height] in whole pixels) of a [H, W] bool mask;
+    an empty mask gives (0, [0, 0, 0, 0])."""
+    rows, cols = np.nonzero(pixels)
+    if len(rows) == 0:
+        return 0, [0, 0, 0, 0]
+    x, y = int(cols.min()), int(rows.min())
+    return len(rows), [x, y, int(cols.max()) - x + 1, int(rows.max()) - y + 1]
 
 
 @dataclass
@@ -106,7 +130,7 @@ class CocoPanoptic(Dataset):
         self.label_map = label_map or LabelMap.from_coco(dataset)
         self.transforms = transforms
         self._records = self._build_records(dataset)
-        self._warned: set[int] = set()
+        self._checked: set[int] = set()  # images whose PNG ids were compared with the JSON
 
     def _build_records(self, dataset: dict[str, Any]) -> list[_PanopticRecord]:
         images = {int(entry["id"]): entry for entry in dataset["images"]}
@@ -219,10 +243,11 @@ class CocoPanoptic(Dataset):
         return image, result
 
     def _warn_once(self, record: _PanopticRecord, ids: np.ndarray, present: Tensor) -> None:
-        """Name the segments without pixels and the PNG ids without a JSON entry (once per
-        image and process)."""
-        if record.image_id in self._warned:
+        """Name the segments without pixels and the PNG ids without a JSON entry (the first
+        time an image loads in a process: the files do not change between epochs)."""
+        if record.image_id in self._checked:
             return
+        self._checked.add(record.image_id)
         empty = [s for s, p in zip(record.segment_ids, present.tolist()) if not p]
         listed = {0, *record.segment_ids, *record.crowd_ids}
         unlisted = sorted(set(np.unique(ids).tolist()) - listed)
@@ -232,6 +257,5 @@ class CocoPanoptic(Dataset):
         if unlisted:
             problems.append(f"PNG ids {unlisted} are not in the JSON and count as unlabeled")
         if problems:
-            self._warned.add(record.image_id)
             log.warning("image %s (%s): %s; fix %s or the PNG", record.image_id, record.png,
                         "; ".join(problems), self.annotation_file)  # fmt: skip

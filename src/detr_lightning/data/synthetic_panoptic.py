@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .panoptic import id_to_rgb, segment_extent
 from .synthetic import (
     _background,
     _category_style,
@@ -150,12 +151,9 @@ def _segment_entries(id_map: np.ndarray, segments: list[dict[str, Any]]) -> list
     """``segments_info``: the segments with pixels left, with area and bbox (xywh)."""
     entries = []
     for segment in segments:
-        rows, cols = np.nonzero(id_map == segment["id"])
-        if len(rows) == 0:
-            continue  # covered by later things or by the VOID border
-        x, y = int(cols.min()), int(rows.min())
-        bbox = [x, y, int(cols.max()) - x + 1, int(rows.max()) - y + 1]
-        entries.append({**segment, "area": len(rows), "bbox": bbox})
+        area, bbox = segment_extent(id_map == segment["id"])
+        if area:  # else covered by later things or by the VOID border
+            entries.append({**segment, "area": area, "bbox": bbox})
     return entries
 
 
@@ -173,8 +171,7 @@ def _write_split(root: Path, split: str, count: int, first_id: int, params: dict
         image, id_map, segments = _draw_panoptic(rng, params, things)
         name = f"{image_id:012d}"
         image.save(image_dir / f"{name}.jpg", format="JPEG", quality=92)
-        colours = np.stack([id_map % 256, id_map // 256 % 256, id_map // 65536], -1)
-        Image.fromarray(colours.astype(np.uint8)).save(png_dir / f"{name}.png")
+        Image.fromarray(id_to_rgb(id_map)).save(png_dir / f"{name}.png")
         images.append({"id": image_id, "file_name": f"{name}.jpg", "width": image.width,
                        "height": image.height})  # fmt: skip
         annotations.append({"image_id": image_id, "file_name": f"{name}.png",

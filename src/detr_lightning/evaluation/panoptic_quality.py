@@ -37,22 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+
+from ..data.panoptic import read_segment_ids
 
 VOID = 0
 _OFFSET = 1 << 32  # pairs of (ground truth id, predicted id) as one integer
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic PNG colours [H, W, 3] uint8 -> segment ids ``R + 256 G + 256^2 B``."""
-    rgb = np.asarray(rgb).astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Segment ids [H, W] -> COCO panoptic PNG colours [H, W, 3] uint8."""
-    ids = np.asarray(ids).astype(np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], -1).astype(np.uint8)
 
 
 @dataclass
@@ -207,15 +196,6 @@ def summarize(
     return result
 
 
-def read_segment_png(path: str | Path) -> np.ndarray:
-    """A COCO panoptic PNG as segment ids [H, W] int64."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"panoptic segmentation PNG not found: {path}")
-    with Image.open(path) as image:
-        return rgb_to_id(np.asarray(image.convert("RGB")))
-
-
 def pq_from_files(
     gt_json: str | Path,
     pred_json: str | Path,
@@ -240,9 +220,9 @@ def pq_from_files(
             raise ValueError(f"{pred_json}: no prediction for image {image_id}")
         prediction = predictions[image_id]
         counts = image_counts(
-            read_segment_png(gt_folder / annotation["file_name"]),
+            read_segment_ids(gt_folder / annotation["file_name"]),
             annotation["segments_info"],
-            read_segment_png(pred_folder / prediction["file_name"]),
+            read_segment_ids(pred_folder / prediction["file_name"]),
             prediction["segments_info"],
             categories,
             image=f"image {image_id}",

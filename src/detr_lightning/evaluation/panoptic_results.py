@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..data.panoptic import id_to_rgb, segment_extent
 from ..models.panoptic_postprocess import PanopticSegmentation
 from ..utils.io import write_json_atomic
-from .panoptic_quality import id_to_rgb
 
 
 def panoptic_annotation(
@@ -42,17 +42,12 @@ def panoptic_annotation(
     for number, segment in enumerate(result.segments_info, start=1):
         pixels = source == segment["id"]
         ids[pixels] = number
-        rows, cols = np.nonzero(pixels)
-        bbox = (
-            [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1),
-             int(rows.max() - rows.min() + 1)]
-            if len(rows) else [0, 0, 0, 0]
-        )  # fmt: skip
+        area, bbox = segment_extent(pixels)
         segments.append({
             "id": number,
             "category_id": int(to_category(int(segment["category_id"]))),
             "isthing": int(bool(segment["isthing"])),
-            "area": len(rows),
+            "area": area,
             "bbox": bbox,
         })  # fmt: skip
     return {"image_id": int(image_id), "file_name": file_name, "segments_info": segments}, ids

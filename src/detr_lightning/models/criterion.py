@@ -225,8 +225,9 @@ class SetCriterion(nn.Module):
                 query_idx[:first], target_idx[:first], num_boxes,
             )  # fmt: skip
             losses["loss_mask"], losses["loss_dice"] = mask_terms.unbind()
-            mask_weights = [self.weight_dict["loss_mask"], self.weight_dict["loss_dice"]]
-            total = total + (mask_terms * mask_terms.new_tensor(mask_weights)).sum()
+            # Python floats: no weight tensor copied to the device at every step
+            total = total + (losses["loss_mask"] * self.weight_dict["loss_mask"]
+                             + losses["loss_dice"] * self.weight_dict["loss_dice"])  # fmt: skip
 
         with torch.no_grad():  # logged only, for the final layer: its pairs come first
             first = pairs_per_layer[0] if pairs_per_layer else 0

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detr_lightning.data.panoptic import id_to_rgb, read_segment_ids, rgb_to_id
 from detr_lightning.evaluation.panoptic_quality import (
     PanopticStats,
-    id_to_rgb,
     image_counts,
     merge_stats,
     pq_from_files,
-    rgb_to_id,
     summarize,
 )
 
@@ -164,15 +163,14 @@ def test_processes_and_repeats_give_the_same_result(dataset):
     pred = {
         a["image_id"]: a for a in json.loads((dataset / "pred.json").read_text())["annotations"]
     }
-    from detr_lightning.evaluation.panoptic_quality import read_segment_png
 
     def stats_of(annotations):
         stats = PanopticStats()
         for a in annotations:
             p = pred[a["image_id"]]
             stats.add_image(a["image_id"], image_counts(
-                read_segment_png(dataset / "gt" / a["file_name"]), a["segments_info"],
-                read_segment_png(dataset / "pred" / p["file_name"]), p["segments_info"],
+                read_segment_ids(dataset / "gt" / a["file_name"]), a["segments_info"],
+                read_segment_ids(dataset / "pred" / p["file_name"]), p["segments_info"],
                 CATEGORIES,
             ))  # fmt: skip
         return stats

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from detr_lightning.evaluation.panoptic_quality import id_to_rgb, pq_from_files, rgb_to_id
+from detr_lightning.data.panoptic import id_to_rgb, rgb_to_id
+from detr_lightning.evaluation.panoptic_quality import pq_from_files
 from detr_lightning.evaluation.panoptic_results import (
     read_panoptic_results,
     write_panoptic_results,
