@@ -29,9 +29,26 @@ from .bf16 import bf16_inference_copy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DecodedImage", "ImageSource", "Predictor", "select_detections"]
+__all__ = ["DecodedImage", "ImageSource", "Predictor", "decoded_images", "select_detections"]
 
 ImageSource = str | os.PathLike | Image.Image | Tensor
+
+
+def decoded_images(
+    sources: Iterable[ImageSource], skip_unreadable: bool = False
+) -> Iterator[tuple[int, Tensor]]:
+    """``(index, uint8 pixels [3, H, W])`` of each source, in order, decoded one at a time;
+    with ``skip_unreadable`` a source that does not decode is named in a warning and left
+    out, else its error raises."""
+    for index, source in enumerate(sources):
+        try:
+            pixels = read_image(source)
+        except (OSError, ValueError) as err:
+            if not skip_unreadable:
+                raise
+            log.warning("skipped %s: %s", source, err)
+            continue
+        yield index, pixels
 
 
 @dataclass
@@ -159,14 +176,7 @@ class Predictor:
         buckets: dict[tuple[int, int], list[DecodedImage]] = {}
         pending_limit = 2 * batch_size
         try:
-            for index, source in enumerate(sources):
-                try:
-                    pixels = read_image(source)
-                except (OSError, ValueError) as err:
-                    if not skip_unreadable:
-                        raise
-                    log.warning("skipped %s: %s", source, err)
-                    continue
+            for index, pixels in decoded_images(sources, skip_unreadable):
                 model_input = self.transform(pixels)
                 size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
                 item = DecodedImage(index, size, model_input, pixels if keep_pixels else None)

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..data.images import IMAGE_SUFFIXES, inference_size, read_image
+from ..data.images import IMAGE_SUFFIXES, inference_size
 from ..inference import graphs
-from ..inference.predictor import Predictor
+from ..inference.predictor import Predictor, decoded_images
 from ..inference.slicing import SliceSettings, predict_sliced
 from ..utils.errors import SetupError
 from ..utils.io import write_json_atomic
@@ -174,12 +174,7 @@ def _sliced(
 ) -> Iterator[tuple[int, tuple[int, int], Tensor, dict[str, Any]]]:
     """``(index, (height, width), pixels, detection)`` of each readable file, in order,
     detected in tiles; a file that does not decode is named in a warning and left out."""
-    for index, file in enumerate(files):
-        try:
-            pixels = read_image(file)
-        except (OSError, ValueError) as err:
-            log.warning("skipped %s: %s", file, err)
-            continue
+    for index, pixels in decoded_images(files, skip_unreadable=True):
         (detection,) = predict_sliced(predictor, pixels, slicing, **options)
         yield index, (int(pixels.shape[-2]), int(pixels.shape[-1])), pixels, detection
 
