@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..lightning.callbacks.pruning import TrialPruning
 from ..utils.errors import SetupError
+from ..utils.io import write_json_atomic
 from .config import CONFIG_MODULE, compose_config
 from .console import exit_on_setup_error
 from .search_space import SearchParam, override_line, parse_param, search_space, suggest
@@ -166,7 +167,7 @@ def _run_trial(trial: Any, search: str, fixed: list[str], space: Mapping[str, Se
     finally:
         record.setdefault("state", "FAIL")
         record["reports"] = {str(step): value for step, value in pruning.reports.items()}
-        (run_dir / TRIAL_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_json_atomic(run_dir / TRIAL_FILE, record)
         logging.getLogger().removeHandler(handler)
         handler.close()
 
@@ -183,7 +184,7 @@ def _summary(study: Any, sweep_dir: Path, metric: str) -> dict[str, Any]:
         summary |= {"number": best.number, "value": best.value, "params": best.params,
                     "run_dir": best.user_attrs.get("run_dir"),
                     "overrides": best.user_attrs.get("overrides", [])}  # fmt: skip
-    (sweep_dir / BEST_TRIAL_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(sweep_dir / BEST_TRIAL_FILE, summary)
     return summary
 
 
