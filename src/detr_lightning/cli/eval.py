@@ -33,7 +33,6 @@ from ..evaluation.report import metrics_payload, report, result_from_metrics
 from ..lightning.callbacks.memory import ReuseFreedMemory
 from ..lightning.datamodule import CocoDataModule
 from ..lightning.specs import build, plain
-from ..ops.distributed import gather_to_main
 from ..utils import host_memory
 from ..utils.errors import CheckpointError, SetupError, reported_as_setup_error
 from ..utils.io import write_json_atomic
@@ -77,28 +76,6 @@ def confusion_settings(cfg: DictConfig) -> dict[str, float] | None:
         settings = {key: float(node[key]) for key in keys if node.get(key) is not None}
         ConfusionMatrix([], **settings)  # raises on a threshold out of range
     return settings
-
-
-class EvaluatedImages(pl.Callback):
-    """The image ids that a test pass evaluated, over all ranks: those the COCO evaluation
-    scores (a sample that stands in for an unreadable image counts as that image, whose
-    objects are then missed). ``image_ids`` is set on rank 0 at the end of the pass."""
-
-    def __init__(self) -> None:
-        self._seen: set[int] = set()
-        self.image_ids: list[int] | None = None
-
-    def on_test_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        for target in batch[-1]:
-            stand_in_for = int(target.get("stand_in_for", -1))
-            self._seen.add(stand_in_for if stand_in_for >= 0 else int(target["image_id"]))
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        # a set per rank: the images that the distributed sampler repeats count once
-        parts = gather_to_main(self._seen)
-        self.image_ids = None if parts is None else sorted(set().union(*parts))
 
 
 def write_confusion_matrix(
@@ -147,10 +124,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party()
     cfg = upgrade_config(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    evaluated_images = EvaluatedImages()
-    callbacks = [ReuseFreedMemory()] if reuse else []
     # first: it checks the devices against the processes that a launcher started
-    trainer = build_trainer(cfg, [*callbacks, evaluated_images], stage="test")
+    trainer = build_trainer(cfg, [ReuseFreedMemory()] if reuse else [], stage="test")
     key = "ckpt_path" if cfg.get("ckpt_path") else "pretrained"
     with reported_as_setup_error(f"{key}={source}", CheckpointError, FileNotFoundError):
         module = load_pretrained(source)
@@ -191,14 +166,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info("wrote %s and %s", run_dir / "metrics.json", predictions_path)
         if confusion is not None:
             write_confusion_matrix(run_dir, datamodule.val_annotation_file, predictions_path,
-                                   evaluated_images.image_ids, confusion)  # fmt: skip
+                                   module.evaluation_result.image_ids, confusion)  # fmt: skip
             log.info("wrote %s and %s", run_dir / "confusion_matrix.json",
                      run_dir / "confusion_matrix.png")  # fmt: skip
     return metrics | {"run_dir": str(run_dir)}
 
 
 __all__ = [
-    "EvaluatedImages",
     "coco_eval_file",
     "confusion_settings",
     "evaluate",

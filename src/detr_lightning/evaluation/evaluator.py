@@ -101,9 +101,13 @@ class EvaluationResult:
 
     stats: dict[str, float]  # the 12 COCO statistics under metric_keys(max_dets)
     per_class: dict[int, float]  # AP@[.5:.95] per category id of the annotation file (-1: no GT)
-    num_images: int
+    image_ids: list[int]  # the images scored, sorted (each once, whatever the ranks saw)
     skipped_images: list[int] = field(default_factory=list)  # image ids that did not decode
     max_dets: int = 100
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids)
 
     def metrics(self) -> dict[str, float]:
         """Flat scalars to log: the 12 statistics, per-class AP and the image counts."""
@@ -219,7 +223,7 @@ class CocoEvaluator:
         return EvaluationResult(
             stats=stats,
             per_class=_per_class_ap(evaluator),
-            num_images=len(image_ids),
+            image_ids=image_ids,
             skipped_images=skipped,
             max_dets=evaluator.params.maxDets[-1],
         )

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..checkpoints.legacy import CRITERION_TARGET, POSTPROCESS_TARGET, upgrade_module_hparams
 from ..data.labels import LabelMap, padded_label_map
-from ..evaluation.evaluator import CocoEvaluator
+from ..evaluation.evaluator import CocoEvaluator, EvaluationResult
 from ..inference.graphs import enable_cpu_graphs
 from ..inference.predictor import Predictor
 from ..models.matcher import NonFiniteCostError
@@ -122,6 +122,8 @@ class DETRModule(NonFiniteSkip):
         )
         self.postprocess = build(settings["postprocess"])
         self.evaluator: CocoEvaluator | None = None
+        # the last validation's or test's result (the images it scored, for detr-eval's files)
+        self.evaluation_result: EvaluationResult | None = None
         # Where test epochs write their COCO results file (set by the evaluation entry point).
         self.results_file: str | None = None
         # A test after fitting repeats the run's own validation: its batch size is no news.
@@ -367,6 +369,7 @@ class DETRModule(NonFiniteSkip):
     def _eval_epoch_end(self, prefix: str) -> None:
         assert self.evaluator is not None  # _eval_step checked it
         result = self.evaluator.compute(self.results_file if prefix == "test" else None)
+        self.evaluation_result = result
         self.evaluator.reset()
         for key, value in result.metrics().items():
             # Identical on every rank (rank 0 computed and broadcast them): "max" keeps them
